@@ -1,0 +1,8 @@
+"""comet-moe: drop-in Mixture-of-Experts layer with persistent Triton expert kernels and
+COMET-style overlapped expert parallelism."""
+from comet.config import MoEConfig
+from comet.functional import ExpertWeights, moe, moe_experts
+from comet.layer import MoELayer
+
+__version__ = "0.1.0"
+__all__ = ["MoEConfig", "MoELayer", "ExpertWeights", "moe", "moe_experts", "__version__"]

@@ -1,0 +1,110 @@
+"""`MoEConfig`: the shape and the rules of one MoE layer, validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+SCORINGS = ("softmax", "sigmoid", "sparsemixer")
+GROUP_SCORES = ("max", "top2_sum")
+ACTIVATIONS = ("swiglu", "geglu", "clamped_swiglu")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """One MoE layer.
+
+    Routing: ``scoring`` turns router logits into scores (``softmax``; ``sigmoid``; Phi-3.5's
+    ``sparsemixer``). With ``n_group > 1`` the top-k is group-limited: experts are split into
+    ``n_group`` groups, each group is scored by ``group_score`` (``max`` of its scores, DeepSeek-V2;
+    ``top2_sum``, DeepSeek-V3) and only the best ``topk_group`` groups are eligible. A
+    ``score_correction_bias`` (DeepSeek-V3) shifts the choice but not the weights. The chosen
+    weights are renormalised if ``norm_topk_prob`` and multiplied by ``routed_scaling_factor``.
+    ``weight_on_input`` (Llama4) scales each expert's input by its weight instead of its output.
+
+    Experts: ``activation`` is ``swiglu`` (silu(gate) * up), ``geglu`` (gelu(gate) * up) or
+    ``clamped_swiglu`` (GPT-OSS: gate clamped above at ``swiglu_limit``, up clamped to
+    +-``swiglu_limit``, ``(up + 1) * gate * sigmoid(swiglu_alpha * gate)``). ``expert_bias`` adds
+    per-expert biases to both projections.
+
+    Shared experts: an always-on gated MLP of width ``shared_ffn_size`` (0 = none), optionally
+    scaled by ``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE).
+    """
+
+    hidden_size: int
+    ffn_size: int
+    num_experts: int
+    top_k: int
+    scoring: str = "softmax"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "max"
+    router_bias: bool = False
+    score_correction_bias: bool = False
+    sparsemixer_jitter_eps: float = 0.01
+    activation: str = "swiglu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    expert_bias: bool = False
+    weight_on_input: bool = False
+    shared_ffn_size: int = 0
+    shared_expert_gate: bool = False
+    family: str = "custom"
+
+    def __post_init__(self):
+        for name in ("hidden_size", "ffn_size", "num_experts", "top_k", "n_group", "topk_group"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"MoEConfig.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})"
+            )
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"MoEConfig.scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"MoEConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}"
+            )
+        if self.group_score not in GROUP_SCORES:
+            raise ValueError(
+                f"MoEConfig.group_score must be one of {GROUP_SCORES}, got {self.group_score!r}"
+            )
+        if self.num_experts % self.n_group:
+            raise ValueError(
+                f"MoEConfig.n_group ({self.n_group}) must divide num_experts ({self.num_experts})"
+            )
+        if self.topk_group > self.n_group:
+            raise ValueError(
+                f"MoEConfig.topk_group ({self.topk_group}) must be <= n_group ({self.n_group})"
+            )
+        if self.n_group > 1:
+            per_group = self.num_experts // self.n_group
+            if self.top_k > self.topk_group * per_group:
+                raise ValueError(
+                    f"MoEConfig.top_k ({self.top_k}) exceeds the experts in topk_group "
+                    f"({self.topk_group}) groups of {per_group}"
+                )
+            if self.group_score == "top2_sum" and per_group < 2:
+                raise ValueError("MoEConfig.group_score='top2_sum' needs >= 2 experts per group")
+        if self.scoring == "sparsemixer" and self.top_k != 2:
+            raise ValueError(f"MoEConfig.scoring='sparsemixer' needs top_k=2, got {self.top_k}")
+        if self.shared_ffn_size < 0:
+            raise ValueError(f"MoEConfig.shared_ffn_size must be >= 0, got {self.shared_ffn_size}")
+        if self.shared_expert_gate and not self.shared_ffn_size:
+            raise ValueError("MoEConfig.shared_expert_gate needs shared_ffn_size > 0")
+        if not self.routed_scaling_factor > 0:
+            raise ValueError(
+                f"MoEConfig.routed_scaling_factor must be > 0, got {self.routed_scaling_factor}"
+            )
+
+    def replace(self, **changes) -> "MoEConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "MoEConfig":
+        """Build from a Hugging Face model config of a supported family (see `comet.hf_families`)."""
+        from comet.hf_families import config_from_hf
+
+        return config_from_hf(hf_config)

@@ -1,0 +1,124 @@
+"""`MoELayer`: router, routed experts and shared experts as separate small modules."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from comet.backends import check_backend_name, resolve_backend
+from comet.config import MoEConfig
+from comet.functional import ExpertWeights
+from comet.reference import activation_reference, route
+from comet.validation import check_hidden
+
+
+class Router(nn.Module):
+    """Linear router (+ optional bias) and the config's top-k rule."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(cfg.num_experts)) if cfg.router_bias else None
+        if cfg.score_correction_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts))
+        else:
+            self.e_score_correction_bias = None
+        nn.init.normal_(self.weight, std=cfg.hidden_size**-0.5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (logits [T, E], topk_weights fp32 [T, K], topk_ids int64 [T, K])."""
+        logits = F.linear(x, self.weight, self.bias)
+        topk_weights, topk_ids = route(logits, self.cfg, self.e_score_correction_bias)
+        return logits, topk_weights, topk_ids
+
+
+class Experts(nn.Module):
+    """Routed expert weights, gate rows first: gate_up [E, 2F, H], down [E, H, F]."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        e, f, h = cfg.num_experts, cfg.ffn_size, cfg.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.randn(e, 2 * f, h) / math.sqrt(h))
+        self.down_proj = nn.Parameter(torch.randn(e, h, f) / math.sqrt(f))
+        self.gate_up_bias = nn.Parameter(torch.zeros(e, 2 * f)) if cfg.expert_bias else None
+        self.down_bias = nn.Parameter(torch.zeros(e, h)) if cfg.expert_bias else None
+
+    def weights(self) -> ExpertWeights:
+        return ExpertWeights(self.gate_up_proj, self.down_proj, self.gate_up_bias, self.down_bias)
+
+
+class SharedExpert(nn.Module):
+    """Always-on gated MLP, optionally scaled by sigmoid(gate(x)) (Qwen2-MoE)."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        h, s = cfg.hidden_size, cfg.shared_ffn_size
+        self.cfg = cfg
+        self.gate_proj = nn.Linear(h, s, bias=False)
+        self.up_proj = nn.Linear(h, s, bias=False)
+        self.down_proj = nn.Linear(s, h, bias=False)
+        self.gate = nn.Linear(h, 1, bias=False) if cfg.shared_expert_gate else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = activation_reference(self.gate_proj(x), self.up_proj(x), "swiglu")
+        y = self.down_proj(a)
+        return y * torch.sigmoid(self.gate(x)) if self.gate is not None else y
+
+
+class MoELayer(nn.Module):
+    """Drop-in MoE layer: [..., H] -> [..., H].
+
+    backend: "reference" (plain PyTorch, fp32 accumulation), a kernel backend registered in
+    `comet.backends`, or "auto" (the fastest one usable on the weights' device, chosen at call time).
+    """
+
+    def __init__(self, config: MoEConfig, process_group=None, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config: expected a comet.MoEConfig, got {type(config).__name__}")
+        if process_group is not None:
+            raise NotImplementedError(
+                "process_group: expert parallelism needs the 'ep' backend, which is not built yet"
+            )
+        self.config = config
+        self.process_group = process_group
+        self.backend = backend
+        check_backend_name(backend)
+        self.router = Router(config)
+        self.experts = Experts(config)
+        self.shared_expert = SharedExpert(config) if config.shared_ffn_size else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        check_hidden(hidden_states, cfg.hidden_size, self.experts.gate_up_proj)
+        x = hidden_states.reshape(-1, cfg.hidden_size)
+        if x.shape[0] == 0:
+            return torch.empty_like(hidden_states)
+        _, topk_weights, topk_ids = self.router(x)
+        experts_fn = resolve_backend(self.backend, x.device).fn
+        out = experts_fn(x, topk_ids, topk_weights, self.experts.weights(), cfg)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(x)
+        return out.view(hidden_states.shape)
+
+    def load_hf_block(self, block) -> "MoELayer":
+        """Copy the weights of a Hugging Face MoE block of this layer's family into this layer."""
+        from comet.hf_families import load_hf_block
+
+        load_hf_block(self, block)
+        return self
+
+    @classmethod
+    def from_hf_block(cls, block, hf_config, backend: str = "auto") -> "MoELayer":
+        """A layer with the config and weights of a Hugging Face MoE block."""
+        ref = next(block.parameters())
+        layer = cls(MoEConfig.from_hf(hf_config), backend=backend).to(ref.device, ref.dtype)
+        return layer.load_hf_block(block)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"family={c.family}, hidden={c.hidden_size}, ffn={c.ffn_size}, experts={c.num_experts}, "
+                f"top_k={c.top_k}, backend={self.backend!r}")

@@ -1,0 +1,1 @@
+"""Adapters for Hugging Face transformers and Megatron-Core (imported as `comet.integrations`)."""
