@@ -6,6 +6,7 @@ the backend can run on ``device``, else the reason.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -48,6 +49,8 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     _load_builtin()
     device = torch.device(device)
     if name == "auto":
+        if device.type != "cuda":  # kernels on the CPU only run under the interpreter: not for speed
+            return _BACKENDS["reference"]
         usable = [b for b in _BACKENDS.values() if b.why_unavailable(device) is None]
         return max(usable, key=lambda b: b.auto_priority)
     check_backend_name(name)
@@ -58,8 +61,9 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     return backend
 
 
+@functools.lru_cache(maxsize=None)
 def _load_builtin():
-    """Import the modules that register the built-in backends (lazily: kernels import triton)."""
-    if "reference" in _BACKENDS:
-        return
+    """Import the modules that register the built-in backends (lazily: importing the kernels
+    fixes whether Triton interprets them, so it must wait until the environment is set)."""
     from comet import functional  # noqa: F401  registers "reference"
+    from comet import ops  # noqa: F401  registers "triton"

@@ -1,0 +1,176 @@
+"""Persistent grouped GEMM over expert-sorted rows: GEMM1 (gather + gate/up + activation) and
+GEMM2 (down projection, routing weight in fp32, rows scattered back to token-slot order).
+
+One kernel serves both; constexpr switches pick the operand source and the epilogue. Work items are
+(M tile, N block) pairs; M tiles are numbered expert by expert, and items are walked in groups of
+GROUP_M tiles x all N blocks, so tiles of one expert running together share its weight slab in L2.
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from comet.kernels.routing import expert_segments, histogram_bins, locate_tile
+
+ACTIVATION_IDS = {"swiglu": 0, "geglu": 1, "clamped_swiglu": 2}
+# How the routing weight of a row enters: not at all, on the accumulator before the bias (the
+# expert's input is scaled, Llama4), or after the bias (the expert's output is scaled).
+ROW_WEIGHT_NONE, ROW_WEIGHT_INPUT, ROW_WEIGHT_OUTPUT = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@triton.jit
+def _activation(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 0:
+        return gate * tl.sigmoid(gate) * up
+    elif ACTIVATION == 1:
+        return 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)) * up
+    else:
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        return (up + 1.0) * gate * tl.sigmoid(alpha * gate)
+
+
+@triton.jit
+def _expert_gemm_kernel(
+    a_ptr, stride_am, stride_ak,
+    b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
+    bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n,
+    out_ptr, stride_om,
+    sorted_rows_ptr, row_weights_ptr, hist_ptr,
+    N, K, alpha, limit,
+    NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
+    GATHER_A: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    row_start, counts, tile_start, tile_end, num_tiles = expert_segments(
+        hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    items_per_group = GROUP_M * num_n
+    for item in range(tl.program_id(0), num_tiles * num_n, NUM_PROGRAMS):
+        first_tile = (item // items_per_group) * GROUP_M
+        group_size = tl.minimum(num_tiles - first_tile, GROUP_M)
+        tile = first_tile + (item % items_per_group) % group_size
+        n_block = (item % items_per_group) // group_size
+        expert, first_row, end_row = locate_tile(
+            tile, row_start, counts, tile_start, tile_end, NUM_BINS, BLOCK_M)
+
+        offs_m = first_row + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < end_row
+        # Row ids are token * TOP_K + slot; rows past the expert's end read row 0 and are not stored.
+        rows = tl.load(sorted_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+        a_rows = rows // TOP_K if GATHER_A else tl.where(m_mask, offs_m, 0).to(tl.int64)
+        offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_bn = offs_n % N  # in-bounds loads; the extra columns are not stored
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_off = expert.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+        b_ptrs = b_ptr + b_off
+        b2_ptrs = b2_ptr + b_off
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                k_mask = offs_k < K - k
+                a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            if GATED:
+                if EVEN_K:
+                    b2 = tl.load(b2_ptrs)
+                else:
+                    b2 = tl.load(b2_ptrs, mask=k_mask[:, None], other=0.0)
+                acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
+                b2_ptrs += BLOCK_K * stride_bk
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+
+        if ROW_WEIGHT != 0:
+            w = tl.load(row_weights_ptr + rows, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+        if ROW_WEIGHT == 1:
+            acc = acc * w
+            if GATED:
+                acc2 = acc2 * w
+        if HAS_BIAS:
+            bias_off = expert.to(tl.int64) * stride_bias_e + offs_bn * stride_bias_n
+            acc += tl.load(bias_ptr + bias_off).to(tl.float32)[None, :]
+            if GATED:
+                acc2 += tl.load(bias2_ptr + bias_off).to(tl.float32)[None, :]
+        if GATED:
+            acc = _activation(acc, acc2, alpha, limit, ACTIVATION)
+        if ROW_WEIGHT == 2:
+            acc = acc * w
+
+        out_rows = rows if SCATTER_OUT else offs_m.to(tl.int64)
+        out_ptrs = out_ptr + out_rows[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n < N)[None, :])
+
+
+def _num_programs(device: torch.device, upper_bound: int) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 4  # interpreter: a few programs, so the persistent loop is exercised
+    return max(1, min(sms, upper_bound))
+
+
+def _launch(a, a_rows_gathered, b, b2, bias, bias2, out, sorted_rows, row_weights, hist, *, top_k,
+            num_experts, n, k, gated, activation, alpha, limit, row_weight, scatter_out, cfg: GemmConfig):
+    max_tiles = triton.cdiv(sorted_rows.numel(), cfg.block_m) + num_experts
+    num_programs = _num_programs(a.device, max_tiles * triton.cdiv(n, cfg.block_n))
+    has_bias = bias is not None
+    _expert_gemm_kernel[(num_programs,)](
+        a, a.stride(0), a.stride(1),
+        b, b2, b.stride(0), b.stride(1), b.stride(2),
+        bias if has_bias else b, bias2 if has_bias else b,
+        bias.stride(0) if has_bias else 0, bias.stride(1) if has_bias else 0,
+        out, out.stride(0),
+        sorted_rows, row_weights, hist,
+        n, k, alpha, limit,
+        NUM_EXPERTS=num_experts, NUM_BINS=histogram_bins(num_experts), TOP_K=top_k,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        NUM_PROGRAMS=num_programs,
+        GATHER_A=a_rows_gathered, GATED=gated, ACTIVATION=ACTIVATION_IDS[activation], HAS_BIAS=has_bias,
+        ROW_WEIGHT=row_weight, SCATTER_OUT=scatter_out, EVEN_K=k % cfg.block_k == 0,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def gate_up_gemm(x, gate, up, gate_bias, up_bias, sorted_rows, row_weights, hist, out, *, top_k,
+                 activation, alpha, limit, weight_on_input, cfg: GemmConfig):
+    """out[p] = act(x[row_p // top_k] @ gate_e.T (+b), ... @ up_e.T (+b)) for sorted position p.
+
+    x [T, H]; gate, up [E, F, H] (any strides); out [T*top_k, F] in expert-sorted order."""
+    _launch(x, True, gate, up, gate_bias, up_bias, out, sorted_rows, row_weights, hist, top_k=top_k,
+            num_experts=gate.shape[0], n=gate.shape[1], k=gate.shape[2], gated=True, activation=activation,
+            alpha=alpha, limit=limit, row_weight=ROW_WEIGHT_INPUT if weight_on_input else ROW_WEIGHT_NONE,
+            scatter_out=False, cfg=cfg)
+
+
+def down_gemm(act, down, down_bias, sorted_rows, row_weights, hist, out, *, top_k, weight_on_input,
+              cfg: GemmConfig):
+    """out[row_p] = (act[p] @ down_e.T (+b)) * weight[row_p]: expert-sorted in, token-slot order out.
+
+    act [T*top_k, F]; down [E, H, F]; out [T*top_k, H]."""
+    _launch(act, False, down, down, down_bias, down_bias, out, sorted_rows, row_weights, hist, top_k=top_k,
+            num_experts=down.shape[0], n=down.shape[1], k=down.shape[2], gated=False, activation="swiglu",
+            alpha=0.0, limit=0.0, row_weight=ROW_WEIGHT_NONE if weight_on_input else ROW_WEIGHT_OUTPUT,
+            scatter_out=True, cfg=cfg)

@@ -1,0 +1,65 @@
+"""Expert histogram of a routing, and the tile map every expert GEMM derives from it.
+
+The histogram has one bin per expert plus two guard bins: bin 0 counts ids < 0 and bin E+1 ids >= E
+(Hugging Face's expert-parallel convention marks off-rank experts that way; they are skipped). Sorted
+by id, expert e's rows are then the contiguous range [start[e], start[e] + count[e]), so the tile map
+(which expert a tile belongs to, which rows it covers) is derived inside each kernel from the
+histogram alone: no host sync, no per-call tile arrays.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+def histogram_bins(num_experts: int) -> int:
+    # Power of two >= E + 3: bins 0 and E+1 are the guards, the last bin takes masked-off lanes.
+    return triton.next_power_of_2(num_experts + 3)
+
+
+@triton.jit
+def _expert_histogram_kernel(ids_ptr, hist_ptr, num_ids, NUM_EXPERTS: tl.constexpr,
+                             NUM_BINS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + offs, mask=offs < num_ids, other=0).to(tl.int32)
+    bins = tl.minimum(tl.maximum(ids, -1), NUM_EXPERTS) + 1
+    bins = tl.where(offs < num_ids, bins, NUM_BINS - 1)
+    counts = tl.histogram(bins, NUM_BINS)
+    tl.atomic_add(hist_ptr + tl.arange(0, NUM_BINS), counts, sem="relaxed")
+
+
+def expert_histogram(topk_ids: torch.Tensor, num_experts: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """int32 [histogram_bins(E)]: bin 0 = ids < 0, bin 1+e = expert e, bin E+1 = ids >= E."""
+    num_bins = histogram_bins(num_experts)
+    hist = torch.zeros(num_bins, dtype=torch.int32, device=topk_ids.device) if out is None else out.zero_()
+    num_ids = topk_ids.numel()
+    block = 1024
+    _expert_histogram_kernel[(triton.cdiv(num_ids, block),)](
+        topk_ids, hist, num_ids, NUM_EXPERTS=num_experts, NUM_BINS=num_bins, BLOCK=block)
+    return hist
+
+
+@triton.jit
+def expert_segments(hist_ptr, NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per-expert vectors over arange(NUM_BINS) (entries >= E are 0): row start in sorted order,
+    row count, and the exclusive/inclusive prefix of M tiles; plus the total number of M tiles."""
+    idx = tl.arange(0, NUM_BINS)
+    valid = idx < NUM_EXPERTS
+    counts = tl.load(hist_ptr + idx + 1, mask=valid, other=0)
+    row_start = tl.cumsum(counts, axis=0) - counts + tl.load(hist_ptr)
+    tiles = tl.cdiv(counts, BLOCK_M)
+    tile_end = tl.cumsum(tiles, axis=0)
+    return row_start, counts, tile_end - tiles, tile_end, tl.sum(tiles, axis=0)
+
+
+@triton.jit
+def _pick(vec, index, NUM_BINS: tl.constexpr):
+    return tl.sum(tl.where(tl.arange(0, NUM_BINS) == index, vec, 0), axis=0)
+
+
+@triton.jit
+def locate_tile(tile, row_start, counts, tile_start, tile_end, NUM_BINS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Global M-tile index -> (expert, first sorted row of the tile, end of the expert's rows)."""
+    expert = tl.sum((tile_end <= tile).to(tl.int32), axis=0)
+    first = _pick(row_start, expert, NUM_BINS) + (tile - _pick(tile_start, expert, NUM_BINS)) * BLOCK_M
+    end = _pick(row_start, expert, NUM_BINS) + _pick(counts, expert, NUM_BINS)
+    return expert, first, end

@@ -1,0 +1,65 @@
+"""Tile configurations of the expert GEMMs, chosen per call from the shape bucket.
+
+Source, in order: the tuned table for this GPU (`scheduler/tables/<gpu>.json`, written by
+`python -m comet tune`), else a heuristic on the mean rows per expert. No autotuning at call time.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from comet.kernels.expert_gemm import GemmConfig
+
+TABLE_DIR = Path(__file__).resolve().parent / "tables"
+
+
+def gpu_key(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def rows_bucket(num_rows: int, num_experts: int) -> int:
+    """Mean rows per expert, rounded up to a power of two: the bucket a table entry covers."""
+    mean = max(1, -(-num_rows // num_experts))
+    return 1 << (mean - 1).bit_length()
+
+
+def shape_key(num_experts: int, hidden: int, ffn: int, dtype: torch.dtype) -> str:
+    return f"E{num_experts}_H{hidden}_F{ffn}_{str(dtype).removeprefix('torch.')}"
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(gpu: str) -> dict:
+    path = TABLE_DIR / f"{gpu}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def heuristic_configs(bucket: int, device: torch.device) -> tuple[GemmConfig, GemmConfig]:
+    if device.type != "cuda":
+        small = GemmConfig(16, 32, 32, group_m=2)
+        return small, small
+    if bucket <= 16:
+        cfg = GemmConfig(16, 64, 128, group_m=4, num_warps=4, num_stages=4)
+        return cfg, cfg
+    if bucket <= 64:
+        cfg = GemmConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=4)
+        return cfg, cfg
+    return (GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3),
+            GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4))
+
+
+def select_configs(num_rows: int, num_experts: int, hidden: int, ffn: int, dtype: torch.dtype,
+                   device: torch.device) -> tuple[GemmConfig, GemmConfig]:
+    """(GEMM1 config, GEMM2 config) for `num_rows` = tokens * top_k routed rows."""
+    bucket = rows_bucket(num_rows, num_experts)
+    entries = load_table(gpu_key(device)).get(shape_key(num_experts, hidden, ffn, dtype))
+    if entries:
+        # The tuned bucket nearest (in log scale) to this call's.
+        best = min(entries, key=lambda b: abs(int(b).bit_length() - bucket.bit_length()))
+        gemm1, gemm2 = entries[best]
+        return GemmConfig(**gemm1), GemmConfig(**gemm2)
+    return heuristic_configs(bucket, device)
