@@ -54,7 +54,7 @@ def _expert_gemm_kernel(
     NUM_PROGRAMS: tl.constexpr,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     row_start, counts, tile_start, tile_end, num_tiles = expert_segments(
         hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK_M)
@@ -91,12 +91,17 @@ def _expert_gemm_kernel(
                 k_mask = offs_k < K - k
                 a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+            if UPCAST_DOT:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
             if GATED:
                 if EVEN_K:
                     b2 = tl.load(b2_ptrs)
                 else:
                     b2 = tl.load(b2_ptrs, mask=k_mask[:, None], other=0.0)
+                if UPCAST_DOT:
+                    b2 = b2.to(tl.float32)
                 acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
                 b2_ptrs += BLOCK_K * stride_bk
             a_ptrs += BLOCK_K * stride_ak
@@ -150,6 +155,8 @@ def _launch(a, a_rows_gathered, b, b2, bias, bias2, out, sorted_rows, row_weight
         GATHER_A=a_rows_gathered, GATED=gated, ACTIVATION=ACTIVATION_IDS[activation], HAS_BIAS=has_bias,
         ROW_WEIGHT=row_weight, SCATTER_OUT=scatter_out, EVEN_K=k % cfg.block_k == 0,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        # The interpreter's dot mishandles 16-bit floats (it multiplies their bit patterns).
+        UPCAST_DOT=a.device.type != "cuda",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 

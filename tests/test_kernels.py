@@ -1,0 +1,196 @@
+"""Triton expert kernels against the fp32 reference (interpreter on CPU, compiled on GPU)."""
+import pytest
+import torch
+
+import comet
+from comet.reference import experts_reference
+from conftest import DEVICE
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def make_case(T, E, K, H=64, F=48, dtype=torch.float32, activation="swiglu", bias=False, interleaved=False,
+              weight_on_input=False, ids=None):
+    cfg = comet.MoEConfig(hidden_size=H, ffn_size=F, num_experts=E, top_k=K, activation=activation,
+                          expert_bias=bias, weight_on_input=weight_on_input)
+    x = torch.randn(T, H, device=DEVICE).to(dtype)
+    if ids is None:
+        ids = torch.rand(T, E, device=DEVICE).argsort(dim=1)[:, :K]  # distinct experts per token
+    weights = torch.rand(T, K, device=DEVICE) + 0.1
+    w = comet.ExpertWeights(
+        (torch.randn(E, 2 * F, H, device=DEVICE) * H**-0.5).to(dtype),
+        (torch.randn(E, H, F, device=DEVICE) * F**-0.5).to(dtype),
+        torch.randn(E, 2 * F, device=DEVICE).to(dtype) if bias else None,
+        torch.randn(E, H, device=DEVICE).to(dtype) if bias else None,
+        interleaved,
+    )
+    return cfg, x, ids, weights, w
+
+
+def reference(cfg, x, ids, weights, w):
+    out = experts_reference(x.float(), ids, weights, w.gate_up.float(), w.down.float(),
+                            None if w.gate_up_bias is None else w.gate_up_bias.float(),
+                            None if w.down_bias is None else w.down_bias.float(),
+                            activation=cfg.activation, swiglu_alpha=cfg.swiglu_alpha,
+                            swiglu_limit=cfg.swiglu_limit, interleaved=w.interleaved,
+                            weight_on_input=cfg.weight_on_input)
+    return out
+
+
+def check(cfg, x, ids, weights, w):
+    out = comet.moe_experts(x, ids, weights, w, cfg, backend="triton")
+    ref = reference(cfg, x, ids, weights, w)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.isfinite(out).all()
+    err = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    assert err <= TOL[x.dtype], f"relative error {err:.3g} > {TOL[x.dtype]}"
+    return out
+
+
+@pytest.mark.parametrize("activation,bias,interleaved,weight_on_input", [
+    ("swiglu", False, False, False),
+    ("swiglu", True, False, False),
+    ("geglu", False, False, False),
+    ("clamped_swiglu", True, True, False),
+    ("clamped_swiglu", False, False, False),
+    ("swiglu", False, False, True),
+])
+def test_activation_and_bias_variants(activation, bias, interleaved, weight_on_input):
+    check(*make_case(45, 8, 2, activation=activation, bias=bias, interleaved=interleaved,
+                     weight_on_input=weight_on_input))
+
+
+@pytest.mark.parametrize("T,E,K", [(1, 8, 2), (1, 4, 1), (37, 4, 1), (33, 16, 8), (70, 64, 4), (20, 256, 8)])
+def test_token_and_expert_counts(T, E, K):
+    check(*make_case(T, E, K))
+
+
+def test_expert_with_no_tokens():
+    ids = torch.randint(0, 3, (29, 2), device=DEVICE)  # experts 3..7 get nothing
+    ids[:, 1] = (ids[:, 0] + 1) % 3
+    check(*make_case(29, 8, 2, ids=ids))
+
+
+def test_all_tokens_on_one_expert():
+    ids = torch.full((50, 1), 5, device=DEVICE)
+    check(*make_case(50, 8, 1, ids=ids))
+
+
+def test_odd_hidden_and_ffn_sizes():
+    check(*make_case(19, 8, 2, H=40, F=24))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype):
+    check(*make_case(40, 8, 2, dtype=dtype))
+
+
+def test_hf_expert_parallel_ids_are_skipped():
+    """Hugging Face marks experts of other ranks with ids >= E (weight 0); they contribute nothing."""
+    cfg, x, ids, weights, w = make_case(30, 8, 2)
+    ids[::3, 1] = 8
+    out = comet.moe_experts(x, ids, weights, w, cfg, backend="triton", check_values=False)
+    ref = reference(cfg, x, ids, weights, w)
+    assert torch.isfinite(out).all()
+    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+def test_deterministic():
+    cfg, x, ids, weights, w = make_case(64, 8, 4)
+    first = comet.moe_experts(x, ids, weights, w, cfg, backend="triton")
+    second = comet.moe_experts(x, ids, weights, w, cfg, backend="triton")
+    assert torch.equal(first, second)
+
+
+def test_kernels_write_every_output_element():
+    """Poisoned buffers: every element the kernels own is overwritten, nothing else is touched."""
+    from comet.kernels.combine import combine_slots
+    from comet.kernels.expert_gemm import down_gemm, gate_up_gemm
+    from comet.reference import split_gate_up
+    from comet.scheduler.configs import select_configs
+    from comet.scheduler.routing import analyze_routing
+
+    cfg, x, ids, weights, w = make_case(23, 8, 2)
+    ids[0, 1] = 8  # a skipped slot: its row must stay untouched
+    T, K, E, F, H = 23, 2, 8, cfg.ffn_size, cfg.hidden_size
+    plan = analyze_routing(ids, E)
+    c1, c2 = select_configs(T * K, E, H, F, x.dtype, x.device)
+    rw = weights.reshape(-1).float()
+    gate, up = split_gate_up(w.gate_up, False)
+    act = torch.full((T * K, F), float("nan"), device=DEVICE)
+    gate_up_gemm(x, gate, up, None, None, plan.sorted_rows, rw, plan.hist, act, top_k=K, activation="swiglu",
+                 alpha=0.0, limit=0.0, weight_on_input=False, cfg=c1)
+    assert torch.isfinite(act[:-1]).all() and torch.isnan(act[-1]).all()  # the skipped row sorts last
+    slots = torch.full((T * K, H), float("nan"), device=DEVICE)
+    down_gemm(act, w.down, None, plan.sorted_rows, rw, plan.hist, slots, top_k=K, weight_on_input=False, cfg=c2)
+    assert torch.isnan(slots[1]).all()
+    assert torch.isfinite(slots[torch.arange(T * K, device=DEVICE) != 1]).all()
+    out = combine_slots(slots, ids, E, torch.full((T, H), float("nan"), device=DEVICE))
+    assert torch.isfinite(out).all()
+
+
+def test_routing_histogram_guards():
+    from comet.kernels.routing import expert_histogram
+
+    ids = torch.tensor([[0, 3], [3, 9], [-1, 2], [2, 2]], device=DEVICE)
+    hist = expert_histogram(ids, 4)
+    assert hist[:6].tolist() == [1, 1, 0, 3, 2, 1]
+    assert hist[6:-1].sum().item() == 0  # the last bin only takes masked-off lanes
+
+
+def test_backward_matches_reference():
+    cfg, x, ids, weights, w = make_case(21, 8, 2, bias=True)
+    leaves = [x, weights, w.gate_up, w.down, w.gate_up_bias, w.down_bias]
+    for t in leaves:
+        t.requires_grad_()
+    g = torch.randn_like(x)
+    grads = torch.autograd.grad((comet.moe_experts(x, ids, weights, w, cfg, backend="triton") * g).sum(), leaves)
+    ref_grads = torch.autograd.grad((reference(cfg, x, ids, weights, w) * g).sum(), leaves)
+    for a, b in zip(grads, ref_grads):
+        assert ((a - b).norm() / b.norm()).item() <= 1e-5
+
+
+def test_layer_with_triton_backend_matches_reference():
+    cfg = comet.MoEConfig(hidden_size=64, ffn_size=32, num_experts=8, top_k=2, shared_ffn_size=16,
+                          shared_expert_gate=True)
+    layer = comet.MoELayer(cfg, backend="triton").to(DEVICE)
+    x = torch.randn(3, 7, 64, device=DEVICE)
+    ref_layer = comet.MoELayer(cfg, backend="reference").to(DEVICE)
+    ref_layer.load_state_dict(layer.state_dict())
+    out, ref = layer(x), ref_layer(x)
+    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+def test_compiles_without_graph_breaks():
+    cfg, x, ids, weights, w = make_case(16, 8, 2)
+    fn = torch.compile(lambda *a: comet.moe_experts(*a, cfg, backend="triton", check_values=False),
+                       fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
+    out = fn(x, ids, weights, w)
+    assert ((out - reference(cfg, x, ids, weights, w)).norm() / out.norm()).item() <= 1e-5
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs and sync checks need a GPU")
+def test_cuda_graph_replay_with_new_routings_and_no_host_sync():
+    cfg, x, ids, weights, w = make_case(256, 16, 4, H=256, F=128, dtype=torch.bfloat16)
+    fn = lambda: comet.moe_experts(x, ids, weights, w, cfg, backend="triton", check_values=False)  # noqa: E731
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    for _ in range(5):
+        ids.copy_(torch.rand(256, 16, device=DEVICE).argsort(dim=1)[:, :4])
+        weights.copy_(torch.rand(256, 4, device=DEVICE))
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        ref = reference(cfg, x, ids, weights, w)
+        assert ((out.float() - ref).norm() / ref.norm()).item() <= TOL[torch.bfloat16]
