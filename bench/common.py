@@ -1,0 +1,233 @@
+"""What every benchmark shares: the environment of a run, timing, accuracy checks, results files, the log.
+
+Timing: CUDA events around each call (host clock on CPU), after warm-up, median of many; call i
+gets input set i % n, so one set's activations do not sit in L2 between calls.
+Results: one CSV row per measurement, appended to `bench/results/<name>.csv`, each row carrying
+the GPU, torch, Triton, transformers and the git commit; a PNG plot of the run. When `$OUT` is set
+(the device machine's output folder) the log, the CSV and the plot are also written there.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Iterable
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+
+# Relative Frobenius error allowed against the fp32 reference. fp32 allows for TF32 dot products.
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 5e-3}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment
+# ----------------------------------------------------------------------------------------------
+def git_commit() -> str:
+    """Short sha of HEAD, with "-dirty" if tracked files changed. The device machine gets the
+    working tree without .git: there set COMET_GIT_COMMIT (else "unknown")."""
+    if os.environ.get("COMET_GIT_COMMIT"):
+        return os.environ["COMET_GIT_COMMIT"]
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True,
+                              check=True, timeout=30).stdout.strip()
+
+    try:
+        sha = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "absent"
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """The columns that identify where and on what code a row was measured."""
+    return {"gpu": device_name(device), "torch": torch.__version__, "triton": _version("triton"),
+            "transformers": _version("transformers"), "commit": git_commit()}
+
+
+def output_dir() -> Path | None:
+    """The device machine's `$OUT` folder (what is written there comes back), if set."""
+    out = os.environ.get("OUT")
+    return Path(out) if out else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Log
+# ----------------------------------------------------------------------------------------------
+class RunLog:
+    """Prints above the progress bar and, when `$OUT` is set, keeps a full copy in `$OUT/<name>.log`."""
+
+    def __init__(self, name: str):
+        out = output_dir()
+        self.path = out / f"{name}.log" if out else None
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a")
+        else:
+            self._file = None
+
+    def __call__(self, message: str = ""):
+        tqdm.write(message)
+        if self._file:
+            self._file.write(message + "\n")
+            self._file.flush()
+
+    def exception(self, message: str):
+        self(f"{message}\n{traceback.format_exc()}")
+
+    def close(self):
+        if self._file:
+            self._file.close()
+
+
+def progress(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, disable=None)  # no bar when not a TTY
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_calls(call: Callable[[int], object], first: int, count: int, num_sets: int,
+                 device: torch.device) -> list[float]:
+    """Milliseconds of each of `count` calls; call i uses input set i % num_sets."""
+    if device.type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(count)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(count)]
+        for i in range(count):
+            starts[i].record()
+            call((first + i) % num_sets)
+            ends[i].record()
+        torch.cuda.synchronize(device)
+        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    times = []
+    for i in range(count):
+        t0 = time.perf_counter()
+        call((first + i) % num_sets)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def time_calls(call: Callable[[int], object], num_sets: int, device: torch.device, *, warmup: int,
+               min_reps: int, max_reps: int, budget_s: float) -> list[float]:
+    """Per-call times in ms after `warmup` calls. The repeat count fits `budget_s` (estimated from
+    the warm-up), within [min_reps, max_reps]."""
+    warm = _timed_calls(call, 0, max(warmup, 1), num_sets, device)
+    estimate_ms = max(statistics.median(warm), 1e-3)
+    reps = int(min(max(budget_s * 1e3 / estimate_ms, min_reps), max_reps))
+    return _timed_calls(call, len(warm), reps, num_sets, device)
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Device-memory copy bandwidth in bytes/s, counting bytes read and written (median of `reps`)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = time_calls(lambda i: dst.copy_(src), 1, device, warmup=3, min_reps=reps, max_reps=reps,
+                       budget_s=0.0)
+    return 2 * nbytes / (statistics.median(times) * 1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Accuracy
+# ----------------------------------------------------------------------------------------------
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in fp64 (nan if `out` has non-finite values)."""
+    out, ref = out.double(), ref.double()
+    if not bool(torch.isfinite(out).all()):
+        return math.nan
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def within_tolerance(error: float, dtype: torch.dtype) -> bool:
+    return error <= TOLERANCE[dtype]  # False for nan
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------
+def append_csv(path: Path, rows: list[dict]) -> pd.DataFrame:
+    """Append `rows` to the CSV at `path` (columns are the union of old and new); return the new rows."""
+    new = pd.DataFrame(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pd.concat([pd.read_csv(path), new], ignore_index=True) if path.exists() else new
+    table.to_csv(path, index=False)
+    return new
+
+
+def plot_panels(df: pd.DataFrame, path: Path, *, panel: str, x: str, y: str, series: str,
+                ylabel: str, title: str):
+    """One panel per value of `panel`, `y` against `x` (log2 axis), one line per value of `series`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = df.dropna(subset=[y])
+    panels = list(dict.fromkeys(df[panel]))
+    if not panels:
+        return
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, panels):
+        part = df[df[panel] == name]
+        for label, line in part.groupby(series, sort=False):
+            line = line.sort_values(x)
+            ax.plot(line[x], line[y], marker="o", label=str(label))
+        ax.set_xscale("log", base=2)
+        ticks = sorted(part[x].unique())
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_title(str(name), fontsize=9)
+        ax.set_xlabel(x)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def publish(paths: Iterable[Path]):
+    """Copy result files to `$OUT` (when set) so they come back from the device machine."""
+    out = output_dir()
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        if p.exists() and p.resolve().parent != out.resolve():
+            shutil.copy(p, out / p.name)

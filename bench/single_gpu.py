@@ -1,0 +1,356 @@
+#!/usr/bin/env python3
+"""Single-GPU benchmark of the routed experts, three implementations on the same weights and routing:
+
+  grouped_mm  a `torch._grouped_mm` pipeline (sort, gather, grouped GEMM, activation, grouped GEMM,
+              weighted un-permute), no host sync
+  hf          transformers' experts module with its "grouped_mm" experts implementation
+  ours        `comet.moe_experts(..., backend=--backend)` (default "triton")
+
+Each output is checked against the fp32 reference on its first `--check-rows` tokens before it is
+timed. Writes bench/results/single_gpu.csv (appended) and single_gpu.png; with $OUT set, also the
+full log and copies of both there.
+
+    python bench/single_gpu.py                                   # all shapes, 128..16384 tokens, bf16
+    python bench/single_gpu.py --quick --shapes Mixtral-8x7B --tokens 128 4096
+    python bench/single_gpu.py --smoke                           # tiny shapes on CPU, into a temp dir
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+if __package__ in (None, ""):  # run as a script: make `bench` and `comet` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+import comet
+from bench.baselines import grouped_mm_experts, grouped_mm_missing, hf_experts_module
+from bench.common import (
+    DTYPES, RESULTS_DIR, TOLERANCE, RunLog, append_csv, environment, measure_copy_bandwidth,
+    plot_panels, progress, publish, relative_error, time_calls, within_tolerance,
+)
+from bench.shapes import MODEL_SHAPES, SMOKE_SHAPES, SMOKE_TOKEN_COUNTS, TOKEN_COUNTS, ModelShape
+from comet.backends import backend_status
+from comet.reference import experts_reference, route
+
+IMPLS = ("grouped_mm", "hf", "ours")
+H200_PEAK_BYTES_PER_S = 4.8e12  # HBM3e, datasheet
+# Router logits are N(0, 1) per token plus a fixed per-expert skew N(0, ROUTER_SKEW_STD^2): popular
+# experts get 2-3x the mean load, as trained routers do (the run logs the measured max/mean).
+ROUTER_SKEW_STD = 0.5
+
+
+@dataclass(frozen=True)
+class Timing:
+    warmup: int
+    min_reps: int
+    max_reps: int
+    budget_s: float  # timed seconds per measurement, spent when calls are fast
+
+
+TIMINGS = {"default": Timing(3, 20, 1000, 0.5), "quick": Timing(2, 5, 100, 0.1), "smoke": Timing(1, 2, 3, 0.0)}
+
+
+class Inputs(NamedTuple):
+    x: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# Problem set-up
+# ----------------------------------------------------------------------------------------------
+def make_weights(shape: ModelShape, dtype: torch.dtype, device: torch.device) -> comet.ExpertWeights:
+    """Random expert weights in the layout Hugging Face stores for `shape`; for GPT-OSS that is
+    [E, H, 2F] / [E, F, H], passed to us as transposed views (interleaved gate/up)."""
+    c = shape.cfg
+    e, f, h = c.num_experts, c.ffn_size, c.hidden_size
+
+    def randn(*size, std):
+        return torch.randn(*size, dtype=dtype, device=device).mul_(std)
+
+    gate_up_bias = randn(e, 2 * f, std=0.1) if c.expert_bias else None
+    down_bias = randn(e, h, std=0.1) if c.expert_bias else None
+    if shape.hf_layout == "gpt_oss":
+        gate_up = randn(e, h, 2 * f, std=h**-0.5).mT
+        down = randn(e, f, h, std=f**-0.5).mT
+        return comet.ExpertWeights(gate_up, down, gate_up_bias, down_bias, interleaved=True)
+    return comet.ExpertWeights(randn(e, 2 * f, h, std=h**-0.5), randn(e, h, f, std=f**-0.5),
+                               gate_up_bias, down_bias)
+
+
+def make_inputs(cfg: comet.MoEConfig, tokens: int, dtype: torch.dtype, device: torch.device,
+                skew: torch.Tensor) -> Inputs:
+    logits = torch.randn(tokens, cfg.num_experts, device=device) + skew
+    topk_weights, topk_ids = route(logits, cfg)
+    return Inputs(torch.randn(tokens, cfg.hidden_size, dtype=dtype, device=device), topk_ids, topk_weights)
+
+
+def expert_flops(cfg: comet.MoEConfig, tokens: int) -> int:
+    """GEMM FLOPs of the routed experts: per (token, slot), 2*H*2F for gate_up and 2*F*H for down."""
+    return 2 * tokens * cfg.top_k * (2 * cfg.ffn_size * cfg.hidden_size + cfg.ffn_size * cfg.hidden_size)
+
+
+def bytes_per_expert(w: comet.ExpertWeights) -> int:
+    tensors = [t for t in (w.gate_up, w.down, w.gate_up_bias, w.down_bias) if t is not None]
+    return sum(t[0].numel() * t.element_size() for t in tensors)
+
+
+def routing_stats(sets: list[Inputs], num_experts: int) -> dict[str, float]:
+    """Mean over input sets of the distinct experts touched and of max/mean expert load."""
+    distinct, imbalance = [], []
+    for s in sets:
+        load = torch.bincount(s.topk_ids.flatten(), minlength=num_experts).double()
+        distinct.append(int((load > 0).sum()))
+        imbalance.append(float(load.max() / load.mean()))
+    return {"distinct_experts": statistics.mean(distinct), "load_max_over_mean": statistics.mean(imbalance)}
+
+
+def reference_output(s: Inputs, w: comet.ExpertWeights, cfg: comet.MoEConfig, rows: int) -> torch.Tensor:
+    """fp32 reference on the first `rows` tokens (fp32 input keeps the output in fp32)."""
+    return experts_reference(
+        s.x[:rows].float(), s.topk_ids[:rows], s.topk_weights[:rows], w.gate_up, w.down,
+        w.gate_up_bias, w.down_bias, activation=cfg.activation, swiglu_alpha=cfg.swiglu_alpha,
+        swiglu_limit=cfg.swiglu_limit, interleaved=w.interleaved, weight_on_input=cfg.weight_on_input)
+
+
+# ----------------------------------------------------------------------------------------------
+# The three implementations
+# ----------------------------------------------------------------------------------------------
+def build_impls(shape: ModelShape, w: comet.ExpertWeights, backend: str, device: torch.device
+                ) -> tuple[dict[str, Callable[[Inputs], torch.Tensor]], dict[str, str], dict[str, str]]:
+    """(name -> call, name -> why it cannot run, name -> what exactly runs)."""
+    cfg = shape.cfg
+    calls, missing, detail = {}, {}, {}
+
+    why = grouped_mm_missing()
+    if why:
+        missing["grouped_mm"] = why
+    else:
+        calls["grouped_mm"] = lambda s: grouped_mm_experts(s.x, s.topk_ids, s.topk_weights, w, cfg)
+        detail["grouped_mm"] = "torch._grouped_mm pipeline"
+
+    try:
+        module = hf_experts_module(w, cfg, shape.hf_layout)
+        calls["hf"] = lambda s: module(s.x, s.topk_ids, s.topk_weights)
+        detail["hf"] = f"transformers {type(module).__name__} [grouped_mm]"
+    except ImportError as exc:
+        missing["hf"] = f"transformers not importable: {exc}"
+
+    status = backend_status(device)
+    if backend not in status:
+        missing["ours"] = f"backend {backend!r} is not registered (registered: {sorted(status)})"
+    elif status[backend] is not None:
+        missing["ours"] = f"backend {backend!r} cannot run on {device}: {status[backend]}"
+    else:
+        calls["ours"] = lambda s: comet.moe_experts(s.x, s.topk_ids, s.topk_weights, w, cfg,
+                                                    backend=backend, check_values=False)
+        detail["ours"] = f"comet backend {backend!r}"
+    return calls, missing, detail
+
+
+# ----------------------------------------------------------------------------------------------
+# Run
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", metavar="NAME",
+                   help=f"model shapes (default: all): {', '.join(MODEL_SHAPES)}")
+    p.add_argument("--tokens", nargs="+", type=int, help=f"token counts (default: {list(TOKEN_COUNTS)})")
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["bf16"])
+    p.add_argument("--backend", help="comet backend timed as 'ours' (default: triton; reference with --smoke)")
+    p.add_argument("--input-sets", type=int, default=4, help="input sets rotated between calls (default 4)")
+    p.add_argument("--check-rows", type=int, default=256,
+                   help="tokens of each output checked against the fp32 reference (default 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="fewer repeats (about 0.1 s per measurement)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny shapes on CPU, reference backend, results in a temp dir: tests this script")
+    p.add_argument("--results-dir", type=Path, help="where the CSV and PNG go (default bench/results)")
+    args = p.parse_args(argv)
+
+    table = SMOKE_SHAPES if args.smoke else MODEL_SHAPES
+    by_key = {name.lower(): name for name in table}
+    unknown = [n for n in args.shapes or [] if n.lower() not in by_key]
+    if unknown:
+        p.error(f"--shapes: unknown {unknown}; choose from {list(table)}")
+    args.shape_list = [table[by_key[n.lower()]] for n in args.shapes] if args.shapes else list(table.values())
+    args.tokens = args.tokens or list(SMOKE_TOKEN_COUNTS if args.smoke else TOKEN_COUNTS)
+    if min(args.tokens) < 1 or args.input_sets < 1 or args.check_rows < 1:
+        p.error("--tokens, --input-sets and --check-rows must be positive")
+    args.backend = args.backend or ("reference" if args.smoke else "triton")
+    args.timing = TIMINGS["smoke" if args.smoke else "quick" if args.quick else "default"]
+    if args.results_dir is None:
+        args.results_dir = Path(tempfile.mkdtemp(prefix="comet-bench-smoke-")) if args.smoke else RESULTS_DIR
+    return args
+
+
+def measure(name, call, sets, ref, dtype, timing, device, log) -> dict:
+    """Check one implementation against the reference, then time it. Returns the measured columns."""
+    rows = ref.shape[0]
+    error = relative_error(call(sets[0])[:rows], ref)
+    ok = within_tolerance(error, dtype)
+    if not ok:
+        log(f"!!! MISMATCH: {name}: relative error {error:.3g} > tolerance {TOLERANCE[dtype]:.1g} "
+            f"against the fp32 reference")
+    times = time_calls(lambda i: call(sets[i]), len(sets), device, warmup=timing.warmup,
+                       min_reps=timing.min_reps, max_reps=timing.max_reps, budget_s=timing.budget_s)
+    return {"status": "ok" if ok else "mismatch", "rel_err": error, "ms": statistics.median(times),
+            "ms_min": min(times), "reps": len(times)}
+
+
+def run_shape(shape, dtype_name, args, device, env, copy_bw, log, bar) -> list[dict]:
+    cfg, dtype = shape.cfg, DTYPES[dtype_name]
+    torch.manual_seed(args.seed)
+    skew = torch.randn(cfg.num_experts, device=device) * ROUTER_SKEW_STD
+    w = make_weights(shape, dtype, device)
+    calls, missing, detail = build_impls(shape, w, args.backend, device)
+    results = []
+    for tokens in args.tokens:
+        sets = [make_inputs(cfg, tokens, dtype, device, skew) for _ in range(args.input_sets)]
+        stats = routing_stats(sets, cfg.num_experts)
+        ref = reference_output(sets[0], w, cfg, min(tokens, args.check_rows))
+        flops = expert_flops(cfg, tokens)
+        weight_bytes = stats["distinct_experts"] * bytes_per_expert(w)
+        log(f"{shape.name} {dtype_name} T={tokens}: {stats['distinct_experts']:.1f} experts touched, "
+            f"max/mean load {stats['load_max_over_mean']:.2f}")
+        for impl in IMPLS:
+            bar.set_postfix_str(f"{shape.name} T={tokens} {impl}")
+            row = {**env, "shape": shape.name, "E": cfg.num_experts, "K": cfg.top_k, "H": cfg.hidden_size,
+                   "F": cfg.ffn_size, "dtype": dtype_name, "tokens": tokens, "impl": impl,
+                   "detail": detail.get(impl, ""), "input_sets": len(sets), "checked_rows": ref.shape[0],
+                   "tolerance": TOLERANCE[dtype], **stats, "weight_bytes": weight_bytes,
+                   "copy_bw_tbps": copy_bw / 1e12, "note": missing.get(impl, "")}
+            if impl in missing:
+                row["status"] = "missing"
+            else:
+                try:
+                    row.update(measure(f"{impl} on {shape.name} {dtype_name} T={tokens}", calls[impl], sets,
+                                       ref, dtype, args.timing, device, log))
+                    seconds = row["ms"] * 1e-3
+                    row.update(tflops=flops / seconds / 1e12, weight_tbps=weight_bytes / seconds / 1e12,
+                               pct_h200_peak_bw=100 * weight_bytes / seconds / H200_PEAK_BYTES_PER_S,
+                               pct_copy_bw=100 * weight_bytes / seconds / copy_bw)
+                except Exception as exc:  # report and go on: one broken path must not lose the others
+                    log.exception(f"!!! ERROR: {impl} on {shape.name} {dtype_name} T={tokens}")
+                    row.update(status="error", note=f"{type(exc).__name__}: {exc}"[:300])
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+            results.append(row)
+            bar.update()
+        add_speedups(results[-len(IMPLS):])
+        del sets, ref
+    return results
+
+
+def add_speedups(rows: list[dict]):
+    """On the 'ours' row of one (shape, dtype, tokens): how many times faster than each baseline."""
+    ms = {r["impl"]: r.get("ms") for r in rows if r["status"] in ("ok", "mismatch")}
+    ours = next(r for r in rows if r["impl"] == "ours")
+    if ms.get("ours"):
+        for base in ("grouped_mm", "hf"):
+            if ms.get(base):
+                ours[f"speedup_vs_{base}"] = ms[base] / ms["ours"]
+
+
+def format_table(rows: list[dict]) -> str:
+    """One line per (shape, dtype, tokens): ms of each implementation ('!' = mismatch, 'x' = error,
+    '-' = missing), ours' TFLOP/s and speedups, and at the smallest token count the weight-streaming
+    bandwidth of ours."""
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        by_key.setdefault((r["shape"], r["dtype"], r["tokens"]), {})[r["impl"]] = r
+    min_tokens = min(r["tokens"] for r in rows)
+
+    def ms(r):
+        mark = {"ok": "", "mismatch": "!"}
+        if r["status"] in mark:
+            return f"{r['ms']:.3f}{mark[r['status']]}"
+        return {"error": "x", "missing": "-"}[r["status"]]
+
+    def num(r, key, fmt):
+        value = r.get(key)
+        return format(value, fmt) if value is not None and not math.isnan(value) else "-"
+
+    head = (f"{'shape':<15}{'dtype':>6}{'tokens':>7}{'grouped_mm ms':>15}{'hf ms':>10}{'ours ms':>10}"
+            f"{'ours TF/s':>11}{'x gmm':>7}{'x hf':>7}{'wt TB/s':>9}{'%4.8TB/s':>9}{'%copy':>7}")
+    lines = [head, "-" * len(head)]
+    for (shape, dtype, tokens), impls in by_key.items():
+        ours = impls["ours"]
+        bandwidth = (f"{num(ours, 'weight_tbps', '9.2f')}{num(ours, 'pct_h200_peak_bw', '9.1f')}"
+                     f"{num(ours, 'pct_copy_bw', '7.1f')}") if tokens == min_tokens else ""
+        lines.append(f"{shape:<15}{dtype:>6}{tokens:>7}{ms(impls['grouped_mm']):>15}{ms(impls['hf']):>10}"
+                     f"{ms(ours):>10}{num(ours, 'tflops', '11.1f')}{num(ours, 'speedup_vs_grouped_mm', '7.2f')}"
+                     f"{num(ours, 'speedup_vs_hf', '7.2f')}{bandwidth}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.smoke:
+        if not torch.cuda.is_available():
+            print("single_gpu.py: no CUDA device; use --smoke to test this script on CPU", file=sys.stderr)
+            return 2
+        return run(args, torch.device("cuda"))
+    # Tiny CPU ops: one thread avoids OpenMP spin contention on a busy machine (100x slower otherwise).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(args, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args, device: torch.device) -> int:
+    log = RunLog("single_gpu")
+    env = environment(device)
+    log(" ".join(f"{k}={v}" for k, v in env.items()))
+    status = backend_status(device)
+    log("comet backends: " + ", ".join(f"{n} {'ok' if why is None else 'unavailable (' + why + ')'}"
+                                       for n, why in status.items()))
+    if args.backend not in status or status[args.backend] is not None:
+        log(f"!!! backend {args.backend!r} is MISSING on {device}: 'ours' is skipped, baselines still run")
+
+    copy_bw = measure_copy_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (16 << 20))
+    log(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (bytes read + written)")
+
+    rows = []
+    bar = progress(len(args.shape_list) * len(args.dtypes) * len(args.tokens) * len(IMPLS), "single_gpu")
+    with torch.inference_mode():
+        for shape in args.shape_list:
+            for dtype_name in args.dtypes:
+                rows += run_shape(shape, dtype_name, args, device, env, copy_bw, log, bar)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    bar.close()
+
+    csv_path = args.results_dir / "single_gpu.csv"
+    png_path = args.results_dir / "single_gpu.png"
+    df = append_csv(csv_path, rows)
+    df["series"] = df["impl"] + " " + df["dtype"]
+    plot_panels(df, png_path, panel="shape", x="tokens", y="tflops", series="series", ylabel="TFLOP/s",
+                title=f"routed experts, {env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
+                      f"commit {env['commit']}")
+    log()
+    log(format_table(rows))
+    for impl, note in sorted({(r["impl"], r["note"]) for r in rows if r["status"] == "missing"}):
+        log(f"MISSING: {impl}: {note}")
+    bad = [r for r in rows if r["status"] in ("mismatch", "error")]
+    for r in bad:
+        why = f"relative error {r['rel_err']:.3g}" if r["status"] == "mismatch" else r["note"]
+        log(f"!!! {r['status'].upper()}: {r['impl']} on {r['shape']} {r['dtype']} T={r['tokens']}: {why}")
+    log(f"results: {csv_path} ({len(rows)} rows appended), {png_path}")
+    publish([csv_path, png_path])
+    log.close()
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
