@@ -1,0 +1,208 @@
+"""Hugging Face transformers (5.7+) adapter: `apply(model)` runs the routed experts of every MoE
+block through comet; `revert(model)` puts the model back as it was.
+
+Families whose experts go through transformers' experts interface (Mixtral, Qwen2/3-MoE, OLMoE,
+DeepSeek-V2/V3, GPT-OSS, Phi-3.5-MoE) get a "comet" experts implementation, registered in
+`transformers.integrations.moe.ExpertsInterface` and switched on with
+`model.set_experts_implementation("comet")`. It reads the experts module's own parameters as views
+(no copy), so router, shared experts, router-logit capture, aux loss, checkpoint loading and saving
+all stay the library's own. Llama4, whose experts module does not use the interface, has each MoE
+block replaced by `CometLlama4Block`, which keeps the block's own router, experts and shared-expert
+modules (same parameters, same state-dict keys) and only swaps the computation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from comet.backends import check_backend_name
+from comet.config import MoEConfig
+from comet.hf_families import config_from_hf, experts_from_hf_layout, family_of, find_moe_blocks
+from comet.integrations.common import check_process_group, run_experts
+
+try:
+    from transformers.integrations.moe import ExpertsInterface
+except ImportError as exc:  # transformers < 5.7 has no experts interface
+    raise ImportError("comet.integrations.hf needs transformers>=5.7 (pip install 'transformers>=5.7')") from exc
+
+IMPLEMENTATION = "comet"
+
+
+@dataclass
+class _ExpertsState:
+    """What the "comet" implementation needs about one experts module, kept on the module."""
+
+    family: str
+    config: MoEConfig  # the experts' shapes: num_experts is the number held by this module
+    backend: str = "auto"
+    process_group: object = None
+
+
+def _experts_config(family_cfg: MoEConfig, num_local_experts: int) -> MoEConfig:
+    """The family's layer config, restricted to the experts this module holds (HF's own expert
+    parallelism shards them); routing fields are not used by the experts."""
+    if num_local_experts == family_cfg.num_experts:
+        return family_cfg
+    return family_cfg.replace(num_experts=num_local_experts, top_k=min(family_cfg.top_k, num_local_experts),
+                              n_group=1, topk_group=1)
+
+
+def _state(experts: nn.Module) -> _ExpertsState:
+    """The module's state, built on first use when the implementation was switched on by hand
+    (`model.set_experts_implementation("comet")` without `apply`)."""
+    state = experts.__dict__.get("_comet")
+    if state is None:
+        family_cfg = config_from_hf(experts.config)
+        state = _ExpertsState(family_cfg.family, _experts_config(family_cfg, experts.gate_up_proj.shape[0]))
+        experts._comet = state
+    return state
+
+
+def comet_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                          top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' experts contract: hidden [T, H], top_k_index [T, K], top_k_weights [T, K] -> [T, H]."""
+    state = _state(self)
+    weights = experts_from_hf_layout(
+        state.family, self.gate_up_proj, self.down_proj,
+        getattr(self, "gate_up_proj_bias", None), getattr(self, "down_proj_bias", None),
+    )
+    # HF's expert parallelism passes experts held by other ranks as ids >= E with weight 0. Point
+    # them at a held expert with weight 0 (backends need ids in range). transformers < 5.17 has no
+    # flag telling whether the module is sharded, so there this is always done (two tiny ops).
+    if getattr(self, "_is_expert_parallel", True):
+        num_experts = weights.num_experts
+        held = top_k_index < num_experts
+        top_k_weights = top_k_weights.masked_fill(~held, 0.0)
+        top_k_index = top_k_index.clamp(max=num_experts - 1)
+    return run_experts(hidden_states, top_k_index, top_k_weights, weights, state.config,
+                       state.backend, state.process_group)
+
+
+ExpertsInterface.register(IMPLEMENTATION, comet_experts_forward)
+
+
+class CometLlama4Block(nn.Module):
+    """A Llama4 text MoE block run through comet. Holds the original block's own router, experts
+    and shared expert (so output capture of the router and state-dict keys are unchanged);
+    returns what the block returns: (output [T, H], router_logits [T, E])."""
+
+    def __init__(self, block: nn.Module, config: MoEConfig, backend: str, process_group=None):
+        super().__init__()
+        self.router = block.router
+        self.experts = block.experts
+        self.shared_expert = block.shared_expert
+        self.config = config
+        self.backend = backend
+        self.process_group = process_group
+
+    def forward(self, hidden_states: torch.Tensor):
+        cfg = self.config
+        x = hidden_states.reshape(-1, cfg.hidden_size)
+        # The router returns sigmoid scores scattered into [T, E] (0 off the top-k) and the logits;
+        # the top-k of the scores is exactly its choice, weights included.
+        router_scores, router_logits = self.router(x)
+        topk_weights, topk_ids = router_scores.topk(cfg.top_k, dim=-1)
+        weights = experts_from_hf_layout(cfg.family, self.experts.gate_up_proj, self.experts.down_proj)
+        routed = run_experts(x, topk_ids, topk_weights, weights, cfg, self.backend, self.process_group)
+        return self.shared_expert(x) + routed, router_logits
+
+
+@dataclass
+class _Patch:
+    """What `apply` changed, for `revert`."""
+
+    previous_implementation: object = None  # str or dict; None when no experts implementation was switched
+    experts: list = field(default_factory=list)
+    replaced: list = field(default_factory=list)  # (parent, attribute, original block)
+
+
+def _uses_experts_interface(experts: nn.Module) -> bool:
+    # `use_experts_implementation` sets these on every instance of a decorated class.
+    return hasattr(experts, "is_transposed") and hasattr(experts, "has_gate")
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def apply(model: nn.Module, process_group=None, backend: str = "auto") -> nn.Module:
+    """Run the routed experts of every MoE block of `model` (a transformers model of a supported
+    family) through comet's `backend`. Returns `model`, patched in place; `revert(model)` undoes
+    it. Applying again re-applies with the new arguments.
+
+    process_group: expert parallelism across its ranks (needs the "ep" backend; until it exists,
+    anything but None raises NotImplementedError).
+    """
+    check_backend_name(backend)
+    check_process_group(process_group)
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
+    blocks = find_moe_blocks(model)  # ValueError naming the supported families otherwise
+    if not blocks:
+        raise ValueError(f"model: no MoE block found in this {type(model).__name__}")
+    if "_comet_patch" in model.__dict__:
+        revert(model)
+
+    family_cfg = config_from_hf(model.config)
+    patch = _Patch()
+    for name, block in blocks:
+        experts = block.experts
+        if _uses_experts_interface(experts):
+            if not experts.has_gate or getattr(experts, "has_post_expert_norm", False):
+                raise NotImplementedError(
+                    f"{name}.experts: experts without a gate projection or with a post-expert norm are not supported"
+                )
+            experts._comet = _ExpertsState(
+                family_cfg.family, _experts_config(family_cfg, experts.gate_up_proj.shape[0]), backend, process_group
+            )
+            patch.experts.append(experts)
+        elif family_cfg.family == "llama4":
+            parent, attr = _parent(model, name)
+            setattr(parent, attr, CometLlama4Block(block, family_cfg, backend, process_group))
+            patch.replaced.append((parent, attr, block))
+        else:
+            raise NotImplementedError(
+                f"{name}: the {family_cfg.family} experts module {type(experts).__name__} does not use "
+                f"transformers' experts interface; this transformers version is not supported (needs >= 5.7)"
+            )
+
+    if patch.experts:
+        patch.previous_implementation = _get_implementation(model)
+        model.set_experts_implementation(IMPLEMENTATION)
+        stray = [type(e).__name__ for e in patch.experts if e.config._experts_implementation != IMPLEMENTATION]
+        if stray:
+            model.set_experts_implementation(patch.previous_implementation)
+            raise RuntimeError(f"model: set_experts_implementation did not reach the experts modules {stray}")
+    model._comet_patch = patch
+    return model
+
+
+def _get_implementation(model: nn.Module):
+    """The model's experts implementation, in the form `set_experts_implementation` takes back."""
+    get = getattr(model, "get_experts_implementation", None)  # transformers >= 5.17
+    return get() if callable(get) else model.config._experts_implementation
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Undo `apply`: the original experts implementation and MoE blocks. Returns `model`."""
+    patch = model.__dict__.get("_comet_patch")
+    if patch is None:
+        raise ValueError("model: not patched by comet.integrations.hf.apply")
+    if patch.experts:
+        model.set_experts_implementation(patch.previous_implementation)
+    for experts in patch.experts:
+        del experts._comet
+    for parent, attr, block in patch.replaced:
+        setattr(parent, attr, block)
+    del model._comet_patch
+    return model
+
+
+def is_applied(model: nn.Module) -> bool:
+    return "_comet_patch" in model.__dict__
+
+
+__all__ = ["apply", "revert", "is_applied", "comet_experts_forward", "CometLlama4Block", "IMPLEMENTATION"]
