@@ -26,8 +26,8 @@ class MoEConfig:
     +-``swiglu_limit``, ``(up + 1) * gate * sigmoid(swiglu_alpha * gate)``). ``expert_bias`` adds
     per-expert biases to both projections.
 
-    Shared experts: an always-on gated MLP of width ``shared_ffn_size`` (0 = none), optionally
-    scaled by ``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE).
+    Shared experts: an always-on gated MLP of width ``shared_ffn_size`` (0 = none) with the same
+    ``activation``, optionally scaled by ``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE).
     """
 
     hidden_size: int

@@ -63,7 +63,8 @@ class SharedExpert(nn.Module):
         self.gate = nn.Linear(h, 1, bias=False) if cfg.shared_expert_gate else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = activation_reference(self.gate_proj(x), self.up_proj(x), "swiglu")
+        c = self.cfg  # the routed experts' activation, as in every Hugging Face family
+        a = activation_reference(self.gate_proj(x), self.up_proj(x), c.activation, c.swiglu_alpha, c.swiglu_limit)
         y = self.down_proj(a)
         return y * torch.sigmoid(self.gate(x)) if self.gate is not None else y
 

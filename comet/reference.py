@@ -54,7 +54,7 @@ def route(
         choice = choice.masked_fill(~_group_limited_mask(choice, cfg), float("-inf"))
     ids = choice.topk(cfg.top_k, dim=-1).indices
     weights = scores.gather(1, ids)
-    if cfg.norm_topk_prob and cfg.top_k > 1:
+    if cfg.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * cfg.routed_scaling_factor, ids
 
