@@ -42,9 +42,11 @@ from comet.reference import experts_reference, route
 
 IMPLS = ("grouped_mm", "hf", "ours")
 H200_PEAK_BYTES_PER_S = 4.8e12  # HBM3e, datasheet
-# Router logits are N(0, 1) per token plus a fixed per-expert skew N(0, ROUTER_SKEW_STD^2): popular
-# experts get 2-3x the mean load, as trained routers do (the run logs the measured max/mean).
-ROUTER_SKEW_STD = 0.5
+BANDWIDTH_TOKENS = 128  # up to here the experts stream their weights: report that bandwidth
+# Router logits are N(0, 1) per token plus a fixed per-expert skew N(0, ROUTER_SKEW_STD^2), so the
+# load is uneven as with trained routers: at 4096 tokens the busiest expert gets 1.4x (Mixtral) to
+# 2.5x (DeepSeek-V3) the mean load, the idlest 0.2-0.5x. The run logs the measured max/mean.
+ROUTER_SKEW_STD = 0.2
 
 
 @dataclass(frozen=True)
@@ -124,15 +126,26 @@ def reference_output(s: Inputs, w: comet.ExpertWeights, cfg: comet.MoEConfig, ro
 # ----------------------------------------------------------------------------------------------
 # The three implementations
 # ----------------------------------------------------------------------------------------------
-def build_impls(shape: ModelShape, w: comet.ExpertWeights, backend: str, device: torch.device
-                ) -> tuple[dict[str, Callable[[Inputs], torch.Tensor]], dict[str, str], dict[str, str]]:
-    """(name -> call, name -> why it cannot run, name -> what exactly runs)."""
+def comet_backends(device: torch.device) -> dict[str, str | None]:
+    """comet's backends: name -> None if usable on `device`, else why not. A kernel module that
+    fails to import (e.g. comet not pip-installed, so `comet.kernels` is not mapped) shows as
+    an "<import>" entry instead of stopping the baselines."""
+    try:
+        return backend_status(device)
+    except ImportError as exc:
+        return {"<import>": f"importing comet's backends failed ({exc}); is comet pip-installed (pip install -e .)?"}
+
+
+def build_impls(shape: ModelShape, w: comet.ExpertWeights, backend: str, backends: dict[str, str | None]
+                ) -> tuple[dict[str, Callable[[Inputs], torch.Tensor]], dict[str, tuple[str, str]], dict[str, str]]:
+    """(name -> call, name -> (status "missing" or "error", why it cannot run), name -> what exactly
+    runs); `backends` as from `comet_backends`."""
     cfg = shape.cfg
-    calls, missing, detail = {}, {}, {}
+    calls, skipped, detail = {}, {}, {}
 
     why = grouped_mm_missing()
     if why:
-        missing["grouped_mm"] = why
+        skipped["grouped_mm"] = ("missing", why)
     else:
         calls["grouped_mm"] = lambda s: grouped_mm_experts(s.x, s.topk_ids, s.topk_weights, w, cfg)
         detail["grouped_mm"] = "torch._grouped_mm pipeline"
@@ -142,18 +155,21 @@ def build_impls(shape: ModelShape, w: comet.ExpertWeights, backend: str, device:
         calls["hf"] = lambda s: module(s.x, s.topk_ids, s.topk_weights)
         detail["hf"] = f"transformers {type(module).__name__} [grouped_mm]"
     except ImportError as exc:
-        missing["hf"] = f"transformers not importable: {exc}"
+        skipped["hf"] = ("missing", f"transformers not importable: {exc}")
+    except Exception as exc:  # e.g. a transformers version whose config rejects these sizes
+        skipped["hf"] = ("error", f"building transformers' experts module failed: {type(exc).__name__}: {exc}")
 
-    status = backend_status(device)
-    if backend not in status:
-        missing["ours"] = f"backend {backend!r} is not registered (registered: {sorted(status)})"
-    elif status[backend] is not None:
-        missing["ours"] = f"backend {backend!r} cannot run on {device}: {status[backend]}"
+    if "<import>" in backends:
+        skipped["ours"] = ("missing", backends["<import>"])
+    elif backend not in backends:
+        skipped["ours"] = ("missing", f"backend {backend!r} is not registered (registered: {sorted(backends)})")
+    elif backends[backend] is not None:
+        skipped["ours"] = ("missing", f"backend {backend!r} cannot run here: {backends[backend]}")
     else:
         calls["ours"] = lambda s: comet.moe_experts(s.x, s.topk_ids, s.topk_weights, w, cfg,
                                                     backend=backend, check_values=False)
         detail["ours"] = f"comet backend {backend!r}"
-    return calls, missing, detail
+    return calls, skipped, detail
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,26 +208,43 @@ def parse_args(argv):
     return args
 
 
-def measure(name, call, sets, ref, dtype, timing, device, log) -> dict:
+@dataclass
+class Session:
+    """What every measurement of one run shares."""
+
+    args: argparse.Namespace
+    device: torch.device
+    env: dict[str, str]
+    backends: dict[str, str | None]
+    copy_bw: float  # bytes/s
+    log: RunLog
+    bar: object  # tqdm progress bar
+
+
+def measure(session: Session, what: str, call, sets: list[Inputs], ref: torch.Tensor, dtype) -> dict:
     """Check one implementation against the reference, then time it. Returns the measured columns."""
-    rows = ref.shape[0]
-    error = relative_error(call(sets[0])[:rows], ref)
+    error = relative_error(call(sets[0])[: ref.shape[0]], ref)
     ok = within_tolerance(error, dtype)
     if not ok:
-        log(f"!!! MISMATCH: {name}: relative error {error:.3g} > tolerance {TOLERANCE[dtype]:.1g} "
-            f"against the fp32 reference")
-    times = time_calls(lambda i: call(sets[i]), len(sets), device, warmup=timing.warmup,
-                       min_reps=timing.min_reps, max_reps=timing.max_reps, budget_s=timing.budget_s)
+        session.log(f"!!! MISMATCH: {what}: relative error {error:.3g} > tolerance {TOLERANCE[dtype]:.1g} "
+                    f"against the fp32 reference")
+    t = session.args.timing
+    times = time_calls(lambda i: call(sets[i]), len(sets), session.device, warmup=t.warmup,
+                       min_reps=t.min_reps, max_reps=t.max_reps, budget_s=t.budget_s)
     return {"status": "ok" if ok else "mismatch", "rel_err": error, "ms": statistics.median(times),
             "ms_min": min(times), "reps": len(times)}
 
 
-def run_shape(shape, dtype_name, args, device, env, copy_bw, log, bar) -> list[dict]:
+def run_shape(session: Session, shape: ModelShape, dtype_name: str) -> list[dict]:
+    """Every token count of one (shape, dtype): one row per implementation."""
+    args, device, log = session.args, session.device, session.log
     cfg, dtype = shape.cfg, DTYPES[dtype_name]
     torch.manual_seed(args.seed)
     skew = torch.randn(cfg.num_experts, device=device) * ROUTER_SKEW_STD
     w = make_weights(shape, dtype, device)
-    calls, missing, detail = build_impls(shape, w, args.backend, device)
+    calls, skipped, detail = build_impls(shape, w, args.backend, session.backends)
+    for impl, (status, why) in skipped.items():
+        log(f"{'!!! ' if status == 'error' else ''}{impl} {status.upper()} for {shape.name}: {why}")
     results = []
     for tokens in args.tokens:
         sets = [make_inputs(cfg, tokens, dtype, device, skew) for _ in range(args.input_sets)]
@@ -222,29 +255,28 @@ def run_shape(shape, dtype_name, args, device, env, copy_bw, log, bar) -> list[d
         log(f"{shape.name} {dtype_name} T={tokens}: {stats['distinct_experts']:.1f} experts touched, "
             f"max/mean load {stats['load_max_over_mean']:.2f}")
         for impl in IMPLS:
-            bar.set_postfix_str(f"{shape.name} T={tokens} {impl}")
-            row = {**env, "shape": shape.name, "E": cfg.num_experts, "K": cfg.top_k, "H": cfg.hidden_size,
-                   "F": cfg.ffn_size, "dtype": dtype_name, "tokens": tokens, "impl": impl,
+            what = f"{impl} on {shape.name} {dtype_name} T={tokens}"
+            session.bar.set_postfix_str(what)
+            row = {**session.env, "shape": shape.name, "E": cfg.num_experts, "K": cfg.top_k,
+                   "H": cfg.hidden_size, "F": cfg.ffn_size, "dtype": dtype_name, "tokens": tokens, "impl": impl,
                    "detail": detail.get(impl, ""), "input_sets": len(sets), "checked_rows": ref.shape[0],
                    "tolerance": TOLERANCE[dtype], **stats, "weight_bytes": weight_bytes,
-                   "copy_bw_tbps": copy_bw / 1e12, "note": missing.get(impl, "")}
-            if impl in missing:
-                row["status"] = "missing"
-            else:
+                   "copy_bw_tbps": session.copy_bw / 1e12}
+            row["status"], row["note"] = skipped.get(impl, ("ok", ""))
+            if impl in calls:
                 try:
-                    row.update(measure(f"{impl} on {shape.name} {dtype_name} T={tokens}", calls[impl], sets,
-                                       ref, dtype, args.timing, device, log))
-                    seconds = row["ms"] * 1e-3
-                    row.update(tflops=flops / seconds / 1e12, weight_tbps=weight_bytes / seconds / 1e12,
-                               pct_h200_peak_bw=100 * weight_bytes / seconds / H200_PEAK_BYTES_PER_S,
-                               pct_copy_bw=100 * weight_bytes / seconds / copy_bw)
+                    row.update(measure(session, what, calls[impl], sets, ref, dtype))
+                    bytes_per_s = weight_bytes / (row["ms"] * 1e-3)
+                    row.update(tflops=flops / (row["ms"] * 1e-3) / 1e12, weight_tbps=bytes_per_s / 1e12,
+                               pct_h200_peak_bw=100 * bytes_per_s / H200_PEAK_BYTES_PER_S,
+                               pct_copy_bw=100 * bytes_per_s / session.copy_bw)
                 except Exception as exc:  # report and go on: one broken path must not lose the others
-                    log.exception(f"!!! ERROR: {impl} on {shape.name} {dtype_name} T={tokens}")
+                    log.exception(f"!!! ERROR: {what}")
                     row.update(status="error", note=f"{type(exc).__name__}: {exc}"[:300])
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
             results.append(row)
-            bar.update()
+            session.bar.update()
         add_speedups(results[-len(IMPLS):])
         del sets, ref
     return results
@@ -252,44 +284,44 @@ def run_shape(shape, dtype_name, args, device, env, copy_bw, log, bar) -> list[d
 
 def add_speedups(rows: list[dict]):
     """On the 'ours' row of one (shape, dtype, tokens): how many times faster than each baseline."""
-    ms = {r["impl"]: r.get("ms") for r in rows if r["status"] in ("ok", "mismatch")}
+    ms = {r["impl"]: r["ms"] for r in rows if r["status"] in ("ok", "mismatch")}
     ours = next(r for r in rows if r["impl"] == "ours")
-    if ms.get("ours"):
-        for base in ("grouped_mm", "hf"):
-            if ms.get(base):
-                ours[f"speedup_vs_{base}"] = ms[base] / ms["ours"]
+    for base in ("grouped_mm", "hf"):
+        if "ours" in ms and base in ms:
+            ours[f"speedup_vs_{base}"] = ms[base] / ms["ours"]
 
 
 def format_table(rows: list[dict]) -> str:
-    """One line per (shape, dtype, tokens): ms of each implementation ('!' = mismatch, 'x' = error,
-    '-' = missing), ours' TFLOP/s and speedups, and at the smallest token count the weight-streaming
-    bandwidth of ours."""
+    """One line per (shape, dtype, tokens): ms of each implementation ('!' mismatch, 'x' error,
+    '-' missing), ours' TFLOP/s and speedups, and up to BANDWIDTH_TOKENS tokens ours' weight-streaming
+    bandwidth (TB/s, % of the H200's 4.8 TB/s, % of the measured copy bandwidth)."""
+    columns = [("shape", 15), ("dtype", 6), ("tokens", 7), ("grouped_mm ms", 14), ("hf ms", 10), ("ours ms", 10),
+               ("ours TF/s", 10), ("x gmm", 7), ("x hf", 7), ("wt TB/s", 8), ("%4.8TB/s", 9), ("%copy", 7)]
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         by_key.setdefault((r["shape"], r["dtype"], r["tokens"]), {})[r["impl"]] = r
-    min_tokens = min(r["tokens"] for r in rows)
 
     def ms(r):
-        mark = {"ok": "", "mismatch": "!"}
-        if r["status"] in mark:
-            return f"{r['ms']:.3f}{mark[r['status']]}"
-        return {"error": "x", "missing": "-"}[r["status"]]
+        return {"ok": f"{r.get('ms', 0):.3f}", "mismatch": f"{r.get('ms', 0):.3f}!", "error": "x",
+                "missing": "-"}[r["status"]]
 
-    def num(r, key, fmt):
+    def num(r, key, digits):
         value = r.get(key)
-        return format(value, fmt) if value is not None and not math.isnan(value) else "-"
+        return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
-    head = (f"{'shape':<15}{'dtype':>6}{'tokens':>7}{'grouped_mm ms':>15}{'hf ms':>10}{'ours ms':>10}"
-            f"{'ours TF/s':>11}{'x gmm':>7}{'x hf':>7}{'wt TB/s':>9}{'%4.8TB/s':>9}{'%copy':>7}")
-    lines = [head, "-" * len(head)]
+    lines = []
     for (shape, dtype, tokens), impls in by_key.items():
         ours = impls["ours"]
-        bandwidth = (f"{num(ours, 'weight_tbps', '9.2f')}{num(ours, 'pct_h200_peak_bw', '9.1f')}"
-                     f"{num(ours, 'pct_copy_bw', '7.1f')}") if tokens == min_tokens else ""
-        lines.append(f"{shape:<15}{dtype:>6}{tokens:>7}{ms(impls['grouped_mm']):>15}{ms(impls['hf']):>10}"
-                     f"{ms(ours):>10}{num(ours, 'tflops', '11.1f')}{num(ours, 'speedup_vs_grouped_mm', '7.2f')}"
-                     f"{num(ours, 'speedup_vs_hf', '7.2f')}{bandwidth}")
-    return "\n".join(lines)
+        cells = [shape, dtype, tokens, ms(impls["grouped_mm"]), ms(impls["hf"]), ms(ours), num(ours, "tflops", 1),
+                 num(ours, "speedup_vs_grouped_mm", 2), num(ours, "speedup_vs_hf", 2)]
+        if tokens <= BANDWIDTH_TOKENS:
+            cells += [num(ours, "weight_tbps", 2), num(ours, "pct_h200_peak_bw", 1), num(ours, "pct_copy_bw", 1)]
+        lines.append(cells)
+    head = [name for name, _ in columns]
+    rule = ["-" * (width - 1) for _, width in columns]
+    return "\n".join("".join(f"{str(c):<{w}}" if i == 0 else f"{str(c):>{w}}"
+                             for i, (c, (_, w)) in enumerate(zip(cells, columns)))
+                     for cells in [head, rule, *lines])
 
 
 def main(argv=None) -> int:
@@ -312,21 +344,22 @@ def run(args, device: torch.device) -> int:
     log = RunLog("single_gpu")
     env = environment(device)
     log(" ".join(f"{k}={v}" for k, v in env.items()))
-    status = backend_status(device)
+    backends = comet_backends(device)
     log("comet backends: " + ", ".join(f"{n} {'ok' if why is None else 'unavailable (' + why + ')'}"
-                                       for n, why in status.items()))
-    if args.backend not in status or status[args.backend] is not None:
+                                       for n, why in backends.items()))
+    if backends.get(args.backend, "absent") is not None:
         log(f"!!! backend {args.backend!r} is MISSING on {device}: 'ours' is skipped, baselines still run")
 
     copy_bw = measure_copy_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (16 << 20))
     log(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (bytes read + written)")
 
-    rows = []
     bar = progress(len(args.shape_list) * len(args.dtypes) * len(args.tokens) * len(IMPLS), "single_gpu")
+    session = Session(args, device, env, backends, copy_bw, log, bar)
+    rows = []
     with torch.inference_mode():
         for shape in args.shape_list:
             for dtype_name in args.dtypes:
-                rows += run_shape(shape, dtype_name, args, device, env, copy_bw, log, bar)
+                rows += run_shape(session, shape, dtype_name)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     bar.close()
