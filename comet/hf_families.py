@@ -37,18 +37,18 @@ def _mixtral(hf) -> dict:
 
 def _qwen2_moe(hf) -> dict:
     return dict(ffn_size=hf.moe_intermediate_size, num_experts=hf.num_experts,
-                norm_topk_prob=hf.norm_topk_prob, shared_ffn_size=hf.shared_expert_intermediate_size,
+                norm_topk_prob=bool(hf.norm_topk_prob), shared_ffn_size=hf.shared_expert_intermediate_size,
                 shared_expert_gate=True, **_activation(hf))
 
 
 def _qwen3_moe(hf) -> dict:
     return dict(ffn_size=hf.moe_intermediate_size, num_experts=hf.num_experts,
-                norm_topk_prob=hf.norm_topk_prob, **_activation(hf))
+                norm_topk_prob=bool(hf.norm_topk_prob), **_activation(hf))
 
 
 def _olmoe(hf) -> dict:
     return dict(ffn_size=hf.intermediate_size, num_experts=hf.num_experts,
-                norm_topk_prob=hf.norm_topk_prob, **_activation(hf))
+                norm_topk_prob=bool(hf.norm_topk_prob), **_activation(hf))
 
 
 def _deepseek_shared(hf) -> int:
@@ -144,7 +144,7 @@ def family_of(hf_config) -> Family:
     if model_type not in _BY_MODEL_TYPE:
         raise ValueError(
             f"hf_config: model_type {model_type!r} is not a supported MoE family; supported: "
-            f"{sorted(_BY_MODEL_TYPE)} (and 'llama4' through its text config)"
+            f"{sorted(_BY_MODEL_TYPE)} (multimodal configs such as 'llama4' through their text config)"
         )
     return _BY_MODEL_TYPE[model_type]
 
@@ -212,14 +212,55 @@ def _copy(dst: torch.Tensor | None, src: torch.Tensor | None, name: str):
         dst.copy_(src)
 
 
-def _submodule(block: nn.Module, attr: str, family: Family) -> nn.Module:
+def _submodule(block: nn.Module, attr: str) -> nn.Module:
     module = getattr(block, attr, None)
     if not isinstance(module, nn.Module):
-        raise ValueError(
-            f"block: a {family.name} MoE block ({family.block_class}) has a submodule {attr!r}; "
-            f"{type(block).__name__} does not"
-        )
+        raise ValueError(f"block: {type(block).__name__} has no submodule {attr!r}")
     return module
+
+
+def _load_router(layer, block: nn.Module, family: Family):
+    router = _submodule(block, family.router)
+    _copy(layer.router.weight, router.weight, f"{family.router}.weight")
+    _copy(layer.router.bias, getattr(router, "bias", None), f"{family.router}.bias")
+    _copy(layer.router.e_score_correction_bias, getattr(router, "e_score_correction_bias", None),
+          f"{family.router}.e_score_correction_bias")
+
+
+def _load_experts(layer, block: nn.Module, family: Family):
+    experts = _submodule(block, "experts")
+    tensors = [getattr(experts, name, None) for name in ("gate_up_proj", "down_proj")]
+    if any(not isinstance(t, torch.Tensor) or t.dim() != 3 for t in tensors):
+        raise ValueError(
+            f"block.experts: expected 3-D gate_up_proj and down_proj tensors (the layout of "
+            f"transformers >= 5), got a {type(experts).__name__} without them"
+        )
+    hf = gate_rows_first(experts_from_hf_layout(
+        family.name, *tensors, getattr(experts, "gate_up_proj_bias", None), getattr(experts, "down_proj_bias", None)))
+    ours = layer.experts
+    _copy(ours.gate_up_proj, hf.gate_up, "experts.gate_up_proj")
+    _copy(ours.down_proj, hf.down, "experts.down_proj")
+    _copy(ours.gate_up_bias, hf.gate_up_bias, "experts.gate_up_proj_bias")
+    _copy(ours.down_bias, hf.down_bias, "experts.down_proj_bias")
+
+
+def _load_shared(layer, block: nn.Module, family: Family):
+    shared = None if family.shared_expert is None else getattr(block, family.shared_expert, None)
+    if (shared is None) != (layer.shared_expert is None):
+        raise ValueError(
+            f"{family.shared_expert or 'shared_expert'}: the block {'has a' if shared is not None else 'has no'} "
+            f"shared expert but the layer's config says shared_ffn_size={layer.config.shared_ffn_size}"
+        )
+    if shared is None:
+        return
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        src = _submodule(shared, proj)
+        if src.bias is not None:
+            raise ValueError(f"{family.shared_expert}.{proj}.bias: shared experts with biases are not supported")
+        _copy(getattr(layer.shared_expert, proj).weight, src.weight, f"{family.shared_expert}.{proj}.weight")
+    if family.shared_expert_gate is not None:
+        gate = _submodule(block, family.shared_expert_gate)
+        _copy(layer.shared_expert.gate.weight, gate.weight, f"{family.shared_expert_gate}.weight")
 
 
 def load_hf_block(layer, block: nn.Module):
@@ -239,35 +280,6 @@ def load_hf_block(layer, block: nn.Module):
             f"block: expected a {family.block_class} (the {family.name} MoE block of the layer's config), "
             f"got {type(block).__name__}"
         )
-
-    router = _submodule(block, family.router, family)
-    _copy(layer.router.weight, router.weight, f"{family.router}.weight")
-    _copy(layer.router.bias, getattr(router, "bias", None), f"{family.router}.bias")
-    _copy(layer.router.e_score_correction_bias, getattr(router, "e_score_correction_bias", None),
-          f"{family.router}.e_score_correction_bias")
-
-    experts = _submodule(block, "experts", family)
-    hf = gate_rows_first(experts_from_hf_layout(
-        family.name, experts.gate_up_proj, experts.down_proj,
-        getattr(experts, "gate_up_proj_bias", None), getattr(experts, "down_proj_bias", None)))
-    ours = layer.experts
-    _copy(ours.gate_up_proj, hf.gate_up, "experts.gate_up_proj")
-    _copy(ours.down_proj, hf.down, "experts.down_proj")
-    _copy(ours.gate_up_bias, hf.gate_up_bias, "experts.gate_up_proj_bias")
-    _copy(ours.down_bias, hf.down_bias, "experts.down_proj_bias")
-
-    shared = None if family.shared_expert is None else getattr(block, family.shared_expert, None)
-    if (shared is None) != (layer.shared_expert is None):
-        raise ValueError(
-            f"{family.shared_expert or 'shared_expert'}: the block {'has' if shared is not None else 'has no'} "
-            f"shared expert but the layer's config says shared_ffn_size={cfg.shared_ffn_size}"
-        )
-    if shared is not None:
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            src = getattr(shared, proj)
-            if src.bias is not None:
-                raise ValueError(f"{family.shared_expert}.{proj}.bias: shared experts with biases are not supported")
-            _copy(getattr(layer.shared_expert, proj).weight, src.weight, f"{family.shared_expert}.{proj}.weight")
-    if family.shared_expert_gate is not None:
-        gate = _submodule(block, family.shared_expert_gate, family)
-        _copy(layer.shared_expert.gate.weight, gate.weight, f"{family.shared_expert_gate}.weight")
+    _load_router(layer, block, family)
+    _load_experts(layer, block, family)
+    _load_shared(layer, block, family)

@@ -1,5 +1,7 @@
 """Every supported Hugging Face MoE family: a `MoELayer` built and loaded from one of its blocks
 gives the block's output and gradients (fp32, eval mode), on tiny random models."""
+import copy
+
 import pytest
 import torch
 
@@ -159,6 +161,10 @@ def test_load_rejects_mismatched_or_bad_blocks():
         MoELayer(MoEConfig(hidden_size=64, ffn_size=32, num_experts=8, top_k=2)).load_hf_block(block)
     with pytest.raises(ValueError, match="block: expected a Qwen2MoeSparseMoeBlock.*got MixtralSparseMoeBlock"):
         MoELayer(config_from_hf(config).replace(family="qwen2_moe")).load_hf_block(block)
+    legacy = copy.deepcopy(block)
+    legacy.experts = torch.nn.ModuleList()  # per-expert modules, as before transformers 5
+    with pytest.raises(ValueError, match="block.experts: expected 3-D gate_up_proj and down_proj"):
+        MoELayer.from_hf_block(legacy, config)
     with torch.no_grad():
         block.experts.down_proj[3, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="experts.down_proj: contains NaN or Inf"):
