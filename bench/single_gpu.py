@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -28,6 +29,7 @@ from typing import Callable, NamedTuple
 if __package__ in (None, ""):  # run as a script: make `bench` and `comet` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pandas as pd
 import torch
 
 import comet
@@ -331,6 +333,8 @@ def main(argv=None) -> int:
             print("single_gpu.py: no CUDA device; use --smoke to test this script on CPU", file=sys.stderr)
             return 2
         return run(args, torch.device("cuda"))
+    # CPU: Triton kernels can only run interpreted, which must be chosen before they are imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
     # Tiny CPU ops: one thread avoids OpenMP spin contention on a busy machine (100x slower otherwise).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -353,33 +357,37 @@ def run(args, device: torch.device) -> int:
     copy_bw = measure_copy_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (16 << 20))
     log(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (bytes read + written)")
 
+    # Rows are appended and published shape by shape, so a run cut short keeps what it measured.
+    csv_path = args.results_dir / "single_gpu.csv"
+    png_path = args.results_dir / "single_gpu.png"
     bar = progress(len(args.shape_list) * len(args.dtypes) * len(args.tokens) * len(IMPLS), "single_gpu")
     session = Session(args, device, env, backends, copy_bw, log, bar)
     rows = []
     with torch.inference_mode():
         for shape in args.shape_list:
             for dtype_name in args.dtypes:
-                rows += run_shape(session, shape, dtype_name)
+                shape_rows = run_shape(session, shape, dtype_name)
+                append_csv(csv_path, shape_rows)
+                publish([csv_path])
+                rows += shape_rows
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     bar.close()
 
-    csv_path = args.results_dir / "single_gpu.csv"
-    png_path = args.results_dir / "single_gpu.png"
-    df = append_csv(csv_path, rows)
+    df = pd.DataFrame(rows)
     df["series"] = df["impl"] + " " + df["dtype"]
     plot_panels(df, png_path, panel="shape", x="tokens", y="tflops", series="series", ylabel="TFLOP/s",
                 title=f"routed experts, {env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
                       f"commit {env['commit']}")
-    log()
-    log(format_table(rows))
+    log(f"results: {csv_path} ({len(rows)} rows appended), {png_path}")
     for impl, note in sorted({(r["impl"], r["note"]) for r in rows if r["status"] == "missing"}):
         log(f"MISSING: {impl}: {note}")
     bad = [r for r in rows if r["status"] in ("mismatch", "error")]
     for r in bad:
         why = f"relative error {r['rel_err']:.3g}" if r["status"] == "mismatch" else r["note"]
         log(f"!!! {r['status'].upper()}: {r['impl']} on {r['shape']} {r['dtype']} T={r['tokens']}: {why}")
-    log(f"results: {csv_path} ({len(rows)} rows appended), {png_path}")
+    log()
+    log(format_table(rows))
     publish([csv_path, png_path])
     log.close()
     return 1 if bad else 0
