@@ -3,6 +3,7 @@ COMET-style overlapped expert parallelism."""
 from comet.config import MoEConfig
 from comet.functional import ExpertWeights, moe, moe_experts
 from comet.layer import MoELayer
+from comet.profiler import profile
 
 __version__ = "0.1.0"
-__all__ = ["MoEConfig", "MoELayer", "ExpertWeights", "moe", "moe_experts", "__version__"]
+__all__ = ["MoEConfig", "MoELayer", "ExpertWeights", "moe", "moe_experts", "profile", "__version__"]

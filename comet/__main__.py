@@ -1,0 +1,263 @@
+"""`python -m comet`: the command line. Each subcommand is a small function registered with
+`@command` below; `main` builds the parser from that one registry."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+# Without a GPU the Triton kernels can only run under the interpreter, which must be chosen before
+# any kernel module is imported (backends are loaded lazily, so this is early enough).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DESCRIPTION = """\
+comet-moe: a drop-in Mixture-of-Experts layer whose experts run in persistent Triton kernels,
+with COMET-style overlap of expert-parallel communication and expert GEMMs.
+
+  python -m comet info                          what this machine offers: GPUs, links, backends
+  python -m comet demo                          tiny Mixtral, its MoE layers through comet vs the originals
+  python -m comet profile --model mixtral-tiny  per-layer time and error of a model, CSV and plot with --out
+
+In Python: comet.MoELayer (your own model), comet.integrations.hf.apply(model) (a Hugging Face
+model), comet.integrations.megatron.apply(model) (Megatron-Core), comet.profile(model, inputs).
+"""
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None):
+    """Register `run(args) -> exit code` as subcommand `name` (the tuner adds `tune` this way)."""
+    def register(run):
+        COMMANDS[name] = Command(name, help, add_arguments, run)
+        return run
+    return register
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# info
+# ----------------------------------------------------------------------------------------------
+def _version(module: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(module)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _symmetric_memory_status() -> str:
+    if not torch.cuda.is_available():
+        return "no (needs CUDA GPUs)"
+    try:
+        importlib.import_module("torch.distributed._symmetric_memory")
+    except ImportError as exc:
+        return f"no ({exc})"
+    return "yes (torch.distributed._symmetric_memory)"
+
+
+def _link_topology() -> str:
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is None:
+        return "nvidia-smi not found"
+    try:
+        result = subprocess.run([nvidia_smi, "topo", "-m"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"nvidia-smi topo -m failed: {exc}"
+    return result.stdout.strip() or result.stderr.strip()
+
+
+@command("info", "GPUs, their links, library versions, symmetric memory, and which backends can run here")
+def info(args) -> int:
+    from comet import __version__
+    from comet.backends import backend_status
+    from comet.profiler import git_commit
+
+    print(f"comet-moe {__version__} (commit {git_commit()}), Python {sys.version.split()[0]}")
+    for package in ("torch", "triton", "transformers", "megatron-core"):
+        print(f"  {package:13s} {_version(package)}")
+    if torch.cuda.is_available():
+        print(f"GPUs ({torch.cuda.device_count()}), CUDA {torch.version.cuda}:")
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"  cuda:{i} {p.name}, compute capability {p.major}.{p.minor}, {p.multi_processor_count} SMs, "
+                  f"{p.total_memory / 2**30:.0f} GiB")
+        print("links (nvidia-smi topo -m):")
+        print("  " + _link_topology().replace("\n", "\n  "))
+    else:
+        print("GPUs: none (kernels run under the Triton interpreter: TRITON_INTERPRET="
+              f"{os.environ.get('TRITON_INTERPRET', '')})")
+    print(f"symmetric memory: {_symmetric_memory_status()}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print("backends:")
+    for device in devices:
+        for name, reason in backend_status(torch.device(device)).items():
+            print(f"  {name:10s} on {device:4s}: {'usable' if reason is None else 'not usable: ' + reason}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# profile
+# ----------------------------------------------------------------------------------------------
+def _profile_arguments(p: argparse.ArgumentParser):
+    from comet.model_shapes import DEFAULT_LAYERS, model_names
+
+    p.add_argument("--model", required=True,
+                   help=f"one of {', '.join(model_names())}, or a local checkpoint directory")
+    p.add_argument("--tokens", type=int, default=512, help="tokens in the batch (one sequence; default 512)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="default bf16")
+    p.add_argument("--backend", default="auto", help="comet backend: auto, reference, triton, ... (default auto)")
+    p.add_argument("--baselines", nargs="+", default=["original"],
+                   help="what comet is compared with: original and/or transformers experts implementations "
+                        "(eager, grouped_mm, batched_mm); speedups are over the first")
+    p.add_argument("--out", help="directory for profile.csv and speedup.png")
+    p.add_argument("--ep", type=int, metavar="W",
+                   help="expert parallelism over W ranks; run under torchrun --nproc-per-node W")
+    p.add_argument("--layers", type=int, default=DEFAULT_LAYERS, help="decoder layers of a -shape model")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _expert_parallel_group(world_size: int):
+    """The default process group of a torchrun launch of `world_size` ranks, and this rank's device."""
+    import torch.distributed as dist
+
+    if "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"--ep {world_size}: run under torchrun --nproc-per-node {world_size}")
+    if int(os.environ["WORLD_SIZE"]) != world_size:
+        raise ValueError(f"--ep {world_size}: torchrun started {os.environ['WORLD_SIZE']} ranks")
+    if torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    else:
+        device = "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.group.WORLD, device
+
+
+PRINTED_COLUMNS = ["layer", "tokens", "experts", "top_k"]
+
+
+@command("profile", "time every MoE layer of a model, original vs comet, on the inputs the layers really see",
+         _profile_arguments)
+def profile_command(args) -> int:
+    from comet.model_shapes import build_model
+    from comet.profiler import profile
+
+    if args.tokens < 1:
+        raise ValueError(f"--tokens: expected a positive number, got {args.tokens}")
+    device = args.device or default_device()
+    process_group = None
+    if args.ep is not None:
+        process_group, device = _expert_parallel_group(args.ep)
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, device=device, dtype=DTYPES[args.dtype], num_layers=args.layers)
+    input_ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), device=device)
+    table = profile(model, {"input_ids": input_ids}, baselines=tuple(args.baselines), backend=args.backend,
+                    out_dir=args.out, process_group=process_group, progress=True)
+    columns = PRINTED_COLUMNS + [f"{b} ms" for b in args.baselines] + ["ours ms", "speedup", "max abs diff", "max rel diff"]
+    print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    row = table.iloc[0]
+    print(f"backend {row['backend']}, {row['gpu']}, torch {row['torch']}, triton {row['triton']}, commit {row['commit']}")
+    print(f"timing: {row['timing']}")
+    if args.out:
+        print(f"wrote {os.path.join(args.out, 'profile.csv')} and {os.path.join(args.out, 'speedup.png')}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# demo
+# ----------------------------------------------------------------------------------------------
+def _demo_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--tokens", type=int, default=32, help="default 32")
+    p.add_argument("--backend", default=None,
+                   help="default: triton where it can run (a GPU, or the interpreter on the CPU), else reference")
+
+
+DEMO_TOLERANCE = 1e-4  # relative, fp32
+
+
+@command("demo", "tiny Mixtral built from a config: its MoE layers through comet, compared with the originals",
+         _demo_arguments)
+def demo(args) -> int:
+    from comet.backends import backend_status
+    from comet.integrations import hf as comet_hf
+    from comet.profiler import profile
+    from comet.tiny_models import build_tiny_model
+
+    device = default_device()
+    backend = args.backend or ("triton" if backend_status(torch.device(device)).get("triton") is None else "reference")
+    model = build_tiny_model("mixtral").to(device)
+    c = model.config
+    print(f"tiny Mixtral: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_local_experts} experts, "
+          f"top-{c.num_experts_per_tok}, expert FFN {c.intermediate_size}, fp32, on {device}; comet backend {backend!r}")
+    input_ids = torch.randint(0, c.vocab_size, (1, args.tokens), device=device, generator=torch.Generator(device).manual_seed(0))
+
+    table = profile(model, {"input_ids": input_ids}, backend=backend)
+    print(table[PRINTED_COLUMNS + ["original ms", "ours ms", "max abs diff", "max rel diff"]].to_string(
+        index=False, float_format=lambda v: f"{v:.3g}"))
+
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        comet_hf.apply(model, backend=backend)
+        actual = model(input_ids).logits
+        comet_hf.revert(model)
+    rel = ((actual - expected).abs().max() / expected.abs().max()).item()
+    ok = rel <= DEMO_TOLERANCE
+    print(f"whole model, logits through comet vs original: relative max error {rel:.2e} "
+          f"({'OK' if ok else 'FAIL'}, tolerance {DEMO_TOLERANCE:g})")
+    if device == "cpu":
+        print("note: CPU timings (PyTorch on the CPU, Triton kernels in the interpreter) say nothing about "
+              "GPU speed; on the CPU the demo shows that the outputs match.")
+    return 0 if ok else 1
+
+
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m comet", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+        p.set_defaults(run=cmd.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.run(args)
+    except (ValueError, NotImplementedError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
