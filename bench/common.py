@@ -113,11 +113,6 @@ def progress(total: int, desc: str) -> tqdm:
 # ----------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------
-def synchronize(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed_calls(call: Callable[[int], object], first: int, count: int, num_sets: int,
                  device: torch.device) -> list[float]:
     """Milliseconds of each of `count` calls; call i uses input set i % num_sets."""

@@ -18,11 +18,6 @@ class ModelShape:
     cfg: MoEConfig
     hf_layout: str = "standard"
 
-    @property
-    def label(self) -> str:
-        c = self.cfg
-        return f"{self.name} (E{c.num_experts} K{c.top_k} H{c.hidden_size} F{c.ffn_size})"
-
 
 def _shapes(*shapes: ModelShape) -> dict[str, ModelShape]:
     return {s.name: s for s in shapes}
