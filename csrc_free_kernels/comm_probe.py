@@ -1,0 +1,113 @@
+"""Communication probe: every rank pushes its data into every rank's receive buffer.
+
+A small persistent kernel exercising the workspace the way the expert-parallel kernels will: peer
+addresses from pointer tables, plain stores into peer memory, one flag per (source rank, chunk)
+raised with release semantics, bounded acquire waits, buffers and flags reused across calls through
+epochs. Used by the multi-rank tests (CPU, interpreter) and `bench/comm_probe.py` (GPU bandwidth).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from comet.comm import CommWorkspace, WaitKind
+from comet.kernels.signals import peer_ptr, signal_set, wait_flag_ge
+
+
+@triton.jit(do_not_specialize=["rank", "epoch", "max_spins"])
+def _comm_probe_kernel(
+    send_ptr,  # [n] this rank's data
+    recv_table,  # int64 [W]: every rank's receive buffer [2, W, n] (parity, source rank, element)
+    flag_table,  # int64 [W]: every rank's flags [2, W, n_chunks]
+    error_ptr,  # this workspace's error record
+    rank,
+    world_size,
+    epoch,
+    n,
+    chunk,  # elements per chunk, a multiple of BLOCK
+    n_chunks,
+    max_spins,
+    WAIT_KIND: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    parity = epoch % 2
+    # Chunks are dealt round-robin to the programs; each program pushes its chunks to every rank,
+    # starting with the next rank so that no two sources hit one destination at once (self last).
+    for c in range(pid, n_chunks, num_programs):
+        start = c * chunk
+        end = tl.minimum(start + chunk, n)
+        for i in range(world_size):
+            dst = (rank + 1 + i) % world_size
+            recv = peer_ptr(recv_table, dst, send_ptr) + tl.cast(parity * world_size + rank, tl.int64) * n
+            for off in range(start, end, BLOCK):
+                offs = tl.multiple_of(off, BLOCK) + tl.arange(0, BLOCK)
+                mask = offs < end
+                tl.store(recv + offs, tl.load(send_ptr + offs, mask=mask), mask=mask)
+            flags = peer_ptr(flag_table, dst, flag_table)  # flags are int64, like the table
+            signal_set(flags + (parity * world_size + rank) * n_chunks + c, epoch)
+    # Then the same chunks from every source, in the order the sources push to this rank.
+    own_flags = peer_ptr(flag_table, rank, flag_table)
+    for c in range(pid, n_chunks, num_programs):
+        for i in range(world_size):
+            src = (rank - 1 - i + world_size) % world_size
+            wait_flag_ge(own_flags + (parity * world_size + src) * n_chunks + c, epoch, max_spins,
+                         error_ptr, WAIT_KIND, src, c)
+
+
+def comm_probe(
+    ws: CommWorkspace,
+    data: torch.Tensor,
+    num_programs: int = 4,
+    chunk_elems: int | None = None,
+    block: int = 1024,
+    num_warps: int = 4,
+    check: bool = True,
+) -> torch.Tensor:
+    """Send `data` [n] to every rank of `ws` (itself included); return what arrived, [W, n]
+    (row s = rank s's data). `num_programs` programs push `chunk_elems`-element chunks (default:
+    one chunk per program), `block` elements per store.
+
+    Collective: every rank calls it with data of the same size and dtype. The result is a view of
+    the workspace's receive buffer, valid until the call after next. `check` reads the workspace's
+    error record back (a host sync) and raises `CommTimeoutError` if a wait timed out; without it,
+    call `ws.check_errors()` later.
+    """
+    if not isinstance(data, torch.Tensor) or data.dim() != 1 or not data.is_contiguous():
+        raise ValueError(f"data: expected a contiguous 1-D tensor, got {getattr(data, 'shape', type(data))}")
+    if data.device != ws.device:
+        raise ValueError(f"data: on {data.device} but the workspace is on {ws.device}")
+    if num_programs < 1:
+        raise ValueError(f"num_programs: expected >= 1, got {num_programs}")
+    if data.is_cuda:
+        # Programs wait on other ranks' programs: all of them must be resident at once.
+        sms = torch.cuda.get_device_properties(data.device).multi_processor_count
+        if num_programs > sms:
+            raise ValueError(f"num_programs: expected at most the number of SMs ({sms}), got {num_programs}")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block: expected a power of two >= 16, got {block}")
+    n = data.numel()
+    if n == 0:
+        raise ValueError("data: expected at least one element")
+    blocks = triton.cdiv(n, block)
+    chunk = chunk_elems if chunk_elems is not None else triton.cdiv(blocks, num_programs) * block
+    if chunk < 1:
+        raise ValueError(f"chunk_elems: expected >= 1, got {chunk_elems}")
+    chunk = triton.cdiv(chunk, block) * block
+    n_chunks = triton.cdiv(n, chunk)
+    w = ws.world_size
+    dtype_tag = str(data.dtype).removeprefix("torch.")
+    recv_name, flags_name = f"comm_probe.recv.{dtype_tag}.{n}", f"comm_probe.flags.{n_chunks}"
+    recv = ws.buffer(recv_name, (2, w, n), data.dtype)
+    ws.flags(flags_name, (2, w, n_chunks))
+    epoch = ws.next_epoch()
+    _comm_probe_kernel[(min(num_programs, n_chunks),)](
+        data, ws.ptr_table(recv_name), ws.ptr_table(flags_name), ws.errors,
+        ws.rank, w, epoch, n, chunk, n_chunks, ws.max_spins,
+        WAIT_KIND=int(WaitKind.PROBE_CHUNK), BLOCK=block, num_warps=num_warps,
+    )
+    if check:
+        ws.check_errors()
+    return recv[epoch % 2]

@@ -1,0 +1,181 @@
+"""Communication workspace and multi-rank harness, one process per rank.
+
+gloo: CPU ranks, buffers in /dev/shm, the probe kernel under the Triton interpreter (forced in the
+ranks even on a GPU machine). nccl (where there are enough GPUs): one GPU per rank, symmetric
+memory, the kernel compiled. The rank functions are module-level so that the ranks can import them.
+"""
+import multiprocessing
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from comet.comm import CommTimeoutError, CommWorkspace, SharedMemoryWorkspace
+from comet.kernels.comm_probe import comm_probe
+from comet.multiprocess import RankError, run_ranks
+
+
+def _backends(world_size: int):
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ["gloo", pytest.param("nccl", marks=pytest.mark.skipif(gpus < world_size,
+                                                                  reason=f"needs {world_size} GPUs"))]
+
+
+def _launch(fn, world_size: int, *args, backend: str, timeout: float = 300.0):
+    """gloo ranks run the kernels in the interpreter; nccl ranks compile them."""
+    env = {"TRITON_INTERPRET": "1" if backend == "gloo" else None}
+    return run_ranks(fn, world_size, *args, backend=backend, timeout=timeout, env=env)
+
+
+# (elements, dtype, programs, chunk elements) of consecutive calls through one workspace: new data
+# every call, the same buffers again every other call, uneven chunks and more chunks than programs.
+CALLS = [(1000, torch.float32, 2, None), (1000, torch.float32, 3, 128), (1000, torch.float32, 2, 256),
+         (300, torch.bfloat16, 2, 64), (1000, torch.float32, 1, None)]
+
+
+def _rank_data(seed: int, call: int, rank: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """What `rank` sends in `call`: every rank can compute every peer's."""
+    gen = torch.Generator().manual_seed(seed * 1009 + call * 101 + rank)
+    return torch.randn(n, generator=gen).to(dtype)
+
+
+def _exchange(seed: int, calls) -> dict:
+    ws = CommWorkspace.create()
+    w = ws.world_size
+    for call, (n, dtype, programs, chunk) in enumerate(calls):
+        data = _rank_data(seed, call, ws.rank, n, dtype).to(ws.device)
+        got = comm_probe(ws, data, num_programs=programs, chunk_elems=chunk, block=64).cpu()
+        assert got.shape == (w, n) and got.dtype == dtype
+        for src in range(w):
+            want = _rank_data(seed, call, src, n, dtype)
+            assert torch.equal(got[src], want), f"rank {ws.rank}, call {call}: wrong data from rank {src}"
+    epoch = ws.epoch
+    ws.close()
+    return {"epoch": epoch}
+
+
+def _workspace_api(seed: int) -> str:
+    ws = CommWorkspace.create()
+    local = ws.buffer("x", (3, 5), torch.float32)
+    assert local.device == ws.device
+    assert torch.equal(local.cpu(), torch.zeros(3, 5)), "buffers start zeroed"
+    assert ws.buffer("x", (3, 5), torch.float32) is local, "asking again returns the same buffer"
+    local.copy_(torch.full((3, 5), float(ws.rank + seed % 7)))
+    ws.barrier()
+    for peer in range(ws.world_size):
+        assert torch.equal(ws.peer_buffer("x", peer).cpu(), torch.full((3, 5), float(peer + seed % 7)))
+        assert ws.ptr_table("x")[peer].item() == ws.peer_buffer("x", peer).data_ptr()
+    with pytest.raises(ValueError, match="exists with shape"):
+        ws.buffer("x", (4, 5), torch.float32)
+    with pytest.raises(ValueError, match="same name, shape and dtype"):
+        ws.buffer("y", (2 + ws.rank,), torch.float32)  # a collective call that disagrees across ranks
+    ws.close()
+    with pytest.raises(RuntimeError, match="after close"):
+        ws.buffer("x", (3, 5), torch.float32)
+    if isinstance(ws, SharedMemoryWorkspace):
+        folder, prefix = os.path.split(ws._prefix)
+        leftovers = [f for f in os.listdir(folder) if f.startswith(prefix)]
+        assert not leftovers, f"files left behind: {leftovers}"
+    return "ok"
+
+
+def _silent_peer(max_spins: int):
+    """After one call together (which makes the buffers), rank 1 stops sending. Rank 0 must time
+    out with a clear error, and fail fast on the next call."""
+    ws = CommWorkspace.create()  # the default limit: the call together must not time out
+    data = torch.ones(256, device=ws.device)
+    comm_probe(ws, data, num_programs=2, block=64)
+    ws.barrier()
+    outcome = None
+    if ws.rank == 0:
+        ws.max_spins = max_spins
+        start = time.monotonic()
+        with pytest.raises(CommTimeoutError) as first:
+            comm_probe(ws, data, num_programs=2, block=64)
+        first_s = time.monotonic() - start
+        start = time.monotonic()
+        with pytest.raises(CommTimeoutError):  # the broken workspace gives up at once
+            comm_probe(ws, data, num_programs=2, block=64)
+        outcome = (str(first.value), first_s, time.monotonic() - start)
+    ws.close()
+    return outcome
+
+
+@pytest.mark.parametrize("backend", _backends(2))
+def test_probe_two_ranks_consecutive_calls(backend):
+    seed = int(torch.randint(1 << 30, ()))
+    results = _launch(_exchange, 2, seed, CALLS, backend=backend)
+    assert results == [{"epoch": len(CALLS)}] * 2
+
+
+@pytest.mark.parametrize("backend", _backends(4))
+def test_probe_four_ranks(backend):
+    seed = int(torch.randint(1 << 30, ()))
+    results = _launch(_exchange, 4, seed, CALLS[:3], backend=backend)
+    assert results == [{"epoch": 3}] * 4
+
+
+@pytest.mark.parametrize("backend", _backends(2))
+def test_workspace_buffers_and_checks(backend):
+    seed = int(torch.randint(1 << 30, ()))
+    assert _launch(_workspace_api, 2, seed, backend=backend) == ["ok", "ok"]
+
+
+@pytest.mark.parametrize("backend", _backends(2))
+def test_silent_peer_times_out_clearly(backend):
+    max_spins = 300
+    message, first_s, second_s = _launch(_silent_peer, 2, max_spins, backend=backend, timeout=120)[0]
+    assert message.startswith("rank 0 timed out waiting for rank 1's probe chunk 0 (epoch 2, its flag reads 0)")
+    assert f"after {max_spins} polls" in message
+    # 300 polls take well under a second (interpreter) or a millisecond (GPU); a hang takes minutes.
+    assert first_s < 30 and second_s < 10, (first_s, second_s)
+
+
+# ----------------------------------------------------------------------------------------------
+# The harness itself
+# ----------------------------------------------------------------------------------------------
+def _ranks_and_args(x):
+    return dist.get_rank(), dist.get_world_size(), x, os.environ.get("COMET_RANKS_TEST")
+
+
+def _rank_1_raises():
+    if dist.get_rank() == 1:
+        raise ValueError("boom on purpose")
+    dist.barrier()  # rank 0 waits for rank 1 forever: it must be killed, not waited for
+
+
+def _rank_0_dies_rank_1_hangs():
+    if dist.get_rank() == 0:
+        os._exit(3)
+    time.sleep(3600)
+
+
+def _everyone_hangs():
+    time.sleep(3600)
+
+
+def test_run_ranks_returns_results_in_rank_order():
+    got = run_ranks(_ranks_and_args, 2, "x", env={"COMET_RANKS_TEST": "42"})
+    assert got == [(0, 2, "x", "42"), (1, 2, "x", "42")]
+    assert "COMET_RANKS_TEST" not in os.environ
+
+
+def test_run_ranks_reports_the_failing_rank():
+    with pytest.raises(RankError, match=r"rank 1 of 2 failed:\n(.|\n)*ValueError: boom on purpose") as err:
+        run_ranks(_rank_1_raises, 2, timeout=120)
+    assert err.value.rank == 1
+    start = time.monotonic()
+    with pytest.raises(RankError, match=r"rank 0 exited \(exit code 3\) without returning a result"):
+        run_ranks(_rank_0_dies_rank_1_hangs, 2, timeout=120)
+    assert time.monotonic() - start < 60
+    assert not multiprocessing.active_children()
+
+
+def test_run_ranks_times_out():
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"rank\(s\) \[0, 1\] did not finish within 8"):
+        run_ranks(_everyone_hangs, 2, timeout=8)
+    assert time.monotonic() - start < 30
+    assert not multiprocessing.active_children()
