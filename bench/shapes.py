@@ -1,9 +1,9 @@
-"""The model shapes the benchmarks run: one routed-experts layer of each model, with its routing rule.
+"""The model shapes the benchmarks run: the routed experts of one MoE layer of each model.
 
-Only the routed experts are described (shared experts, attention and the router's own GEMM are not
-part of what `comet.moe_experts` computes). `hf_layout` names how Hugging Face stores the weights:
-"standard" (`gate_up_proj [E, 2F, H]`, gate rows first; `down_proj [E, H, F]`) or "gpt_oss"
-(transposed and interleaved: `gate_up_proj [E, H, 2F]` with gate at even columns, `down_proj [E, F, H]`).
+Each comes from the model's published config (`comet.model_shapes`; for `--smoke`, the tiny models
+of `comet.tiny_models`) through `MoEConfig.from_hf`, so sizes and routing rule are the family's own.
+Shared experts are left out: the benchmarks time the routed experts (`comet.moe_experts`) alone.
+Building a shape imports transformers.
 """
 from __future__ import annotations
 
@@ -11,53 +11,46 @@ from dataclasses import dataclass
 
 from comet.config import MoEConfig
 
+# benchmark name -> `comet.model_shapes.SHAPES` key
+MODELS = {
+    "Mixtral-8x7B": "mixtral-8x7b-shape",
+    "Qwen3-30B-A3B": "qwen3-30b-a3b-shape",
+    "OLMoE-1B-7B": "olmoe-1b-7b-shape",
+    "DeepSeek-V3": "deepseek-v3-shape",
+    "GPT-OSS-20B": "gpt-oss-20b-shape",
+}
+# benchmark name -> `comet.tiny_models.TINY_CONFIGS` family: both weight layouts, group-limited routing
+SMOKE_MODELS = {"tiny-mixtral": "mixtral", "tiny-deepseek-v3": "deepseek_v3", "tiny-gpt-oss": "gpt_oss"}
+
+TOKEN_COUNTS = (128, 1024, 4096, 16384)
+SMOKE_TOKEN_COUNTS = (8, 40)
+
 
 @dataclass(frozen=True)
 class ModelShape:
     name: str
     cfg: MoEConfig
-    hf_layout: str = "standard"
+
+    @property
+    def hf_layout(self) -> str:
+        """How Hugging Face stores the experts: "gpt_oss" (`gate_up_proj [E, H, 2F]`, gate at even
+        columns; `down_proj [E, F, H]`) or "standard" (`gate_up_proj [E, 2F, H]`, gate rows first;
+        `down_proj [E, H, F]`)."""
+        return "gpt_oss" if self.cfg.family == "gpt_oss" else "standard"
 
 
-def _shapes(*shapes: ModelShape) -> dict[str, ModelShape]:
-    return {s.name: s for s in shapes}
+def _routed_experts(hf_config) -> MoEConfig:
+    return MoEConfig.from_hf(hf_config).replace(shared_ffn_size=0, shared_expert_gate=False)
 
 
-MODEL_SHAPES = _shapes(
-    # softmax over all experts, top-2, renormalised (equal to Mixtral's top-k then softmax).
-    ModelShape("Mixtral-8x7B", MoEConfig(hidden_size=4096, ffn_size=14336, num_experts=8, top_k=2,
-                                         family="mixtral")),
-    ModelShape("Qwen3-30B-A3B", MoEConfig(hidden_size=2048, ffn_size=768, num_experts=128, top_k=8,
-                                          family="qwen3_moe")),
-    # OLMoE keeps the raw softmax probabilities of its top-8 (no renormalisation).
-    ModelShape("OLMoE-1B-7B", MoEConfig(hidden_size=2048, ffn_size=1024, num_experts=64, top_k=8,
-                                        norm_topk_prob=False, family="olmoe")),
-    # sigmoid scores, 8 groups of 32, the best 4 groups by top-2 sum, correction bias, x2.5.
-    ModelShape("DeepSeek-V3", MoEConfig(hidden_size=7168, ffn_size=2048, num_experts=256, top_k=8,
-                                        scoring="sigmoid", n_group=8, topk_group=4, group_score="top2_sum",
-                                        score_correction_bias=True, routed_scaling_factor=2.5,
-                                        family="deepseek_v3")),
-    # router bias, top-4 of logits then softmax (= softmax then renormalise), clamped SwiGLU, biases.
-    ModelShape("GPT-OSS-20B", MoEConfig(hidden_size=2880, ffn_size=2880, num_experts=32, top_k=4,
-                                        router_bias=True, activation="clamped_swiglu", expert_bias=True,
-                                        family="gpt_oss"),
-               hf_layout="gpt_oss"),
-)
+def model_shape(name: str) -> ModelShape:
+    """The shape called `name` in MODELS or SMOKE_MODELS."""
+    if name in MODELS:
+        from comet.model_shapes import shape_config
 
-# Tiny shapes with the same variety (standard/GPT-OSS layout, group-limited sigmoid routing) for
-# `--smoke` runs on CPU.
-SMOKE_SHAPES = _shapes(
-    ModelShape("tiny-mixtral", MoEConfig(hidden_size=64, ffn_size=96, num_experts=4, top_k=2,
-                                         family="mixtral")),
-    ModelShape("tiny-deepseek", MoEConfig(hidden_size=32, ffn_size=48, num_experts=16, top_k=4,
-                                          scoring="sigmoid", n_group=4, topk_group=2, group_score="top2_sum",
-                                          score_correction_bias=True, routed_scaling_factor=2.5,
-                                          family="deepseek_v3")),
-    ModelShape("tiny-gpt-oss", MoEConfig(hidden_size=64, ffn_size=64, num_experts=8, top_k=2,
-                                         router_bias=True, activation="clamped_swiglu", expert_bias=True,
-                                         family="gpt_oss"),
-               hf_layout="gpt_oss"),
-)
+        return ModelShape(name, _routed_experts(shape_config(MODELS[name])))
+    if name in SMOKE_MODELS:
+        from comet.tiny_models import tiny_config
 
-TOKEN_COUNTS = (128, 1024, 4096, 16384)
-SMOKE_TOKEN_COUNTS = (8, 40)
+        return ModelShape(name, _routed_experts(tiny_config(SMOKE_MODELS[name])))
+    raise ValueError(f"name: expected one of {list(MODELS) + list(SMOKE_MODELS)}, got {name!r}")

@@ -38,7 +38,7 @@ from bench.common import (
     DTYPES, RESULTS_DIR, TOLERANCE, RunLog, append_csv, environment, measure_copy_bandwidth,
     plot_panels, progress, publish, relative_error, time_calls, within_tolerance,
 )
-from bench.shapes import MODEL_SHAPES, SMOKE_SHAPES, SMOKE_TOKEN_COUNTS, TOKEN_COUNTS, ModelShape
+from bench.shapes import MODELS, SMOKE_MODELS, SMOKE_TOKEN_COUNTS, TOKEN_COUNTS, ModelShape, model_shape
 from comet.backends import backend_status
 from comet.reference import experts_reference, route
 
@@ -180,7 +180,7 @@ def build_impls(shape: ModelShape, w: comet.ExpertWeights, backend: str, backend
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", metavar="NAME",
-                   help=f"model shapes (default: all): {', '.join(MODEL_SHAPES)}")
+                   help=f"model shapes (default: all): {', '.join(MODELS)}")
     p.add_argument("--tokens", nargs="+", type=int, help=f"token counts (default: {list(TOKEN_COUNTS)})")
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["bf16"])
     p.add_argument("--backend", help="comet backend timed as 'ours' (default: triton; reference with --smoke)")
@@ -194,12 +194,12 @@ def parse_args(argv):
     p.add_argument("--results-dir", type=Path, help="where the CSV and PNG go (default bench/results)")
     args = p.parse_args(argv)
 
-    table = SMOKE_SHAPES if args.smoke else MODEL_SHAPES
-    by_key = {name.lower(): name for name in table}
+    names = list(SMOKE_MODELS if args.smoke else MODELS)
+    by_key = {name.lower(): name for name in names}
     unknown = [n for n in args.shapes or [] if n.lower() not in by_key]
     if unknown:
-        p.error(f"--shapes: unknown {unknown}; choose from {list(table)}")
-    args.shape_list = [table[by_key[n.lower()]] for n in args.shapes] if args.shapes else list(table.values())
+        p.error(f"--shapes: unknown {unknown}; choose from {names}")
+    args.shape_names = [by_key[n.lower()] for n in args.shapes] if args.shapes else names
     args.tokens = args.tokens or list(SMOKE_TOKEN_COUNTS if args.smoke else TOKEN_COUNTS)
     if min(args.tokens) < 1 or args.input_sets < 1 or args.check_rows < 1:
         p.error("--tokens, --input-sets and --check-rows must be positive")
@@ -297,7 +297,7 @@ def format_table(rows: list[dict]) -> str:
     """One line per (shape, dtype, tokens): ms of each implementation ('!' mismatch, 'x' error,
     '-' missing), ours' TFLOP/s and speedups, and up to BANDWIDTH_TOKENS tokens ours' weight-streaming
     bandwidth (TB/s, % of the H200's 4.8 TB/s, % of the measured copy bandwidth)."""
-    columns = [("shape", 15), ("dtype", 6), ("tokens", 7), ("grouped_mm ms", 14), ("hf ms", 10), ("ours ms", 10),
+    columns = [("shape", 17), ("dtype", 6), ("tokens", 7), ("grouped_mm ms", 14), ("hf ms", 10), ("ours ms", 10),
                ("ours TF/s", 10), ("x gmm", 7), ("x hf", 7), ("wt TB/s", 8), ("%4.8TB/s", 9), ("%copy", 7)]
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in rows:
@@ -360,11 +360,11 @@ def run(args, device: torch.device) -> int:
     # Rows are appended and published shape by shape, so a run cut short keeps what it measured.
     csv_path = args.results_dir / "single_gpu.csv"
     png_path = args.results_dir / "single_gpu.png"
-    bar = progress(len(args.shape_list) * len(args.dtypes) * len(args.tokens) * len(IMPLS), "single_gpu")
+    bar = progress(len(args.shape_names) * len(args.dtypes) * len(args.tokens) * len(IMPLS), "single_gpu")
     session = Session(args, device, env, backends, copy_bw, log, bar)
     rows = []
     with torch.inference_mode():
-        for shape in args.shape_list:
+        for shape in map(model_shape, args.shape_names):
             for dtype_name in args.dtypes:
                 shape_rows = run_shape(session, shape, dtype_name)
                 append_csv(csv_path, shape_rows)

@@ -14,7 +14,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import single_gpu  # noqa: E402
-from bench.shapes import SMOKE_SHAPES, SMOKE_TOKEN_COUNTS  # noqa: E402
+from bench.shapes import SMOKE_MODELS, SMOKE_TOKEN_COUNTS  # noqa: E402
 
 
 def _run(tmp_path, monkeypatch, *args):
@@ -29,7 +29,7 @@ def test_smoke_run_checks_times_and_writes_results(tmp_path, monkeypatch, capsys
     rc, df = _run(tmp_path, monkeypatch)
     log = capsys.readouterr().out
     assert rc == 0, log
-    assert len(df) == len(SMOKE_SHAPES) * len(SMOKE_TOKEN_COUNTS) * len(single_gpu.IMPLS)
+    assert len(df) == len(SMOKE_MODELS) * len(SMOKE_TOKEN_COUNTS) * len(single_gpu.IMPLS)
     assert set(df["status"]) == {"ok"}, df[["shape", "tokens", "impl", "status", "note"]]
     assert (df["rel_err"] <= df["tolerance"]).all()
     assert (df["ms"] > 0).all() and (df["tflops"] > 0).all()
@@ -62,7 +62,7 @@ def test_wrong_backend_is_reported_as_mismatch(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.timeout(120)
 def test_missing_backend_is_named_and_the_rest_runs(tmp_path, monkeypatch, capsys):
-    rc, df = _run(tmp_path, monkeypatch, "--shapes", "tiny-deepseek", "--tokens", "8", "--backend", "nope")
+    rc, df = _run(tmp_path, monkeypatch, "--shapes", "tiny-deepseek-v3", "--tokens", "8", "--backend", "nope")
     log = capsys.readouterr().out
     assert rc == 0
     status = dict(zip(df["impl"], df["status"]))
