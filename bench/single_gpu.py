@@ -333,8 +333,10 @@ def main(argv=None) -> int:
             print("single_gpu.py: no CUDA device; use --smoke to test this script on CPU", file=sys.stderr)
             return 2
         return run(args, torch.device("cuda"))
-    # CPU: Triton kernels can only run interpreted, which must be chosen before they are imported.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Without a GPU, Triton kernels only run interpreted, chosen before they are imported. (Not on
+    # a GPU machine: it would switch every later kernel import of this process to the interpreter.)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     # Tiny CPU ops: one thread avoids OpenMP spin contention on a busy machine (100x slower otherwise).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
