@@ -302,11 +302,16 @@ class SymmetricMemoryWorkspace(CommWorkspace):
         super().__init__(group, device, max_spins)
         self._symm_mem = symm_mem
         self._group_name = self.group.group_name
+        # Older torch needs the group registered before a rendezvous; newer ones deprecate this
+        # as unnecessary, and refuse a second registration made behind Python's back.
         enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        if enable is not None:  # needed by older torch; newer ones deprecate it as unnecessary
+        if enable is not None and not symm_mem.is_symm_mem_enabled_for_group(self._group_name):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
-                enable(self._group_name)
+                try:
+                    enable(self._group_name)
+                except RuntimeError:  # already registered directly
+                    pass
 
     def _allocate(self, index: int, shape: tuple, dtype: torch.dtype) -> _Buffer:
         local = self._symm_mem.empty(shape, dtype=dtype, device=self.device)
