@@ -101,13 +101,23 @@ def test_family_matches_hf_block(family):
     ("mixtral", dict(num_experts_per_tok=1)),            # top-1, renormalised to weight 1
     ("qwen2_moe", dict(hidden_act="gelu")),              # geglu, in the shared expert too
     ("qwen3_moe", dict(norm_topk_prob=False)),
-    ("deepseek_v2", dict(topk_method="greedy", n_group=None, topk_group=None)),
+    ("deepseek_v2", dict(topk_method="group_limited_greedy")),  # group_score "max"
     ("deepseek_v3", dict(norm_topk_prob=False, n_shared_experts=2)),
 ], ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()))
 def test_family_variant_matches_hf_block(family, overrides):
     model = build_tiny_model(family, seed=_fresh_seed(), **overrides)
     for _, block in find_moe_blocks(model):
+        if overrides.get("topk_method") == "group_limited_greedy" and not _hf_runs(block, model.config):
+            pytest.skip(f"transformers {transformers.__version__}: DeepseekV2Moe fails on group_limited_greedy")
         _check_block(family, model.config, block)
+
+
+def _hf_runs(block, config) -> bool:
+    try:
+        block(torch.zeros(1, 1, config.hidden_size))
+    except AttributeError:  # transformers 5.7 reads a `num_experts` its DeepseekV2Moe does not set
+        return False
+    return True
 
 
 def test_tiny_models_are_offline_deterministic_fp32_eval():
