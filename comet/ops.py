@@ -17,16 +17,9 @@ from comet.config import MoEConfig
 from comet.functional import ExpertWeights
 from comet.kernels.combine import combine_slots
 from comet.kernels.expert_gemm import down_gemm, gate_up_gemm
-from comet.reference import experts_reference, split_gate_up
+from comet.reference import experts_reference
 from comet.scheduler.configs import select_configs
 from comet.scheduler.routing import analyze_routing
-
-
-def _split_bias(bias: Optional[torch.Tensor], interleaved: bool):
-    if bias is None:
-        return None, None
-    gate, up = split_gate_up(bias.unsqueeze(-1), interleaved)
-    return gate.squeeze(-1), up.squeeze(-1)
 
 
 @torch.library.custom_op("comet::routed_experts", mutates_args=())
@@ -51,10 +44,8 @@ def routed_experts(
     plan = analyze_routing(topk_ids, num_experts)
     cfg1, cfg2 = select_configs(num_tokens * top_k, num_experts, hidden, ffn, x.dtype, x.device)
 
-    gate, up = split_gate_up(gate_up, interleaved)
-    gate_bias, up_bias = _split_bias(gate_up_bias, interleaved)
     act = torch.empty(num_tokens * top_k, ffn, dtype=x.dtype, device=x.device)
-    gate_up_gemm(x, gate, up, gate_bias, up_bias, plan.sorted_rows, row_weights, plan.hist, act,
+    gate_up_gemm(x, gate_up, gate_up_bias, interleaved, plan.sorted_rows, row_weights, plan.hist, act,
                  top_k=top_k, activation=activation, alpha=swiglu_alpha, limit=swiglu_limit,
                  weight_on_input=weight_on_input, cfg=cfg1)
     slots = torch.empty(num_tokens * top_k, hidden, dtype=x.dtype, device=x.device)

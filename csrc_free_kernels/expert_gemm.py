@@ -52,7 +52,7 @@ def _expert_gemm_kernel(
     NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
-    GATHER_A: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
@@ -74,14 +74,20 @@ def _expert_gemm_kernel(
         rows = tl.load(sorted_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
         a_rows = rows // TOP_K if GATHER_A else tl.where(m_mask, offs_m, 0).to(tl.int64)
         offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_bn = offs_n % N  # in-bounds loads; the extra columns are not stored
+        # B columns of this block: with INTERLEAVED gate/up (gate at even rows of one [2N, K]
+        # matrix) one tile of 2*BLOCK_N adjacent rows holds both, read contiguously.
+        if INTERLEAVED:
+            offs_bn = (2 * n_block * BLOCK_N + tl.arange(0, 2 * BLOCK_N)) % (2 * N)
+        else:
+            offs_bn = offs_n % N  # in-bounds loads; the extra columns are not stored
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
         b_off = expert.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
         b_ptrs = b_ptr + b_off
         b2_ptrs = b2_ptr + b_off
+        SECOND_B: tl.constexpr = GATED and not INTERLEAVED
 
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N if INTERLEAVED else BLOCK_N), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             if EVEN_K:
@@ -95,7 +101,7 @@ def _expert_gemm_kernel(
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-            if GATED:
+            if SECOND_B:
                 if EVEN_K:
                     b2 = tl.load(b2_ptrs)
                 else:
@@ -111,15 +117,19 @@ def _expert_gemm_kernel(
             w = tl.load(row_weights_ptr + rows, mask=m_mask, other=0.0).to(tl.float32)[:, None]
         if ROW_WEIGHT == 1:
             acc = acc * w
-            if GATED:
+            if SECOND_B:
                 acc2 = acc2 * w
         if HAS_BIAS:
             bias_off = expert.to(tl.int64) * stride_bias_e + offs_bn * stride_bias_n
             acc += tl.load(bias_ptr + bias_off).to(tl.float32)[None, :]
-            if GATED:
+            if SECOND_B:
                 acc2 += tl.load(bias2_ptr + bias_off).to(tl.float32)[None, :]
         if GATED:
-            acc = _activation(acc, acc2, alpha, limit, ACTIVATION)
+            if INTERLEAVED:
+                gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+                acc = _activation(gate, up, alpha, limit, ACTIVATION)
+            else:
+                acc = _activation(acc, acc2, alpha, limit, ACTIVATION)
         if ROW_WEIGHT == 2:
             acc = acc * w
 
@@ -137,7 +147,8 @@ def _num_programs(device: torch.device, upper_bound: int) -> int:
 
 
 def _launch(a, a_rows_gathered, b, b2, bias, bias2, out, sorted_rows, row_weights, hist, *, top_k,
-            num_experts, n, k, gated, activation, alpha, limit, row_weight, scatter_out, cfg: GemmConfig):
+            num_experts, n, k, gated, interleaved, activation, alpha, limit, row_weight, scatter_out,
+            cfg: GemmConfig):
     max_tiles = triton.cdiv(sorted_rows.numel(), cfg.block_m) + num_experts
     num_programs = _num_programs(a.device, max_tiles * triton.cdiv(n, cfg.block_n))
     has_bias = bias is not None
@@ -152,7 +163,7 @@ def _launch(a, a_rows_gathered, b, b2, bias, bias2, out, sorted_rows, row_weight
         NUM_EXPERTS=num_experts, NUM_BINS=histogram_bins(num_experts), TOP_K=top_k,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         NUM_PROGRAMS=num_programs,
-        GATHER_A=a_rows_gathered, GATED=gated, ACTIVATION=ACTIVATION_IDS[activation], HAS_BIAS=has_bias,
+        GATHER_A=a_rows_gathered, GATED=gated, INTERLEAVED=interleaved, ACTIVATION=ACTIVATION_IDS[activation], HAS_BIAS=has_bias,
         ROW_WEIGHT=row_weight, SCATTER_OUT=scatter_out, EVEN_K=k % cfg.block_k == 0,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         # The interpreter's dot mishandles 16-bit floats (it multiplies their bit patterns).
@@ -161,15 +172,23 @@ def _launch(a, a_rows_gathered, b, b2, bias, bias2, out, sorted_rows, row_weight
     )
 
 
-def gate_up_gemm(x, gate, up, gate_bias, up_bias, sorted_rows, row_weights, hist, out, *, top_k,
+def gate_up_gemm(x, gate_up, gate_up_bias, interleaved, sorted_rows, row_weights, hist, out, *, top_k,
                  activation, alpha, limit, weight_on_input, cfg: GemmConfig):
-    """out[p] = act(x[row_p // top_k] @ gate_e.T (+b), ... @ up_e.T (+b)) for sorted position p.
+    """out[p] = act(x[row_p // top_k] @ gate_e.T (+b), x[..] @ up_e.T (+b)) for sorted position p.
 
-    x [T, H]; gate, up [E, F, H] (any strides); out [T*top_k, F] in expert-sorted order."""
-    _launch(x, True, gate, up, gate_bias, up_bias, out, sorted_rows, row_weights, hist, top_k=top_k,
-            num_experts=gate.shape[0], n=gate.shape[1], k=gate.shape[2], gated=True, activation=activation,
-            alpha=alpha, limit=limit, row_weight=ROW_WEIGHT_INPUT if weight_on_input else ROW_WEIGHT_NONE,
-            scatter_out=False, cfg=cfg)
+    x [T, H]; gate_up [E, 2F, H] (any strides; gate rows first, or interleaved); gate_up_bias
+    [E, 2F] or None; out [T*top_k, F] in expert-sorted order."""
+    num_experts, two_f, hidden = gate_up.shape
+    if interleaved:
+        b, b2, bias, bias2 = gate_up, gate_up, gate_up_bias, gate_up_bias
+    else:
+        b, b2 = gate_up[:, : two_f // 2], gate_up[:, two_f // 2:]
+        bias, bias2 = (None, None) if gate_up_bias is None else (
+            gate_up_bias[:, : two_f // 2], gate_up_bias[:, two_f // 2:])
+    _launch(x, True, b, b2, bias, bias2, out, sorted_rows, row_weights, hist, top_k=top_k,
+            num_experts=num_experts, n=two_f // 2, k=hidden, gated=True, interleaved=interleaved,
+            activation=activation, alpha=alpha, limit=limit,
+            row_weight=ROW_WEIGHT_INPUT if weight_on_input else ROW_WEIGHT_NONE, scatter_out=False, cfg=cfg)
 
 
 def down_gemm(act, down, down_bias, sorted_rows, row_weights, hist, out, *, top_k, weight_on_input,
@@ -178,6 +197,6 @@ def down_gemm(act, down, down_bias, sorted_rows, row_weights, hist, out, *, top_
 
     act [T*top_k, F]; down [E, H, F]; out [T*top_k, H]."""
     _launch(act, False, down, down, down_bias, down_bias, out, sorted_rows, row_weights, hist, top_k=top_k,
-            num_experts=down.shape[0], n=down.shape[1], k=down.shape[2], gated=False, activation="swiglu",
-            alpha=0.0, limit=0.0, row_weight=ROW_WEIGHT_NONE if weight_on_input else ROW_WEIGHT_OUTPUT,
-            scatter_out=True, cfg=cfg)
+            num_experts=down.shape[0], n=down.shape[1], k=down.shape[2], gated=False, interleaved=False,
+            activation="swiglu", alpha=0.0, limit=0.0,
+            row_weight=ROW_WEIGHT_NONE if weight_on_input else ROW_WEIGHT_OUTPUT, scatter_out=True, cfg=cfg)

@@ -5,6 +5,7 @@ Source, in order: the tuned table for this GPU (`scheduler/tables/<gpu>.json`, w
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -52,6 +53,17 @@ def heuristic_configs(bucket: int, device: torch.device) -> tuple[GemmConfig, Ge
             GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4))
 
 
+SHARED_MEMORY_BUDGET = 200 * 1024  # of the 227 KiB an H100/H200 block may use; leaves epilogue room
+
+
+def fit_shared_memory(cfg: GemmConfig, element_size: int, b_tiles: int) -> GemmConfig:
+    """Fewer pipeline stages if the operands of `num_stages` K steps would not fit (fp32 inputs,
+    say); `b_tiles` is how many [BLOCK_K, BLOCK_N] weight tiles one K step loads."""
+    per_stage = (cfg.block_m + b_tiles * cfg.block_n) * cfg.block_k * element_size
+    stages = max(1, min(cfg.num_stages, SHARED_MEMORY_BUDGET // per_stage))
+    return dataclasses.replace(cfg, num_stages=stages)
+
+
 def select_configs(num_rows: int, num_experts: int, hidden: int, ffn: int, dtype: torch.dtype,
                    device: torch.device) -> tuple[GemmConfig, GemmConfig]:
     """(GEMM1 config, GEMM2 config) for `num_rows` = tokens * top_k routed rows."""
@@ -60,6 +72,8 @@ def select_configs(num_rows: int, num_experts: int, hidden: int, ffn: int, dtype
     if entries:
         # The tuned bucket nearest (in log scale) to this call's.
         best = min(entries, key=lambda b: abs(int(b).bit_length() - bucket.bit_length()))
-        gemm1, gemm2 = entries[best]
-        return GemmConfig(**gemm1), GemmConfig(**gemm2)
-    return heuristic_configs(bucket, device)
+        gemm1, gemm2 = GemmConfig(**entries[best][0]), GemmConfig(**entries[best][1])
+    else:
+        gemm1, gemm2 = heuristic_configs(bucket, device)
+    size = torch.empty((), dtype=dtype).element_size()
+    return fit_shared_memory(gemm1, size, 2), fit_shared_memory(gemm2, size, 1)

@@ -65,6 +65,14 @@ def test_token_and_expert_counts(T, E, K):
     check(*make_case(T, E, K))
 
 
+def test_gpt_oss_transposed_interleaved_layout():
+    """GPT-OSS stores gate_up as [E, H, 2F] with gate/up interleaved: passed as a transposed view."""
+    cfg, x, ids, weights, w = make_case(41, 8, 4, activation="clamped_swiglu", bias=True, interleaved=True)
+    hf_layout = w.gate_up.transpose(1, 2).contiguous()  # [E, H, 2F]
+    check(cfg, x, ids, weights, w._replace(gate_up=hf_layout.transpose(1, 2),
+                                           down=w.down.transpose(1, 2).contiguous().transpose(1, 2)))
+
+
 def test_expert_with_no_tokens():
     ids = torch.randint(0, 3, (29, 2), device=DEVICE)  # experts 3..7 get nothing
     ids[:, 1] = (ids[:, 0] + 1) % 3
@@ -106,7 +114,6 @@ def test_kernels_write_every_output_element():
     """Poisoned buffers: every element the kernels own is overwritten, nothing else is touched."""
     from comet.kernels.combine import combine_slots
     from comet.kernels.expert_gemm import down_gemm, gate_up_gemm
-    from comet.reference import split_gate_up
     from comet.scheduler.configs import select_configs
     from comet.scheduler.routing import analyze_routing
 
@@ -116,9 +123,8 @@ def test_kernels_write_every_output_element():
     plan = analyze_routing(ids, E)
     c1, c2 = select_configs(T * K, E, H, F, x.dtype, x.device)
     rw = weights.reshape(-1).float()
-    gate, up = split_gate_up(w.gate_up, False)
     act = torch.full((T * K, F), float("nan"), device=DEVICE)
-    gate_up_gemm(x, gate, up, None, None, plan.sorted_rows, rw, plan.hist, act, top_k=K, activation="swiglu",
+    gate_up_gemm(x, w.gate_up, None, False, plan.sorted_rows, rw, plan.hist, act, top_k=K, activation="swiglu",
                  alpha=0.0, limit=0.0, weight_on_input=False, cfg=c1)
     assert torch.isfinite(act[:-1]).all() and torch.isnan(act[-1]).all()  # the skipped row sorts last
     slots = torch.full((T * K, H), float("nan"), device=DEVICE)

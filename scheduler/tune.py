@@ -1,0 +1,139 @@
+"""`python -m comet tune`: sweep tile configs of the expert GEMMs on the local GPU, write the table.
+
+For each model shape and token count, GEMM1 and GEMM2 are timed separately (CUDA events, median)
+over every candidate that fits the bucket, on the same routing; the fastest pair is stored under
+the shape key and rows-per-expert bucket in `scheduler/tables/<gpu>.json` (merged with what is
+there), where `select_configs` finds it on the next call.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import torch
+
+from comet.kernels.expert_gemm import GemmConfig, down_gemm, gate_up_gemm
+from comet.scheduler.configs import (
+    TABLE_DIR, fit_shared_memory, gpu_key, load_table, rows_bucket, shape_key,
+)
+from comet.scheduler.routing import analyze_routing
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); GROUP_M is fixed at 8.
+GATE_UP_CANDIDATES = [
+    (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4), (64, 64, 64, 4, 4),
+    (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+]
+DOWN_CANDIDATES = [
+    (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 128, 128, 4, 4), (64, 128, 64, 4, 4),
+    (64, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
+]
+# name: (experts, hidden, ffn, top_k) of the models the project benchmarks
+DEFAULT_SHAPES = {
+    "mixtral-8x7b": (8, 4096, 14336, 2),
+    "qwen3-30b-a3b": (128, 2048, 768, 8),
+    "olmoe-1b-7b": (64, 2048, 1024, 8),
+    "deepseek-v3": (256, 7168, 2048, 8),
+    "gpt-oss-20b": (32, 2880, 2880, 4),
+}
+DEFAULT_TOKENS = (128, 1024, 4096, 16384)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _candidates(table, bucket: int, element_size: int, b_tiles: int) -> list[GemmConfig]:
+    # A tile taller than four times the mean rows per expert is mostly padding: skip it.
+    fitting = [c for c in table if c[0] <= max(16, 4 * bucket)]
+    configs = {fit_shared_memory(GemmConfig(m, n, k, 8, w, s), element_size, b_tiles) for m, n, k, w, s in fitting}
+    return sorted(configs, key=lambda c: dataclasses.astuple(c))
+
+
+def _time_ms(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def tune_shape(experts: int, hidden: int, ffn: int, top_k: int, tokens: int, dtype: torch.dtype,
+               device: torch.device) -> tuple[dict, dict, float, float]:
+    """Best (GEMM1, GEMM2) configs for one shape and token count, with their times in ms."""
+    gen = torch.Generator(device=device).manual_seed(tokens)
+    logits = torch.randn(tokens, experts, device=device, generator=gen)
+    logits += 0.2 * torch.randn(experts, device=device, generator=gen)  # uneven load, as trained routers
+    topk_ids = logits.topk(top_k, dim=-1).indices
+    row_weights = torch.rand(tokens * top_k, device=device, generator=gen)
+    x = torch.randn(tokens, hidden, device=device, generator=gen).to(dtype)
+    gate_up = (torch.randn(experts, 2 * ffn, hidden, device=device, generator=gen) * hidden**-0.5).to(dtype)
+    down = (torch.randn(experts, hidden, ffn, device=device, generator=gen) * ffn**-0.5).to(dtype)
+    plan = analyze_routing(topk_ids, experts)
+    act = torch.empty(tokens * top_k, ffn, device=device, dtype=dtype)
+    slots = torch.empty(tokens * top_k, hidden, device=device, dtype=dtype)
+    bucket = rows_bucket(tokens * top_k, experts)
+    size = x.element_size()
+
+    def gemm1(cfg):
+        return lambda: gate_up_gemm(x, gate_up, None, False, plan.sorted_rows, row_weights, plan.hist, act,
+                                    top_k=top_k, activation="swiglu", alpha=0.0, limit=0.0,
+                                    weight_on_input=False, cfg=cfg)
+
+    def gemm2(cfg):
+        return lambda: down_gemm(act, down, None, plan.sorted_rows, row_weights, plan.hist, slots,
+                                 top_k=top_k, weight_on_input=False, cfg=cfg)
+
+    best = []
+    for table, make, b_tiles in ((GATE_UP_CANDIDATES, gemm1, 2), (DOWN_CANDIDATES, gemm2, 1)):
+        timed = []
+        for cfg in _candidates(table, bucket, size, b_tiles):
+            try:
+                timed.append((_time_ms(make(cfg)), cfg))
+            except Exception as err:  # a config the compiler rejects (resources) is skipped
+                print(f"  skipped {cfg}: {type(err).__name__}: {str(err).splitlines()[0][:100]}")
+        ms, cfg = min(timed, key=lambda t: t[0])
+        best.append((dataclasses.asdict(cfg), ms))
+    return best[0][0], best[1][0], best[0][1], best[1][1]
+
+
+def run(shapes: dict, token_counts, dtype: torch.dtype, device: torch.device, write: bool = True) -> dict:
+    from tqdm import tqdm
+
+    gpu = gpu_key(device)
+    table = {key: dict(value) for key, value in load_table(gpu).items()}
+    jobs = [(name, shape, t) for name, shape in shapes.items() for t in token_counts]
+    for name, (e, h, f, k), tokens in tqdm(jobs, desc=f"tuning on {gpu}", unit="shape"):
+        cfg1, cfg2, ms1, ms2 = tune_shape(e, h, f, k, tokens, dtype, device)
+        bucket = rows_bucket(tokens * k, e)
+        table.setdefault(shape_key(e, h, f, dtype), {})[str(bucket)] = [cfg1, cfg2]
+        tqdm.write(f"{name:15s} tokens={tokens:6d} bucket={bucket:5d}  gemm1 {ms1:8.3f} ms {cfg1}  "
+                   f"gemm2 {ms2:8.3f} ms {cfg2}")
+    if write:
+        TABLE_DIR.mkdir(parents=True, exist_ok=True)
+        path = TABLE_DIR / f"{gpu}.json"
+        path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        load_table.cache_clear()
+        print(f"wrote {path}")
+    return table
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), choices=list(DEFAULT_SHAPES),
+                        help="model shapes to tune (default: all)")
+    parser.add_argument("--tokens", nargs="+", type=int, default=list(DEFAULT_TOKENS),
+                        help="token counts; each gives a rows-per-expert bucket (default: %(default)s)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--dry-run", action="store_true", help="print the table, do not write it")
+
+
+def main(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("comet tune: needs a CUDA GPU (it times compiled kernels)")
+        return 2
+    run({name: DEFAULT_SHAPES[name] for name in args.shapes}, args.tokens, DTYPES[args.dtype],
+        torch.device("cuda"), write=not args.dry_run)
+    return 0
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="python -m comet.scheduler.tune", description=__doc__,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(_parser)
+    raise SystemExit(main(_parser.parse_args()))
