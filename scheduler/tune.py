@@ -105,12 +105,12 @@ def run(shapes: dict, token_counts, dtype: torch.dtype, device: torch.device, wr
         table.setdefault(shape_key(e, h, f, dtype), {})[str(bucket)] = [cfg1, cfg2]
         tqdm.write(f"{name:15s} tokens={tokens:6d} bucket={bucket:5d}  gemm1 {ms1:8.3f} ms {cfg1}  "
                    f"gemm2 {ms2:8.3f} ms {cfg2}")
+        if write:  # after every shape, so an interrupted sweep keeps what it measured
+            TABLE_DIR.mkdir(parents=True, exist_ok=True)
+            (TABLE_DIR / f"{gpu}.json").write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+            load_table.cache_clear()
     if write:
-        TABLE_DIR.mkdir(parents=True, exist_ok=True)
-        path = TABLE_DIR / f"{gpu}.json"
-        path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-        load_table.cache_clear()
-        print(f"wrote {path}")
+        print(f"wrote {TABLE_DIR / f'{gpu}.json'}")
     return table
 
 
