@@ -45,24 +45,26 @@ def _grad(p: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(p) if p.grad is None else p.grad
 
 
-def _pairs(family: str, layer: MoELayer, block):
-    """(name, our parameter in the family's layout, HF parameter) for every weight we load."""
+def _gradient_pairs(family: str, layer: MoELayer, block):
+    """(name, our gradient in the family's layout, the block's gradient) for every loaded weight."""
     fam = FAMILIES[family]
     router = getattr(block, fam.router)
-    yield "router.weight", layer.router.weight, router.weight
+    yield "router.weight", _grad(layer.router.weight), _grad(router.weight)
     if layer.router.bias is not None:
-        yield "router.bias", layer.router.bias, router.bias
+        yield "router.bias", _grad(layer.router.bias), _grad(router.bias)
     ours = {"gate_up_proj": layer.experts.gate_up_proj, "down_proj": layer.experts.down_proj,
             "gate_up_proj_bias": layer.experts.gate_up_bias, "down_proj_bias": layer.experts.down_bias}
     for name, p in ours.items():
         if p is not None:
-            yield f"experts.{name}", (p, name), getattr(block.experts, name)
+            yield f"experts.{name}", _to_hf_layout(family, name, _grad(p)), _grad(getattr(block.experts, name))
     if fam.shared_expert is not None:
         shared = getattr(block, fam.shared_expert)
         for proj in ("gate_proj", "up_proj", "down_proj"):
-            yield f"shared.{proj}", getattr(layer.shared_expert, proj).weight, getattr(shared, proj).weight
+            yield (f"shared.{proj}", _grad(getattr(layer.shared_expert, proj).weight),
+                   _grad(getattr(shared, proj).weight))
     if fam.shared_expert_gate is not None:
-        yield "shared_gate", layer.shared_expert.gate.weight, getattr(block, fam.shared_expert_gate).weight
+        yield ("shared_gate", _grad(layer.shared_expert.gate.weight),
+               _grad(getattr(block, fam.shared_expert_gate).weight))
 
 
 def _check_block(family: str, config, block):
@@ -78,14 +80,9 @@ def _check_block(family: str, config, block):
     (out_hf * g).sum().backward()
     (out * g).sum().backward()
     assert _rel(x_ours.grad, x_hf.grad) <= RTOL, f"{family}: input gradient differs"
-    for name, ours, theirs in _pairs(family, layer, block):
-        if isinstance(ours, tuple):  # an expert tensor: bring our gradient into the HF layout
-            p, hf_name = ours
-            ours_grad = _to_hf_layout(family, hf_name, _grad(p))
-        else:
-            ours_grad = _grad(ours)
-        assert ours_grad.shape == theirs.shape, name
-        assert _rel(ours_grad, _grad(theirs)) <= RTOL, f"{family}: gradient of {name} differs"
+    for name, ours, theirs in _gradient_pairs(family, layer, block):
+        assert ours.shape == theirs.shape, name
+        assert _rel(ours, theirs) <= RTOL, f"{family}: gradient of {name} differs"
 
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
