@@ -6,8 +6,11 @@ memory, the kernel compiled. The rank functions are module-level so that the ran
 """
 import multiprocessing
 import os
+import sys
 import time
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
@@ -179,3 +182,22 @@ def test_run_ranks_times_out():
         run_ranks(_everyone_hangs, 2, timeout=8)
     assert time.monotonic() - start < 30
     assert not multiprocessing.active_children()
+
+
+# ----------------------------------------------------------------------------------------------
+# The GPU benchmark's logic, on CPU ranks
+# ----------------------------------------------------------------------------------------------
+def test_bench_smoke(tmp_path, monkeypatch, capsys):
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        monkeypatch.syspath_prepend(root)
+    from bench import comm_probe as bench
+
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    assert bench.main(["--smoke", "--results-dir", str(tmp_path)]) == 0
+    table = pd.read_csv(tmp_path / "comm_probe.csv")
+    assert list(table["programs"]) == [1, 3]
+    assert (table["us_per_call"] > 0).all() and (table["ns_per_poll"] > 0).all()
+    assert table[["gpu", "torch", "triton", "commit"]].notna().all().all()
+    assert (tmp_path / "out" / "comm_probe.csv").is_file()
+    assert "GB/s each rank pushes to its peers" in capsys.readouterr().out
