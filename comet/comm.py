@@ -71,6 +71,12 @@ class CommTimeoutError(RuntimeError):
     """A kernel's wait on another rank ran past its limit."""
 
 
+def _require_distributed():
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("CommWorkspace: torch.distributed is not initialised; call "
+                           "torch.distributed.init_process_group first")
+
+
 @dataclass
 class _Buffer:
     local: torch.Tensor
@@ -83,9 +89,7 @@ class CommWorkspace:
     """Named buffers addressable by every rank of a process group; see the module docstring."""
 
     def __init__(self, group, device: torch.device, max_spins: int | None):
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("CommWorkspace: torch.distributed is not initialised; call "
-                               "torch.distributed.init_process_group first")
+        _require_distributed()
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
@@ -105,9 +109,7 @@ class CommWorkspace:
     def create(group=None, device=None, max_spins: int | None = None) -> "CommWorkspace":
         """The workspace for `group` (default: the world group) on `device` (default: the current
         CUDA device if the group's backend is NCCL, else the CPU)."""
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("CommWorkspace.create: torch.distributed is not initialised; call "
-                               "torch.distributed.init_process_group first")
+        _require_distributed()
         if device is None:
             backend = str(dist.get_backend(group))
             device = "cuda" if "nccl" in backend else "cpu"
