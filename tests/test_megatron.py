@@ -1,5 +1,7 @@
 """Megatron-Core adapter: a tiny MoELayer (one process, gloo, every parallel size 1) patched by
 `comet.integrations.megatron.apply` gives Megatron's own output (fp32), and `revert` restores it."""
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,7 +44,7 @@ def model_parallel(tmp_path_factory):
     patches.undo()
 
 
-def build_layer(grouped=False, **overrides) -> MoELayer:
+def build_layer(grouped=False, use_te=False, **overrides) -> MoELayer:
     fields = dict(
         num_layers=1, hidden_size=H, num_attention_heads=4, num_moe_experts=E, moe_router_topk=K,
         moe_ffn_hidden_size=F_EXPERT, ffn_hidden_size=F_EXPERT, gated_linear_unit=True, activation_func=F.silu,
@@ -52,7 +54,7 @@ def build_layer(grouped=False, **overrides) -> MoELayer:
         output_layer_init_method=lambda w: torch.nn.init.normal_(w, std=0.3),
     )
     fields.update(overrides)
-    spec = get_moe_module_spec(use_te=False, num_experts=E, moe_grouped_gemm=grouped)
+    spec = get_moe_module_spec(use_te=use_te, num_experts=E, moe_grouped_gemm=grouped)
     layer = build_module(spec, config=TransformerConfig(**fields)).to(DEVICE)
     with torch.no_grad():  # non-zero biases, so that the adapter has to honour them
         for name, p in layer.named_parameters():
@@ -67,11 +69,11 @@ def assert_close(actual, expected, rel=1e-5):
     assert err <= rel * scale, f"max abs err {err:.3e} vs scale {scale:.3e}"
 
 
-def run_both(layer, x):
+def run_both(layer, x, backend="reference"):
     """(Megatron's output, the patched output) of one layer on one input."""
     with torch.no_grad():
         expected, _ = layer(x)
-        comet_megatron.apply(layer, backend="reference")
+        comet_megatron.apply(layer, backend=backend)
         actual, bias = layer(x)
     assert bias is None
     return expected, actual
@@ -94,6 +96,16 @@ def test_patched_layer_matches_megatron(case):
     layer = build_layer(**CASES[case])
     x = torch.randn(6, 3, H, device=DEVICE)
     expected, actual = run_both(layer, x)
+    assert type(layer).__name__ == "CometMoELayer"
+    assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("case", ["swiglu", "gpt_oss_clamp"])
+def test_triton_backend_through_the_adapter(case):
+    """The kernels on the stacked Megatron weights (under the interpreter without a GPU)."""
+    layer = build_layer(**CASES[case])
+    x = torch.randn(4, 2, H, device=DEVICE)
+    expected, actual = run_both(layer, x, backend="triton")
     assert type(layer).__name__ == "CometMoELayer"
     assert_close(actual, expected)
 
@@ -146,6 +158,17 @@ def test_grouped_mlp_layout(monkeypatch):
     x = torch.randn(6, 2, H, device=DEVICE)
     expected, actual = run_both(layer, x)
     assert_close(actual, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None,
+                    reason="TEGroupedMLP needs a GPU and Transformer Engine")
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_te_grouped_mlp(backend):
+    layer = build_layer(grouped=True, use_te=True, add_bias_linear=False)
+    assert isinstance(layer.experts, mcore_experts.TEGroupedMLP)
+    x = torch.randn(8, 2, H, device=DEVICE)
+    expected, actual = run_both(layer, x, backend=backend)
+    assert_close(actual, expected, rel=2e-3)  # Transformer Engine may run fp32 GEMMs in TF32
 
 
 def test_unsupported_configs_raise():
