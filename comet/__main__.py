@@ -158,6 +158,7 @@ def _expert_parallel_group(world_size: int):
 
 
 PRINTED_COLUMNS = ["layer", "tokens", "experts", "top_k"]
+ERROR_COLUMNS = ["max abs diff", "max rel diff"]
 
 
 @command("profile", "time every MoE layer of a model, original vs comet, on the inputs the layers really see",
@@ -177,10 +178,11 @@ def profile_command(args) -> int:
     input_ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), device=device)
     table = profile(model, {"input_ids": input_ids}, baselines=tuple(args.baselines), backend=args.backend,
                     out_dir=args.out, process_group=process_group, progress=True)
-    columns = PRINTED_COLUMNS + [f"{b} ms" for b in args.baselines] + ["ours ms", "speedup", "max abs diff", "max rel diff"]
+    columns = [*PRINTED_COLUMNS, *(f"{b} ms" for b in args.baselines), "ours ms", "speedup", *ERROR_COLUMNS]
     print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     row = table.iloc[0]
-    print(f"backend {row['backend']}, {row['gpu']}, torch {row['torch']}, triton {row['triton']}, commit {row['commit']}")
+    print(f"backend {row['backend']}, {row['gpu']}, torch {row['torch']}, triton {row['triton']}, "
+          f"commit {row['commit']}")
     print(f"timing: {row['timing']}")
     if args.out:
         print(f"wrote {os.path.join(args.out, 'profile.csv')} and {os.path.join(args.out, 'speedup.png')}")
@@ -212,12 +214,14 @@ def demo(args) -> int:
     model = build_tiny_model("mixtral").to(device)
     c = model.config
     print(f"tiny Mixtral: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_local_experts} experts, "
-          f"top-{c.num_experts_per_tok}, expert FFN {c.intermediate_size}, fp32, on {device}; comet backend {backend!r}")
-    input_ids = torch.randint(0, c.vocab_size, (1, args.tokens), device=device, generator=torch.Generator(device).manual_seed(0))
+          f"top-{c.num_experts_per_tok}, expert FFN {c.intermediate_size}, fp32, on {device}; "
+          f"comet backend {backend!r}")
+    generator = torch.Generator(device).manual_seed(0)
+    input_ids = torch.randint(0, c.vocab_size, (1, args.tokens), device=device, generator=generator)
 
     table = profile(model, {"input_ids": input_ids}, backend=backend)
-    print(table[PRINTED_COLUMNS + ["original ms", "ours ms", "max abs diff", "max rel diff"]].to_string(
-        index=False, float_format=lambda v: f"{v:.3g}"))
+    columns = [*PRINTED_COLUMNS, "original ms", "ours ms", *ERROR_COLUMNS]
+    print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
 
     with torch.no_grad():
         expected = model(input_ids).logits

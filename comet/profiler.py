@@ -35,8 +35,9 @@ def environment() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "absent"
+    cpu = f"cpu ({platform.processor() or platform.machine()})"
     return {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu,
         "torch": torch.__version__,
         "triton": triton_version,
         "commit": git_commit(),
@@ -119,15 +120,18 @@ def _check_baselines(baselines, family: str) -> tuple[str, ...]:
     known = {ORIGINAL, "eager", *ALL_EXPERTS_FUNCTIONS.keys()} - {"comet"}
     for b in baselines:
         if b not in known:
-            raise ValueError(f"baselines: {b!r} is not 'original' nor a transformers experts implementation {sorted(known)}")
+            raise ValueError(
+                f"baselines: {b!r} is neither 'original' nor a transformers experts implementation {sorted(known)}"
+            )
         if b != ORIGINAL and family == "llama4":
             raise ValueError(f"baselines: Llama4's experts have no implementation switch; only {ORIGINAL!r} applies")
     return tuple(baselines)
 
 
 def _layer_row(name: str, cfg: MoEConfig, x: torch.Tensor) -> dict:
-    return {"layer": name, "family": cfg.family, "tokens": x.numel() // cfg.hidden_size, "hidden": cfg.hidden_size,
-            "ffn": cfg.ffn_size, "experts": cfg.num_experts, "top_k": cfg.top_k, "dtype": str(x.dtype).removeprefix("torch.")}
+    return {"layer": name, "family": cfg.family, "tokens": x.numel() // cfg.hidden_size,
+            "hidden": cfg.hidden_size, "ffn": cfg.ffn_size, "experts": cfg.num_experts, "top_k": cfg.top_k,
+            "dtype": str(x.dtype).removeprefix("torch.")}
 
 
 def profile(

@@ -19,7 +19,7 @@ from torch import nn
 
 from comet.backends import check_backend_name
 from comet.config import MoEConfig
-from comet.hf_families import config_from_hf, experts_from_hf_layout, family_of, find_moe_blocks
+from comet.hf_families import config_from_hf, experts_from_hf_layout, find_moe_blocks
 from comet.integrations.common import check_process_group, run_experts
 
 try:
@@ -93,12 +93,12 @@ class CometLlama4Block(nn.Module):
         self.router = block.router
         self.experts = block.experts
         self.shared_expert = block.shared_expert
-        self.config = config
+        self.moe_config = config
         self.backend = backend
         self.process_group = process_group
 
     def forward(self, hidden_states: torch.Tensor):
-        cfg = self.config
+        cfg = self.moe_config
         x = hidden_states.reshape(-1, cfg.hidden_size)
         # The router returns sigmoid scores scattered into [T, E] (0 off the top-k) and the logits;
         # the top-k of the scores is exactly its choice, weights included.
@@ -147,36 +147,41 @@ def apply(model: nn.Module, process_group=None, backend: str = "auto") -> nn.Mod
         revert(model)
 
     family_cfg = config_from_hf(model.config)
-    patch = _Patch()
-    for name, block in blocks:
+    interface_blocks, replaced_blocks = [], []
+    for name, block in blocks:  # check everything before changing anything
         experts = block.experts
         if _uses_experts_interface(experts):
             if not experts.has_gate or getattr(experts, "has_post_expert_norm", False):
                 raise NotImplementedError(
                     f"{name}.experts: experts without a gate projection or with a post-expert norm are not supported"
                 )
-            experts._comet = _ExpertsState(
-                family_cfg.family, _experts_config(family_cfg, experts.gate_up_proj.shape[0]), backend, process_group
-            )
-            patch.experts.append(experts)
+            interface_blocks.append(block)
         elif family_cfg.family == "llama4":
-            parent, attr = _parent(model, name)
-            setattr(parent, attr, CometLlama4Block(block, family_cfg, backend, process_group))
-            patch.replaced.append((parent, attr, block))
+            replaced_blocks.append((name, block))
         else:
             raise NotImplementedError(
                 f"{name}: the {family_cfg.family} experts module {type(experts).__name__} does not use "
                 f"transformers' experts interface; this transformers version is not supported (needs >= 5.7)"
             )
 
+    patch = _Patch()
+    model._comet_patch = patch
+    for block in interface_blocks:
+        experts = block.experts
+        local_cfg = _experts_config(family_cfg, experts.gate_up_proj.shape[0])
+        experts._comet = _ExpertsState(family_cfg.family, local_cfg, backend, process_group)
+        patch.experts.append(experts)
+    for name, block in replaced_blocks:
+        parent, attr = _parent(model, name)
+        setattr(parent, attr, CometLlama4Block(block, family_cfg, backend, process_group))
+        patch.replaced.append((parent, attr, block))
     if patch.experts:
         patch.previous_implementation = _get_implementation(model)
         model.set_experts_implementation(IMPLEMENTATION)
         stray = [type(e).__name__ for e in patch.experts if e.config._experts_implementation != IMPLEMENTATION]
         if stray:
-            model.set_experts_implementation(patch.previous_implementation)
+            revert(model)
             raise RuntimeError(f"model: set_experts_implementation did not reach the experts modules {stray}")
-    model._comet_patch = patch
     return model
 
 

@@ -124,7 +124,9 @@ class CometMoELayer(MoELayer):
 
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
         if intermediate_tensors is not None:
-            raise NotImplementedError("intermediate_tensors: partial CUDA-graph capture of the MoE layer is not supported")
+            raise NotImplementedError(
+                "intermediate_tensors: partial CUDA-graph capture of the MoE layer is not supported"
+            )
         if padding_mask is not None:  # [B, S] -> [S, B], as Megatron's own forward does
             padding_mask = padding_mask.transpose(0, 1).bool()
         if self.use_shared_expert and self.shared_expert_overlap:
@@ -137,7 +139,8 @@ class CometMoELayer(MoELayer):
         x = hidden_states.reshape(-1, cfg.hidden_size)
         topk_ids, topk_weights = routing_from_map(probs, routing_map, cfg.top_k)
         weights = expert_weights(self.experts, cfg)
-        output = run_experts(x, topk_ids, topk_weights, weights, cfg, self._comet_backend, self._comet_process_group)
+        output = run_experts(x, topk_ids, topk_weights, weights, cfg, self._comet_backend,
+                             self._comet_process_group)
         output = output.view(hidden_states.shape)
         if shared_output is not None:
             output = output + shared_output

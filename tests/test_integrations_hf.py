@@ -9,7 +9,7 @@ from comet import backends  # noqa: E402
 from comet.hf_families import FAMILIES, find_moe_blocks  # noqa: E402
 from comet.integrations import common  # noqa: E402
 from comet.integrations import hf as comet_hf  # noqa: E402
-from comet.tiny_models import build_tiny_model, tiny_config  # noqa: E402
+from comet.tiny_models import build_tiny_model  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -154,23 +154,26 @@ def test_set_experts_implementation_by_hand():
     expected = forward(model, ids).logits
     model.set_experts_implementation(comet_hf.IMPLEMENTATION)
     assert rel_err(forward(model, ids).logits, expected) <= 1e-5
+    assert all("_comet" in block.experts.__dict__ for _, block in find_moe_blocks(model))
 
 
 def test_reapply_and_bad_arguments():
     model = build_tiny_model("mixtral")
+    implementation = model.config._experts_implementation
     comet_hf.apply(model, backend="reference")
     comet_hf.apply(model, backend="auto")  # re-applies over the first patch
+    assert find_moe_blocks(model)[0][1].experts._comet.backend == "auto"
     comet_hf.revert(model)
-    assert model.config._experts_implementation != comet_hf.IMPLEMENTATION
+    assert model.config._experts_implementation == implementation
     with pytest.raises(ValueError, match="not patched"):
         comet_hf.revert(model)
     with pytest.raises(ValueError, match="backend"):
         comet_hf.apply(model, backend="nope")
     with pytest.raises(NotImplementedError, match="'ep' backend"):
         comet_hf.apply(model, process_group=object())
-    with pytest.raises(ValueError, match="not a supported MoE family"):
-        from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-        comet_hf.apply(AutoModelForCausalLM.from_config(LlamaConfig(
-            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)))
-    assert tiny_config("mixtral").model_type == "mixtral"
+    dense = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ValueError, match="not a supported MoE family"):
+        comet_hf.apply(dense)

@@ -101,7 +101,8 @@ def test_cli_in_process(capsys):
 
 
 def run_cli(*args, cwd):
-    result = subprocess.run([sys.executable, "-m", "comet", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "comet", *args], capture_output=True, text=True, cwd=cwd,
+                            timeout=300)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
