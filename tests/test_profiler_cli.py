@@ -100,6 +100,27 @@ def test_cli_in_process(capsys):
     assert "torchrun" in capsys.readouterr().err
 
 
+def test_cli_expert_parallel_path(monkeypatch, capsys):
+    """Under torchrun (here: a one-rank world from the environment) `--ep` reaches the adapter,
+    which says clearly that expert parallelism is not available yet."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(key, value)
+    try:
+        assert main(["profile", "--model", "mixtral-tiny", "--tokens", "4", "--ep", "1", "--dtype", "fp32"]) == 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert "'ep' backend" in capsys.readouterr().err
+
+
 def run_cli(*args, cwd):
     result = subprocess.run([sys.executable, "-m", "comet", *args], capture_output=True, text=True, cwd=cwd,
                             timeout=300)
