@@ -61,6 +61,8 @@ def _check_supported(layer: MoELayer, name: str):
         raise NotImplementedError(f"{name}: tensor parallelism around the MoE layer is not supported")
     if _group_size(getattr(layer.experts, "tp_group", None)) > 1:
         raise NotImplementedError(f"{name}: expert tensor parallelism is not supported")
+    if getattr(config, "moe_single_grouped_weight", False) or getattr(config, "moe_single_grouped_bias", False):
+        raise NotImplementedError(f"{name}: moe_single_grouped_weight/bias (one tensor for all experts) is not supported")
     if not isinstance(layer.experts, _EXPERTS_TYPES):
         raise NotImplementedError(
             f"{name}.experts: {type(layer.experts).__name__} is not supported; supported: "
