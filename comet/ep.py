@@ -1,0 +1,153 @@
+"""Expert parallelism: each rank of a process group holds E/W of the experts and its own tokens.
+
+`ep_experts` runs the routed experts of this rank's tokens across the group:
+
+1. send plan (device, `comet.scheduler.ep_plan`): each token goes once to every rank holding any
+   of its experts;
+2. dispatch (`comet.kernels.ep_dispatch`): tokens, their routing (as the receiver's local expert
+   ids) and weights pushed straight into the receivers' buffers, flags raised per chunk;
+3. on the receiver, the received slots of all sources form one "virtual token" batch
+   [W * max_tokens, H] whose unused slots carry id -1; the single-GPU routed-experts op
+   (`comet.ops.routed_experts`: routing analysis, GEMM1, GEMM2, slot combine) on this rank's
+   experts gives each received token's partial output;
+4. combine (`comet.kernels.ep_combine`): partial rows pushed back to their sources, which sum them
+   in a fixed rank order.
+
+The workspace (`comet.comm.CommWorkspace`) is made once per group and shared by every layer
+(`group_workspace`); buffers are sized by `max_tokens` (tokens per rank per call, the same on
+every rank). Each call is one epoch; nothing waits on the host. A peer that stops answering makes
+the waits give up after the workspace's `max_spins`; `check_errors(group)` (a host sync) then raises
+`CommTimeoutError`. Forward only: the kernels build no autograd graph.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import triton
+
+from comet.backends import resolve_backend
+from comet.comm import CommWorkspace
+from comet.config import MoEConfig
+from comet.functional import ExpertWeights
+from comet.kernels.ep_combine import combine_buffers, combine_push, combine_reduce
+from comet.kernels.ep_dispatch import dispatch_buffers, dispatch_push, dispatch_receive
+from comet.ops import routed_experts
+from comet.scheduler.ep_plan import plan_sends
+from comet.validation import check_hidden, check_routing
+
+# Tokens per flag and programs per push launch. The interpreter gets small ones so that tiny test
+# shapes still cross several chunks and programs. The program count must be the same on every
+# rank, so it depends on the capacity, never on this rank's tokens.
+CHUNK_TOKENS = {"cpu": 4, "cuda": 16}
+COMM_PROGRAMS = {"cpu": 2, "cuda": 32}
+
+_WORKSPACES: dict = {}
+
+
+def _group_key(group):
+    return group if group is not None else dist.group.WORLD
+
+
+def group_workspace(group=None) -> CommWorkspace:
+    """The expert-parallel workspace of `group` (default: the world), made on first use: a
+    collective call, so every rank of the group must reach it."""
+    key = _group_key(group)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        ws = _WORKSPACES[key] = CommWorkspace.create(key)
+    return ws
+
+
+def release_workspace(group=None):
+    """Collective: free the group's workspace (the next call makes a new one)."""
+    ws = _WORKSPACES.pop(_group_key(group), None)
+    if ws is not None:
+        ws.close()
+
+
+def check_errors(group=None):
+    """Raise `CommTimeoutError` if a wait of the group's expert-parallel kernels timed out.
+    Reads the error record back: call it where a host sync is acceptable."""
+    ws = _WORKSPACES.get(_group_key(group))
+    if ws is not None:
+        ws.check_errors()
+
+
+def _check_local_weights(w: ExpertWeights, experts_per_rank: int, cfg: MoEConfig, x: torch.Tensor):
+    f, h = cfg.ffn_size, cfg.hidden_size
+    expected = {"gate_up": (experts_per_rank, 2 * f, h), "down": (experts_per_rank, h, f),
+                "gate_up_bias": (experts_per_rank, 2 * f), "down_bias": (experts_per_rank, h)}
+    for name, shape in expected.items():
+        t = getattr(w, name)
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            raise ValueError(f"local_weights.{name}: expected this rank's {experts_per_rank} experts, shape {shape}, "
+                             f"got {tuple(t.shape)}")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError(f"local_weights.{name}: {t.dtype} on {t.device}, expected x's {x.dtype} on {x.device}")
+
+
+def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, local_weights: ExpertWeights,
+               cfg: MoEConfig, group=None, *, max_tokens: int, n_comm: int = 0) -> torch.Tensor:
+    """Routed experts of this rank's tokens, x [T, H] -> [T, H], with the experts spread over
+    `group`: this rank holds experts [r*E/W, (r+1)*E/W) in `local_weights`; `topk_ids` [T, K]
+    are global ids (ids outside [0, E) are skipped). Collective: every rank of the group calls it
+    (T may differ, T = 0 included), with the same `max_tokens` >= every rank's T.
+
+    `n_comm` is the number of programs of the fused dispatch+GEMM kernels; only 0 (separate
+    dispatch, expert and combine launches) is built.
+    """
+    if n_comm != 0:
+        raise ValueError(f"n_comm: only 0 (no fused dispatch/combine) is supported, got {n_comm}")
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
+    check_hidden(x, cfg.hidden_size, local_weights.gate_up, name="x")
+    if x.dim() != 2:
+        raise ValueError(f"x: expected [tokens, hidden], got shape {tuple(x.shape)}")
+    num_tokens, top_k = x.shape[0], cfg.top_k
+    if num_tokens > max_tokens:
+        raise ValueError(f"x: {num_tokens} tokens exceed max_tokens={max_tokens}, the expert-parallel buffers' "
+                         f"capacity per rank; raise max_tokens or split the batch")
+    check_routing(topk_ids, topk_weights, num_tokens, cfg.num_experts, x.device, check_values=False)
+    if topk_ids.shape[1] != top_k:
+        raise ValueError(f"topk_ids: expected top_k = {top_k} columns, got {topk_ids.shape[1]}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, topk_weights, *local_weights[:4])):
+        raise NotImplementedError("expert parallelism is forward-only: run it under torch.no_grad() "
+                                  "or torch.inference_mode()")
+    resolve_backend("triton", x.device)  # the kernels can run here, or a clear error
+    ws = group_workspace(group)
+    if x.device != ws.device:
+        raise ValueError(f"x: on {x.device} but the group's workspace is on {ws.device}")
+    world = ws.world_size
+    if cfg.num_experts % world:
+        raise ValueError(f"cfg.num_experts ({cfg.num_experts}) must be a multiple of the group size ({world})")
+    experts_per_rank = cfg.num_experts // world
+    _check_local_weights(local_weights, experts_per_rank, cfg, x)
+
+    hidden, device = cfg.hidden_size, x.device
+    chunk = CHUNK_TOKENS[device.type]
+    programs = min(COMM_PROGRAMS[device.type], triton.cdiv(max_tokens, chunk))
+    dispatch = dispatch_buffers(ws, max_tokens, hidden, top_k, x.dtype, chunk)
+    combine = combine_buffers(ws, max_tokens, hidden, x.dtype, chunk)
+
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    topk_ids = topk_ids.contiguous()
+    topk_weights = topk_weights.float().contiguous()
+    plan = plan_sends(topk_ids, cfg.num_experts, world)
+    epoch = ws.next_epoch()
+    dispatch_push(ws, dispatch, epoch, x, topk_ids, topk_weights, plan.send_tokens, plan.counts,
+                  experts_per_rank, programs)
+    recv_ids, recv_weights, recv_counts = dispatch_receive(ws, dispatch, epoch, top_k)
+    recv_x = ws.buffer(dispatch.x, (2, world, max_tokens, hidden), x.dtype)[epoch % 2].view(-1, hidden)
+    if device.type == "cpu":
+        # The interpreter writes a kernel's tensor arguments back after the launch, and a
+        # workspace buffer shares its storage with the peers' copies, which they may be writing.
+        recv_x = recv_x.clone()
+    w = local_weights
+    partial = routed_experts(recv_x, recv_ids.view(-1, top_k), recv_weights.view(-1, top_k), w.gate_up, w.down,
+                             w.gate_up_bias, w.down_bias, w.interleaved, cfg.activation, cfg.swiglu_alpha,
+                             cfg.swiglu_limit, cfg.weight_on_input)
+    combine_push(ws, combine, epoch, partial, recv_counts, programs)
+    return combine_reduce(ws, combine, epoch, plan.mask, plan.slot, torch.empty_like(x))

@@ -1,0 +1,32 @@
+"""Expert-parallel send plan, on the device (no host sync).
+
+Rank d of a group of W owns experts [d*E/W, (d+1)*E/W). A token goes once to every rank that
+holds any of its top-k experts (not once per expert), into that rank's receive slots in token
+order. Ids outside [0, E) (Hugging Face's marker for experts handled elsewhere) send nothing.
+"""
+from typing import NamedTuple
+
+import torch
+
+
+class SendPlan(NamedTuple):
+    mask: torch.Tensor  # bool [W, T]: token t goes to rank d
+    slot: torch.Tensor  # int32 [W, T]: its receive slot on rank d (meaningful where mask)
+    counts: torch.Tensor  # int32 [W]: tokens sent to rank d
+    send_tokens: torch.Tensor  # int32 [W, T]: token in send slot i to rank d, for i < counts[d]
+
+
+def plan_sends(topk_ids: torch.Tensor, num_experts: int, world_size: int) -> SendPlan:
+    """The send plan of a routing `topk_ids` [T, K] with global expert ids."""
+    if num_experts % world_size:
+        raise ValueError(f"num_experts ({num_experts}) must be a multiple of the group size ({world_size})")
+    experts_per_rank = num_experts // world_size
+    in_range = (topk_ids >= 0) & (topk_ids < num_experts)
+    owner = torch.where(in_range, topk_ids // experts_per_rank, -1)  # [T, K]
+    ranks = torch.arange(world_size, device=topk_ids.device)
+    mask = (owner.unsqueeze(0) == ranks[:, None, None]).any(dim=-1)  # [W, T]
+    taken = mask.to(torch.int32)
+    inclusive = taken.cumsum(dim=1, dtype=torch.int32)
+    # A stable sort puts each rank's tokens first, in token order: the inverse of `slot`.
+    send_tokens = torch.argsort(1 - taken, dim=1, stable=True).to(torch.int32)
+    return SendPlan(mask, inclusive - taken, taken.sum(dim=1, dtype=torch.int32), send_tokens)
