@@ -25,6 +25,7 @@ with COMET-style overlap of expert-parallel communication and expert GEMMs.
   python -m comet info                          what this machine offers: GPUs, links, backends
   python -m comet demo                          tiny Mixtral, its MoE layers through comet vs the originals
   python -m comet profile --model mixtral-tiny  per-layer time and error of a model, CSV and plot with --out
+  python -m comet tune                          sweep the kernels' tile configs on this GPU, write its table
 
 In Python: comet.MoELayer (your own model), comet.integrations.hf.apply(model) (a Hugging Face
 model), comet.integrations.megatron.apply(model) (Megatron-Core), comet.profile(model, inputs).
@@ -236,6 +237,23 @@ def demo(args) -> int:
         print("note: CPU timings (PyTorch on the CPU, Triton kernels in the interpreter) say nothing about "
               "GPU speed; on the CPU the demo shows that the outputs match.")
     return 0 if ok else 1
+
+
+# ----------------------------------------------------------------------------------------------
+# tune
+# ----------------------------------------------------------------------------------------------
+def _tune_arguments(parser: argparse.ArgumentParser):
+    from comet.scheduler import tune
+
+    tune.add_arguments(parser)
+
+
+@command("tune", "sweep the expert kernels' tile configs on this GPU and write its table "
+         "(scheduler/tables/<gpu>.json), which later calls read", _tune_arguments)
+def tune_command(args) -> int:
+    from comet.scheduler import tune
+
+    return tune.main(args)
 
 
 # ----------------------------------------------------------------------------------------------

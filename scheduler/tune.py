@@ -131,9 +131,3 @@ def main(args: argparse.Namespace) -> int:
         torch.device("cuda"), write=not args.dry_run)
     return 0
 
-
-if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m comet.scheduler.tune", description=__doc__,
-                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(_parser)
-    raise SystemExit(main(_parser.parse_args()))
