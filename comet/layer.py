@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -36,11 +37,12 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Routed expert weights, gate rows first: gate_up [E, 2F, H], down [E, H, F]."""
+    """Routed expert weights, gate rows first: gate_up [E, 2F, H], down [E, H, F] (E = `num_experts`,
+    default all of the config's; an expert-parallel rank holds only its own)."""
 
-    def __init__(self, cfg: MoEConfig):
+    def __init__(self, cfg: MoEConfig, num_experts: int | None = None):
         super().__init__()
-        e, f, h = cfg.num_experts, cfg.ffn_size, cfg.hidden_size
+        e, f, h = num_experts or cfg.num_experts, cfg.ffn_size, cfg.hidden_size
         self.gate_up_proj = nn.Parameter(torch.randn(e, 2 * f, h) / math.sqrt(h))
         self.down_proj = nn.Parameter(torch.randn(e, h, f) / math.sqrt(f))
         self.gate_up_bias = nn.Parameter(torch.zeros(e, 2 * f)) if cfg.expert_bias else None
@@ -74,33 +76,55 @@ class MoELayer(nn.Module):
 
     backend: "reference" (plain PyTorch, fp32 accumulation), a kernel backend registered in
     `comet.backends`, or "auto" (the fastest one usable on the weights' device, chosen at call time).
+
+    process_group: expert parallelism (`comet.ep`) over this group of W ranks. Each rank keeps
+    only its experts, `expert_range` = [r*E/W, (r+1)*E/W) (router and shared experts are
+    replicated), runs its own tokens (at most `max_tokens_per_rank` per call) and gets their
+    outputs. Forward only; every rank of the group must call forward together.
     """
 
-    def __init__(self, config: MoEConfig, process_group=None, backend: str = "auto"):
+    def __init__(self, config: MoEConfig, process_group=None, backend: str = "auto",
+                 max_tokens_per_rank: int = 4096):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config: expected a comet.MoEConfig, got {type(config).__name__}")
-        if process_group is not None:
-            raise NotImplementedError(
-                "process_group: expert parallelism needs the 'ep' backend, which is not built yet"
-            )
         self.config = config
         self.process_group = process_group
         self.backend = backend
         check_backend_name(backend)
         self.router = Router(config)
-        self.experts = Experts(config)
+        self.expert_range = range(config.num_experts)
+        if process_group is not None:
+            self._init_expert_parallel(process_group, backend, max_tokens_per_rank)
+        self.experts = Experts(config, num_experts=len(self.expert_range))
         self.shared_expert = SharedExpert(config) if config.shared_ffn_size else None
+
+    def _init_expert_parallel(self, group, backend: str, max_tokens_per_rank: int):
+        if backend not in ("auto", "triton"):
+            raise ValueError(f"backend: expert parallelism runs the Triton kernels ('auto' or 'triton'), got {backend!r}")
+        if not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1:
+            raise ValueError(f"max_tokens_per_rank: expected a positive int, got {max_tokens_per_rank!r}")
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if self.config.num_experts % world:
+            raise ValueError(f"process_group: {world} ranks do not evenly split {self.config.num_experts} experts")
+        per_rank = self.config.num_experts // world
+        self.expert_range = range(rank * per_rank, (rank + 1) * per_rank)
+        self.max_tokens_per_rank = max_tokens_per_rank
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         check_hidden(hidden_states, cfg.hidden_size, self.experts.gate_up_proj)
         x = hidden_states.reshape(-1, cfg.hidden_size)
-        if x.shape[0] == 0:
+        if x.shape[0] == 0 and self.process_group is None:  # a rank of a group still takes part
             return torch.empty_like(hidden_states)
         _, topk_weights, topk_ids = self.router(x)
-        experts_fn = resolve_backend(self.backend, x.device).fn
-        out = experts_fn(x, topk_ids, topk_weights, self.experts.weights(), cfg)
+        if self.process_group is not None:
+            from comet.ep import ep_experts  # lazily, like the kernel backends (see comet.backends)
+
+            out = ep_experts(x, topk_ids, topk_weights, self.experts.weights(), cfg, self.process_group,
+                             max_tokens=self.max_tokens_per_rank)
+        else:
+            out = resolve_backend(self.backend, x.device).fn(x, topk_ids, topk_weights, self.experts.weights(), cfg)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
         return out.view(hidden_states.shape)

@@ -1,0 +1,248 @@
+"""Expert parallelism against the fp32 reference of the full layer, one process per rank.
+
+gloo ranks run the kernels under the Triton interpreter (buffers in /dev/shm); nccl ranks (where
+there are enough GPUs) compile them. Each rank computes the reference of the whole layer on its own
+tokens from the full weights (all ranks make them from one seed) and compares its output.
+"""
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import comet
+from comet.comm import CommTimeoutError
+from comet.reference import experts_reference
+from comet.scheduler.ep_plan import plan_sends
+from test_comm import _backends, _launch
+
+H, F, E = 32, 16, 8
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _device():
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _full_weights(seed: int, cfg: comet.MoEConfig, device) -> comet.ExpertWeights:
+    gen = torch.Generator().manual_seed(seed)
+    e, f, h = cfg.num_experts, cfg.ffn_size, cfg.hidden_size
+    tensors = [torch.randn(e, 2 * f, h, generator=gen) * h**-0.5, torch.randn(e, h, f, generator=gen) * f**-0.5]
+    if cfg.expert_bias:
+        tensors += [torch.randn(e, 2 * f, generator=gen), torch.randn(e, h, generator=gen)]
+    return comet.ExpertWeights(*(t.to(device) for t in tensors))
+
+
+def _local(w: comet.ExpertWeights, rank: int, world: int, dtype) -> comet.ExpertWeights:
+    per_rank = w.num_experts // world
+    part = slice(rank * per_rank, (rank + 1) * per_rank)
+    return w._replace(**{name: getattr(w, name)[part].to(dtype) for name in ("gate_up", "down", "gate_up_bias",
+                                                                             "down_bias") if getattr(w, name) is not None})
+
+
+def _routing(gen: torch.Generator, num_tokens: int, top_k: int, kind: str):
+    """Distinct experts per token; "one_rank": all of rank 0's experts; "skipped": some ids = E
+    (Hugging Face's marker for experts handled elsewhere)."""
+    world = dist.get_world_size()
+    pool = E // world if kind == "one_rank" else E
+    ids = torch.rand(num_tokens, pool, generator=gen).argsort(dim=1)[:, :top_k]
+    if kind == "skipped":
+        ids = torch.where(torch.rand(num_tokens, top_k, generator=gen) < 0.3, E, ids)
+    return ids, torch.rand(num_tokens, top_k, generator=gen) + 0.1
+
+
+def _run_calls(seed: int, calls: list, max_tokens: int) -> list:
+    """Each call: (tokens per rank, top_k, routing kind, dtype, cfg changes). Returns each rank's
+    relative errors. All calls go through one workspace."""
+    from comet.ep import check_errors, ep_experts, release_workspace
+
+    rank, world, device = dist.get_rank(), dist.get_world_size(), _device()
+    errors = []
+    for i, (tokens, top_k, kind, dtype, changes) in enumerate(calls):
+        cfg = comet.MoEConfig(hidden_size=H, ffn_size=F, num_experts=E, top_k=top_k, **changes)
+        full = _full_weights(seed + i, cfg, device)
+        gen = torch.Generator().manual_seed(seed * 7919 + i * 31 + rank)
+        num_tokens = tokens[rank]
+        x = torch.randn(num_tokens, H, generator=gen).to(device, dtype)
+        ids, weights = (t.to(device) for t in _routing(gen, num_tokens, top_k, kind))
+        with torch.no_grad():
+            out = ep_experts(x, ids, weights, _local(full, rank, world, dtype), cfg, max_tokens=max_tokens)
+        check_errors()
+        ref = experts_reference(x.float(), ids, weights, *full[:4], activation=cfg.activation,
+                                interleaved=full.interleaved, weight_on_input=cfg.weight_on_input)
+        assert out.shape == x.shape and out.dtype == dtype
+        err = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item() if num_tokens else 0.0
+        assert err <= TOL[dtype], f"rank {rank}, call {i} {tokens, top_k, kind, dtype, changes}: rel err {err:.3g}"
+        errors.append(err)
+    release_workspace()
+    return errors
+
+
+def _calls(world: int, gen: torch.Generator, n_random: int, max_tokens: int) -> list:
+    fp32 = torch.float32
+    fixed = [
+        ([max_tokens] * world, 2, "random", fp32, {}),
+        ([max_tokens - r * 3 for r in range(world)], 4, "random", fp32, {}),  # uneven
+        ([0] + [5] * (world - 1), 2, "random", fp32, {}),  # a rank with no tokens
+        ([7] * world, 2, "one_rank", fp32, {}),  # everything goes to rank 0's experts
+        ([9] * world, 3, "skipped", fp32, {}),
+        ([max_tokens] * world, 2, "random", fp32,
+         dict(expert_bias=True, activation="clamped_swiglu")),
+        ([6] * world, 2, "random", fp32, dict(weight_on_input=True)),
+        ([max_tokens] * world, 2, "random", torch.bfloat16, {}),
+    ]
+    # Then new routings and token counts every call through the same buffers.
+    counts = torch.randint(0, max_tokens + 1, (n_random, world), generator=gen).tolist()
+    tops = torch.randint(1, 5, (n_random,), generator=gen).tolist()
+    return fixed + [(c, k, "random", fp32, {}) for c, k in zip(counts, tops)]
+
+
+@pytest.mark.parametrize("backend", _backends(2))
+def test_two_ranks_against_reference(backend):
+    seed = int(torch.randint(1 << 30, ()))
+    calls = _calls(2, torch.Generator().manual_seed(seed), n_random=50, max_tokens=12)
+    for errors in _launch(_run_calls, 2, seed, calls, 12, backend=backend):
+        assert len(errors) == len(calls)
+
+
+@pytest.mark.parametrize("backend", _backends(4))
+def test_four_ranks_against_reference(backend):
+    seed = int(torch.randint(1 << 30, ()))
+    calls = _calls(4, torch.Generator().manual_seed(seed), n_random=4, max_tokens=10)
+    calls = [c for c in calls if c[3] == torch.float32 and not c[4]]  # variants are covered on 2 ranks
+    for errors in _launch(_run_calls, 4, seed, calls, 10, backend=backend):
+        assert len(errors) == len(calls)
+
+
+def _dispatch_rounds(seed: int, token_counts: list) -> int:
+    """Dispatch alone, call after call with new token counts: every source's tokens arrive at
+    their slots, and the slots past each count are marked unused (not last-but-one call's)."""
+    from comet.ep import group_workspace, release_workspace
+    from comet.kernels.ep_dispatch import dispatch_buffers, dispatch_push, dispatch_receive
+
+    rank, world, device = dist.get_rank(), dist.get_world_size(), _device()
+    ws, capacity, top_k, per_rank = group_workspace(), 9, 3, E // world
+    bufs = dispatch_buffers(ws, capacity, H, top_k, torch.float32, chunk=4)
+
+    def sent_by(src: int, call: int):
+        gen = torch.Generator().manual_seed(seed + 101 * call + src)
+        n = token_counts[call][src]
+        x = torch.randn(n, H, generator=gen)
+        ids, weights = _routing(gen, n, top_k, "skipped")
+        return x.to(device), ids.to(device), weights.to(device)
+
+    for call in range(len(token_counts)):
+        x, ids, weights = sent_by(rank, call)
+        plan = plan_sends(ids, E, world)
+        epoch = ws.next_epoch()
+        dispatch_push(ws, bufs, epoch, x, ids, weights, plan.send_tokens, plan.counts, per_rank, num_programs=2)
+        got_ids, got_weights, got_counts = dispatch_receive(ws, bufs, epoch, top_k)
+        ws.check_errors()
+        recv_x = ws.buffer(bufs.x, (2, world, capacity, H), torch.float32)[epoch % 2]
+        for src in range(world):
+            x, ids, weights = sent_by(src, call)
+            local = ids - rank * per_rank
+            mine = (local >= 0) & (local < per_rank)
+            tokens = mine.any(dim=1)
+            n = int(tokens.sum())
+            assert got_counts[src].item() == n, (call, src)
+            assert torch.equal(recv_x[src, :n], x[tokens])
+            assert torch.equal(got_ids[src, :n], torch.where(mine, local, -1)[tokens].int())
+            assert torch.equal(got_weights[src, :n], weights[tokens])
+            assert (got_ids[src, n:] == -1).all() and (got_weights[src, n:] == 0).all(), (call, src)
+    release_workspace()
+    return len(token_counts)
+
+
+@pytest.mark.parametrize("backend", _backends(2))
+def test_dispatch_alone(backend):
+    seed = int(torch.randint(1 << 30, ()))
+    counts = [[9, 9], [9, 2], [0, 9], [3, 0], [9, 9], [1, 1]]
+    assert _launch(_dispatch_rounds, 2, seed, counts, backend=backend) == [len(counts)] * 2
+
+
+def _layer_matches_full_layer(seed: int) -> list:
+    """MoELayer(process_group=...) on every rank vs the full single-process layer on its tokens."""
+    from comet.ep import release_workspace
+
+    rank, world, device = dist.get_rank(), dist.get_world_size(), _device()
+    cfg = comet.MoEConfig(hidden_size=H, ffn_size=F, num_experts=E, top_k=2, shared_ffn_size=24,
+                          shared_expert_gate=True)
+    torch.manual_seed(seed)
+    full = comet.MoELayer(cfg, backend="reference").to(device)
+    layer = comet.MoELayer(cfg, process_group=dist.group.WORLD, max_tokens_per_rank=16).to(device)
+    assert layer.expert_range == range(rank * E // world, (rank + 1) * E // world)
+    assert layer.experts.gate_up_proj.shape[0] == E // world
+    state = {k: v[layer.expert_range.start:layer.expert_range.stop] if k.startswith("experts.") else v
+             for k, v in full.state_dict().items()}
+    layer.load_state_dict(state)
+    errors = []
+    for call, shape in enumerate([(2, 5), (16,), (0, 3), (1, 7)]):
+        gen = torch.Generator().manual_seed(seed + 17 * call + rank)
+        x = torch.randn(*shape, H, generator=gen).to(device)
+        with torch.no_grad():
+            out, ref = layer(x), full(x)
+        assert out.shape == x.shape
+        errors.append(((out - ref).norm() / ref.norm().clamp_min(1e-30)).item() if x.numel() else 0.0)
+        assert errors[-1] <= TOL[torch.float32], (call, errors)
+    with pytest.raises(ValueError, match="max_tokens=16"):
+        layer(torch.randn(17, H, device=device))  # every rank fails the same check: no collective started
+    with pytest.raises(NotImplementedError, match="forward-only"):
+        layer(torch.randn(3, H, device=device))  # gradients enabled
+    release_workspace()
+    return errors
+
+
+@pytest.mark.parametrize("backend", _backends(2))
+def test_layer_with_process_group(backend):
+    seed = int(torch.randint(1 << 30, ()))
+    assert len(_launch(_layer_matches_full_layer, 2, seed, backend=backend)) == 2
+
+
+def _silent_peer(max_spins: int):
+    """After one call together, rank 1 stops calling: rank 0's waits must give up, and say so."""
+    from comet.ep import check_errors, ep_experts, group_workspace, release_workspace
+
+    rank, device = dist.get_rank(), _device()
+    cfg = comet.MoEConfig(hidden_size=H, ffn_size=F, num_experts=E, top_k=2)
+    local = _local(_full_weights(0, cfg, device), rank, 2, torch.float32)
+    x = torch.randn(4, H, device=device)
+    ids, weights = torch.tensor([[0, 7]] * 4, device=device), torch.ones(4, 2, device=device)
+    with torch.no_grad():
+        ep_experts(x, ids, weights, local, cfg, max_tokens=4)
+        check_errors()
+        group_workspace().barrier()
+        outcome = None
+        if rank == 0:
+            group_workspace().max_spins = max_spins
+            start = time.monotonic()
+            ep_experts(x, ids, weights, local, cfg, max_tokens=4)
+            with pytest.raises(CommTimeoutError) as err:
+                check_errors()
+            outcome = (str(err.value), time.monotonic() - start)
+    release_workspace()
+    return outcome
+
+
+@pytest.mark.parametrize("backend", _backends(2))
+def test_silent_peer_times_out_clearly(backend):
+    message, seconds = _launch(_silent_peer, 2, 300, backend=backend, timeout=120)[0]
+    assert message.startswith("rank 0 timed out waiting for rank 1's dispatch metadata 0 (epoch 2, its flag reads 0)")
+    assert seconds < 30, seconds  # 300 polls: well under a second; a hang would take minutes
+
+
+def test_send_plan():
+    world, num_tokens = 4, 23
+    ids = torch.rand(num_tokens, E).argsort(dim=1)[:, :3]
+    ids[::5, 0] = E  # skipped
+    plan = plan_sends(ids, E, world)
+    for d in range(world):
+        tokens = [t for t in range(num_tokens) if any(0 <= e < E and e // (E // world) == d for e in ids[t].tolist())]
+        assert plan.mask[d].nonzero().flatten().tolist() == tokens
+        assert plan.counts[d].item() == len(tokens)
+        assert plan.send_tokens[d, :len(tokens)].tolist() == tokens
+        assert plan.slot[d, tokens].tolist() == list(range(len(tokens)))
+    empty = plan_sends(ids[:0], E, world)
+    assert empty.counts.tolist() == [0] * world and empty.mask.shape == (world, 0)
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        plan_sends(ids, E, 3)
