@@ -4,8 +4,11 @@ gloo ranks run the kernels under the Triton interpreter (buffers in /dev/shm); n
 there are enough GPUs) compile them. Each rank computes the reference of the whole layer on its own
 tokens from the full weights (all ranks make them from one seed) and compares its output.
 """
+import sys
 import time
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
@@ -246,3 +249,18 @@ def test_send_plan():
     assert empty.counts.tolist() == [0] * world and empty.mask.shape == (world, 0)
     with pytest.raises(ValueError, match="multiple of the group size"):
         plan_sends(ids, E, 3)
+
+
+def test_bench_smoke(tmp_path, monkeypatch):
+    """bench/ep.py's logic on 2 CPU ranks: both implementations match the reference."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        monkeypatch.syspath_prepend(root)
+    from bench import ep as bench
+
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    assert bench.main(["--smoke", "--shapes", "tiny-mixtral", "--tokens", "6", "--results-dir", str(tmp_path)]) == 0
+    table = pd.read_csv(tmp_path / "ep.csv")
+    assert list(table["impl"]) == ["a2a_grouped_mm", "ours", "ours_fused"]
+    assert list(table["status"]) == ["ok", "ok", "missing"]
+    assert (tmp_path / "out" / "ep.csv").is_file()
