@@ -30,13 +30,13 @@ def _comm_probe_kernel(
     max_spins,
     WAIT_KIND: tl.constexpr,
     BLOCK: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,  # a constexpr, not tl.num_programs: Triton 3.6's interpreter can't loop on that
 ):
     pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
     parity = epoch % 2
     # Chunks are dealt round-robin to the programs; each program pushes its chunks to every rank,
     # starting with the next rank so that no two sources hit one destination at once (self last).
-    for c in range(pid, n_chunks, num_programs):
+    for c in range(pid, n_chunks, NUM_PROGRAMS):
         start = c * chunk
         end = tl.minimum(start + chunk, n)
         for i in range(world_size):
@@ -50,7 +50,7 @@ def _comm_probe_kernel(
             signal_set(flags + (parity * world_size + rank) * n_chunks + c, epoch)
     # Then the same chunks from every source, in the order the sources push to this rank.
     own_flags = peer_ptr(flag_table, rank, flag_table)
-    for c in range(pid, n_chunks, num_programs):
+    for c in range(pid, n_chunks, NUM_PROGRAMS):
         for i in range(world_size):
             src = (rank - 1 - i + world_size) % world_size
             wait_flag_ge(own_flags + (parity * world_size + src) * n_chunks + c, epoch, max_spins,
@@ -103,10 +103,11 @@ def comm_probe(
     recv = ws.buffer(recv_name, (2, w, n), data.dtype)
     ws.flags(flags_name, (2, w, n_chunks))
     epoch = ws.next_epoch()
-    _comm_probe_kernel[(min(num_programs, n_chunks),)](
+    grid = min(num_programs, n_chunks)
+    _comm_probe_kernel[(grid,)](
         data, ws.ptr_table(recv_name), ws.ptr_table(flags_name), ws.errors,
         ws.rank, w, epoch, n, chunk, n_chunks, ws.max_spins,
-        WAIT_KIND=int(WaitKind.PROBE_CHUNK), BLOCK=block, num_warps=num_warps,
+        WAIT_KIND=int(WaitKind.PROBE_CHUNK), BLOCK=block, NUM_PROGRAMS=grid, num_warps=num_warps,
     )
     if check:
         ws.check_errors()
