@@ -13,7 +13,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import time
 import traceback
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Callable, Iterable
 import pandas as pd
 import torch
 from tqdm import tqdm
+
+from comet.profiler import git_commit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -34,24 +35,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # ----------------------------------------------------------------------------------------------
 # Environment
 # ----------------------------------------------------------------------------------------------
-def git_commit() -> str:
-    """Short sha of HEAD, with "-dirty" if tracked files changed. The device machine gets the
-    working tree without .git: there set COMET_GIT_COMMIT (else "unknown")."""
-    if os.environ.get("COMET_GIT_COMMIT"):
-        return os.environ["COMET_GIT_COMMIT"]
-
-    def git(*args):
-        return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True,
-                              check=True, timeout=30).stdout.strip()
-
-    try:
-        sha = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return sha + ("-dirty" if dirty else "")
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

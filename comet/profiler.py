@@ -9,6 +9,7 @@ CUDA events, warm-up, median; on the CPU: `time.perf_counter`, labelled as not r
 from __future__ import annotations
 
 import platform
+import os
 import shutil
 import statistics
 import subprocess
@@ -45,6 +46,10 @@ def environment() -> dict:
 
 
 def git_commit() -> str:
+    """`git describe --always --dirty` of the installed source. The GPU machine gets the working
+    tree without .git: there set COMET_GIT_COMMIT (else "unknown")."""
+    if os.environ.get("COMET_GIT_COMMIT"):
+        return os.environ["COMET_GIT_COMMIT"]
     git = shutil.which("git")
     if git is None:
         return "unknown"
