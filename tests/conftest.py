@@ -11,6 +11,19 @@ if not torch.cuda.is_available():
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _triton_version() -> tuple[int, int]:
+    import triton
+
+    return tuple(int(p) for p in triton.__version__.split(".")[:2])
+
+
+# Kernels loop `for item in range(tl.program_id(0), ...)`; Triton 3.6's interpreter cannot (its
+# program id is a 1-element array), Triton 3.9's can; 3.7-3.8 are untested. Compiled kernels are
+# fine on 3.6. Tests that force the interpreter (CPU ranks) carry this mark.
+needs_interpreter_loops = pytest.mark.skipif(
+    _triton_version() < (3, 9), reason="the Triton interpreter before 3.9 cannot loop from tl.program_id")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """A different, reported seed per test: inputs are fresh each run yet reproducible."""

@@ -18,11 +18,12 @@ import torch.distributed as dist
 from comet.comm import CommTimeoutError, CommWorkspace, SharedMemoryWorkspace
 from comet.kernels.comm_probe import comm_probe
 from comet.multiprocess import RankError, run_ranks
+from conftest import needs_interpreter_loops
 
 
 def _backends(world_size: int):
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return ["gloo", pytest.param("nccl", marks=pytest.mark.skipif(gpus < world_size,
+    return [pytest.param("gloo", marks=needs_interpreter_loops), pytest.param("nccl", marks=pytest.mark.skipif(gpus < world_size,
                                                                   reason=f"needs {world_size} GPUs"))]
 
 
@@ -187,6 +188,7 @@ def test_run_ranks_times_out():
 # ----------------------------------------------------------------------------------------------
 # The GPU benchmark's logic, on CPU ranks
 # ----------------------------------------------------------------------------------------------
+@needs_interpreter_loops
 def test_bench_smoke(tmp_path, monkeypatch, capsys):
     root = str(Path(__file__).resolve().parents[1])
     if root not in sys.path:
