@@ -62,7 +62,21 @@ def _check_supported(layer: MoELayer, name: str):
     if _group_size(getattr(layer.experts, "tp_group", None)) > 1:
         raise NotImplementedError(f"{name}: expert tensor parallelism is not supported")
     if getattr(config, "moe_single_grouped_weight", False) or getattr(config, "moe_single_grouped_bias", False):
-        raise NotImplementedError(f"{name}: moe_single_grouped_weight/bias (one tensor for all experts) is not supported")
+        raise NotImplementedError(
+            f"{name}: moe_single_grouped_weight/bias (one tensor for all experts) is not supported"
+        )
+    # megatron-core 0.19 options (absent in 0.16): each changes what the expert weights hold or
+    # which tokens reach them, so `expert_weights` on the same routing would compute something else.
+    if getattr(config, "expert_gtp_weight_remat_size", 1) > 1:
+        raise NotImplementedError(f"{name}: expert_gtp_weight_remat_size > 1 (sharded expert weights) is not supported")
+    if getattr(config, "moe_expert_rank_capacity_factor", None) is not None:
+        raise NotImplementedError(
+            f"{name}: moe_expert_rank_capacity_factor (token dropping in the dispatcher) is not supported"
+        )
+    if isinstance(layer.experts, mcore_experts.TEGroupedMLP) and getattr(config, "moe_mlp_glu_interleave_size", None):
+        raise NotImplementedError(
+            f"{name}: moe_mlp_glu_interleave_size (block-interleaved gate/up rows) is not supported"
+        )
     if not isinstance(layer.experts, _EXPERTS_TYPES):
         raise NotImplementedError(
             f"{name}.experts: {type(layer.experts).__name__} is not supported; supported: "

@@ -15,7 +15,6 @@ from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec  # noq
 from megatron.core.transformer.moe import experts as mcore_experts  # noqa: E402
 from megatron.core.transformer.moe import moe_utils  # noqa: E402
 from megatron.core.transformer.moe.moe_layer import MoELayer  # noqa: E402
-from megatron.core.transformer.spec_utils import build_module  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
 from comet.integrations import megatron as comet_megatron  # noqa: E402
@@ -54,8 +53,9 @@ def build_layer(grouped=False, use_te=False, **overrides) -> MoELayer:
         output_layer_init_method=lambda w: torch.nn.init.normal_(w, std=0.3),
     )
     fields.update(overrides)
-    spec = get_moe_module_spec(use_te=use_te, num_experts=E, moe_grouped_gemm=grouped)
-    layer = build_module(spec, config=TransformerConfig(**fields)).to(DEVICE)
+    # A ModuleSpec in megatron-core 0.16, a functools.partial over MoELayer in 0.19: both build when called.
+    build_moe = get_moe_module_spec(use_te=use_te, num_experts=E, moe_grouped_gemm=grouped)
+    layer = build_moe(config=TransformerConfig(**fields)).to(DEVICE)
     with torch.no_grad():  # non-zero biases, so that the adapter has to honour them
         for name, p in layer.named_parameters():
             if name.endswith("bias") or "expert_bias" in name:
@@ -175,6 +175,12 @@ def test_unsupported_configs_raise():
     layer = build_layer(gated_linear_unit=False)
     with pytest.raises(NotImplementedError, match="activation"):
         comet_megatron.apply(layer)
+    # Options new in megatron-core 0.19, set on a built layer's config so that 0.16 checks them too.
+    for field, value in (("expert_gtp_weight_remat_size", 2), ("moe_expert_rank_capacity_factor", 1.0)):
+        layer = build_layer()
+        setattr(layer.config, field, value)
+        with pytest.raises(NotImplementedError, match=field):
+            comet_megatron.apply(layer)
     with pytest.raises(ValueError, match="no megatron.core MoELayer"):
         comet_megatron.apply(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="backend"):
