@@ -9,7 +9,8 @@
 3. on the receiver, the received slots of all sources form one "virtual token" batch
    [W * max_tokens, H] whose unused slots carry id -1; the single-GPU routed-experts op
    (`comet.ops.routed_experts`: routing analysis, GEMM1, GEMM2, slot combine) on this rank's
-   experts gives each received token's partial output;
+   experts gives each received token's partial output. With `n_comm` > 0 the routing moves
+   first and the token rows are pushed inside GEMM1's launch (`dispatch_gate_up`);
 4. combine (`comet.kernels.ep_combine`): partial rows pushed back to their sources, which sum them
    in a fixed rank order.
 
@@ -29,17 +30,20 @@ from comet.backends import resolve_backend
 from comet.comm import CommWorkspace
 from comet.config import MoEConfig
 from comet.functional import ExpertWeights
+from comet.kernels.combine import combine_slots
 from comet.kernels.ep_combine import combine_buffers, combine_push, combine_reduce
-from comet.kernels.ep_dispatch import dispatch_buffers, dispatch_push, dispatch_receive
+from comet.kernels.ep_dispatch import dispatch_buffers, dispatch_gate_up, dispatch_push, dispatch_receive
+from comet.kernels.expert_gemm import down_gemm, gate_up_gemm_args
 from comet.ops import routed_experts
+from comet.scheduler.configs import select_configs
 from comet.scheduler.ep_plan import plan_sends
+from comet.scheduler.routing import analyze_routing
 from comet.validation import check_hidden, check_routing
 
-# Tokens per flag and programs per push launch. The interpreter gets small ones so that tiny test
-# shapes still cross several chunks and programs. The program count must be the same on every
-# rank, so it depends on the capacity, never on this rank's tokens.
+# Tokens per flag. The interpreter gets small chunks and few programs per push launch so that tiny
+# test shapes still cross several of each; on a GPU the push launches (which never wait) use every SM.
 CHUNK_TOKENS = {"cpu": 4, "cuda": 16}
-COMM_PROGRAMS = {"cpu": 2, "cuda": 32}
+INTERPRETER_PUSH_PROGRAMS = 2
 
 _WORKSPACES: dict = {}
 
@@ -95,11 +99,13 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     are global ids (ids outside [0, E) are skipped). Collective: every rank of the group calls it
     (T may differ, T = 0 included), with the same `max_tokens` >= every rank's T.
 
-    `n_comm` is the number of programs of the fused dispatch+GEMM kernels; only 0 (separate
-    dispatch, expert and combine launches) is built.
+    `n_comm`: 0 runs the dispatch, the single-GPU routed-experts op and the combine as separate
+    launches (the reference); n_comm > 0 moves the routing first, then fuses pushing the token rows
+    into GEMM1's launch: its first `n_comm` programs push while the others compute, each tile
+    waiting only for the chunks it reads. (The combine is not fused yet.)
     """
-    if n_comm != 0:
-        raise ValueError(f"n_comm: only 0 (no fused dispatch/combine) is supported, got {n_comm}")
+    if not isinstance(n_comm, int) or n_comm < 0:
+        raise ValueError(f"n_comm: expected a non-negative int, got {n_comm!r}")
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
     check_hidden(x, cfg.hidden_size, local_weights.gate_up, name="x")
@@ -128,7 +134,9 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
 
     hidden, device = cfg.hidden_size, x.device
     chunk = CHUNK_TOKENS[device.type]
-    programs = min(COMM_PROGRAMS[device.type], triton.cdiv(max_tokens, chunk))
+    programs = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
+                else INTERPRETER_PUSH_PROGRAMS)
+    programs = min(programs, triton.cdiv(max_tokens, chunk))
     dispatch = dispatch_buffers(ws, max_tokens, hidden, top_k, x.dtype, chunk)
     combine = combine_buffers(ws, max_tokens, hidden, x.dtype, chunk)
 
@@ -137,17 +145,43 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     topk_weights = topk_weights.float().contiguous()
     plan = plan_sends(topk_ids, cfg.num_experts, world)
     epoch = ws.next_epoch()
+    fused = n_comm > 0
     dispatch_push(ws, dispatch, epoch, x, topk_ids, topk_weights, plan.send_tokens, plan.counts,
-                  experts_per_rank, programs)
-    recv_ids, recv_weights, recv_counts = dispatch_receive(ws, dispatch, epoch, top_k)
+                  experts_per_rank, programs, push_rows=not fused)
+    recv_ids, recv_weights, recv_counts = dispatch_receive(ws, dispatch, epoch, top_k, wait_rows=not fused)
     recv_x = ws.buffer(dispatch.x, (2, world, max_tokens, hidden), x.dtype)[epoch % 2].view(-1, hidden)
-    if device.type == "cpu":
-        # The interpreter writes a kernel's tensor arguments back after the launch, and a
-        # workspace buffer shares its storage with the peers' copies, which they may be writing.
-        recv_x = recv_x.clone()
+    recv_ids, recv_weights = recv_ids.view(-1, top_k), recv_weights.view(-1, top_k)
     w = local_weights
-    partial = routed_experts(recv_x, recv_ids.view(-1, top_k), recv_weights.view(-1, top_k), w.gate_up, w.down,
-                             w.gate_up_bias, w.down_bias, w.interleaved, cfg.activation, cfg.swiglu_alpha,
-                             cfg.swiglu_limit, cfg.weight_on_input)
+    if fused:
+        partial = _fused_experts(ws, dispatch, epoch, x, plan, recv_x, recv_ids, recv_weights, recv_counts, w, cfg,
+                                 n_comm)
+    else:
+        if device.type == "cpu":
+            # The interpreter writes a kernel's tensor arguments back after the launch, and a
+            # workspace buffer shares its storage with the peers' copies, which they may be writing.
+            recv_x = recv_x.clone()
+        partial = routed_experts(recv_x, recv_ids, recv_weights, w.gate_up, w.down, w.gate_up_bias, w.down_bias,
+                                 w.interleaved, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit,
+                                 cfg.weight_on_input)
     combine_push(ws, combine, epoch, partial, recv_counts, programs)
     return combine_reduce(ws, combine, epoch, plan.mask, plan.slot, torch.empty_like(x))
+
+
+def _fused_experts(ws, dispatch, epoch, x, plan, recv_x, recv_ids, recv_weights, recv_counts, w: ExpertWeights,
+                   cfg: MoEConfig, n_comm: int) -> torch.Tensor:
+    """`comet.ops.routed_experts` on the virtual tokens, with GEMM1 fused with pushing the rows:
+    partial [W*C, H]. recv_x is the receive buffer, filled while GEMM1 runs."""
+    rows, top_k = recv_ids.numel(), recv_ids.shape[1]
+    experts, hidden, ffn = w.down.shape
+    routing = analyze_routing(recv_ids, experts)
+    row_weights = recv_weights.reshape(-1)
+    cfg1, cfg2 = select_configs(rows, experts, hidden, ffn, x.dtype, x.device)
+    act = torch.empty(rows, ffn, dtype=x.dtype, device=x.device)
+    gemm1 = gate_up_gemm_args(recv_x, w.gate_up, w.gate_up_bias, w.interleaved, routing.sorted_rows, row_weights,
+                              routing.hist, act, top_k=top_k, activation=cfg.activation, alpha=cfg.swiglu_alpha,
+                              limit=cfg.swiglu_limit, weight_on_input=cfg.weight_on_input, cfg=cfg1)
+    dispatch_gate_up(ws, dispatch, epoch, x, plan.send_tokens, plan.counts, recv_counts, gemm1, n_comm)
+    slots = torch.empty(rows, hidden, dtype=x.dtype, device=x.device)
+    down_gemm(act, w.down, w.down_bias, routing.sorted_rows, row_weights, routing.hist, slots, top_k=top_k,
+              weight_on_input=cfg.weight_on_input, cfg=cfg2)
+    return combine_slots(slots, recv_ids, experts, torch.empty_like(recv_x))

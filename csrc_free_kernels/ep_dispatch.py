@@ -4,12 +4,17 @@ that hold their experts, then each rank waits for what it receives.
 Receive buffers on every rank (leading 2 = epoch parity, then source rank, then receive slot):
 `x` [2, W, C, H], `ids` int32 [2, W, C, K] (the expert's local id on the receiver, -1 where that
 expert lives elsewhere), `weights` fp32 [2, W, C, K], `count` int32 [2, W]. Flags: `meta` [2, W]
-(the count has arrived) and `chunk` [2, W, ceil(C / CHUNK)] (slots [c*CHUNK, (c+1)*CHUNK) have).
+(the count and routing have arrived) and `chunk` [2, W, ceil(C / CHUNK)] (x rows of slots
+[c*CHUNK, (c+1)*CHUNK) have).
 
-Two launches: `dispatch_push` (no waits) and `dispatch_receive` (waits, then writes the received
-routing into local tensors with unused slots marked -1). Keeping all waits out of the pushing
-launch means no rank's pushes depend on another rank's progress, which the Triton interpreter
-(programs run one after another, ranks are processes) needs to finish at all.
+Unfused: `dispatch_push` (routing, then rows; no waits) and `dispatch_receive` (waits for both,
+then copies the received routing into local tensors with unused slots marked -1). Fused
+(`dispatch_gate_up`): the routing moves first (`push_rows=False`, `wait_rows=False`), every rank
+builds its GEMM1 tile plan from it, then one launch pushes the rows in its first programs while
+the others run GEMM1 tiles, each waiting for the chunks it reads. No pushing program ever waits,
+so no rank's pushes depend on another rank's progress, which the Triton interpreter (programs run
+one after another, ranks are processes) needs to finish at all; waiting programs come after the
+pushing ones in their launch.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ import triton
 import triton.language as tl
 
 from comet.comm import CommWorkspace, WaitKind
+from comet.kernels.expert_gemm import expert_gemm_tile, locate_item
+from comet.kernels.routing import expert_segments
 from comet.kernels.signals import peer_ptr, signal_set, wait_flag_ge
 
 
@@ -54,48 +61,23 @@ def dispatch_buffers(ws: CommWorkspace, capacity: int, hidden: int, top_k: int, 
     return names
 
 
-@triton.jit(do_not_specialize=["rank", "epoch", "num_tokens"])
-def _dispatch_push_kernel(
-    x_ptr, stride_x, topk_ids_ptr, topk_weights_ptr,
-    send_tokens_ptr, send_counts_ptr,  # the send plan: int32 [W, T], int32 [W]
-    recv_x_table, recv_ids_table, recv_weights_table, recv_count_table, meta_table, chunk_table,
-    rank, epoch, num_tokens, capacity, hidden, experts_per_rank, n_chunks,
-    WORLD: tl.constexpr, TOP_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_K: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-):
-    pid = tl.program_id(0)
+@triton.jit
+def push_rows(pid, num_programs, x_ptr, stride_x, send_tokens_ptr, send_counts_ptr, recv_x_table, chunk_table,
+              rank, epoch, num_tokens, capacity, hidden, n_chunks,
+              WORLD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Program `pid` of `num_programs` pushes its chunks of x rows to every destination, raising a
+    flag per chunk. Chunks are dealt round-robin; destinations start with this rank and rotate by
+    rank, so that the sources spread over the targets."""
     parity = epoch % 2
-    offs_k = tl.arange(0, BLOCK_K)
-    k_mask = offs_k < TOP_K
-    # Program 0 tells every destination how many tokens come (destinations rotated by rank).
-    if pid == 0:
-        for j in range(WORLD):
-            dst = (rank + j) % WORLD
-            counts = peer_ptr(recv_count_table, dst, send_counts_ptr)
-            tl.store(counts + parity * WORLD + rank, tl.load(send_counts_ptr + dst))
-            signal_set(peer_ptr(meta_table, dst, meta_table) + parity * WORLD + rank, epoch)
-    # Chunks of send slots are dealt round-robin to the programs; each pushes its chunks to every
-    # destination, starting with itself and rotating by rank so that sources spread over targets.
     for j in range(WORLD):
         dst = (rank + j) % WORLD
         count = tl.load(send_counts_ptr + dst)
-        base = tl.cast(parity * WORLD + rank, tl.int64) * capacity
-        recv_x = peer_ptr(recv_x_table, dst, x_ptr) + base * hidden
-        recv_ids = peer_ptr(recv_ids_table, dst, send_counts_ptr) + base * TOP_K
-        recv_w = peer_ptr(recv_weights_table, dst, topk_weights_ptr) + base * TOP_K
+        recv_x = peer_ptr(recv_x_table, dst, x_ptr) + tl.cast(parity * WORLD + rank, tl.int64) * capacity * hidden
         flags = peer_ptr(chunk_table, dst, chunk_table) + (parity * WORLD + rank) * n_chunks
-        for c in range(pid, tl.cdiv(count, CHUNK), NUM_PROGRAMS):
+        for c in range(pid, tl.cdiv(count, CHUNK), num_programs):
             slots = c * CHUNK + tl.arange(0, CHUNK)
             s_mask = slots < count
             tokens = tl.load(send_tokens_ptr + dst * num_tokens + slots, mask=s_mask, other=0).to(tl.int64)
-            route_off = tokens[:, None] * TOP_K + offs_k[None, :]
-            route_mask = s_mask[:, None] & k_mask[None, :]
-            ids = tl.load(topk_ids_ptr + route_off, mask=route_mask, other=-1).to(tl.int32)
-            local = ids - dst * experts_per_rank
-            local = tl.where((local >= 0) & (local < experts_per_rank), local, -1)
-            recv_off = slots.to(tl.int64)[:, None] * TOP_K + offs_k[None, :]
-            tl.store(recv_ids + recv_off, local, mask=route_mask)
-            tl.store(recv_w + recv_off, tl.load(topk_weights_ptr + route_off, mask=route_mask), mask=route_mask)
             for h in range(0, hidden, BLOCK_H):
                 offs_h = h + tl.arange(0, BLOCK_H)
                 m = s_mask[:, None] & (offs_h < hidden)[None, :]
@@ -104,13 +86,52 @@ def _dispatch_push_kernel(
             signal_set(flags + c, epoch)
 
 
+@triton.jit(do_not_specialize=["rank", "epoch", "num_tokens"])
+def _dispatch_push_kernel(
+    x_ptr, stride_x, topk_ids_ptr, topk_weights_ptr,
+    send_tokens_ptr, send_counts_ptr,  # the send plan: int32 [W, T], int32 [W]
+    recv_x_table, recv_ids_table, recv_weights_table, recv_count_table, meta_table, chunk_table,
+    rank, epoch, num_tokens, capacity, hidden, experts_per_rank, n_chunks,
+    WORLD: tl.constexpr, TOP_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr, META_BLOCK: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PUSH_ROWS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    parity = epoch % 2
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < TOP_K
+    # Metadata first: one program per destination sends the count and the routing of every token
+    # it gets (ids as the destination's local ids), then raises the destination's meta flag.
+    for j in range(pid, WORLD, NUM_PROGRAMS):
+        dst = (rank + j) % WORLD
+        count = tl.load(send_counts_ptr + dst)
+        base = tl.cast(parity * WORLD + rank, tl.int64) * capacity * TOP_K
+        recv_ids = peer_ptr(recv_ids_table, dst, send_counts_ptr) + base
+        recv_w = peer_ptr(recv_weights_table, dst, topk_weights_ptr) + base
+        for start in range(0, count, META_BLOCK):
+            slots = start + tl.arange(0, META_BLOCK)
+            s_mask = slots < count
+            tokens = tl.load(send_tokens_ptr + dst * num_tokens + slots, mask=s_mask, other=0).to(tl.int64)
+            route_off = tokens[:, None] * TOP_K + offs_k[None, :]
+            route_mask = s_mask[:, None] & k_mask[None, :]
+            local = tl.load(topk_ids_ptr + route_off, mask=route_mask, other=-1).to(tl.int32) - dst * experts_per_rank
+            local = tl.where((local >= 0) & (local < experts_per_rank), local, -1)
+            recv_off = slots.to(tl.int64)[:, None] * TOP_K + offs_k[None, :]
+            tl.store(recv_ids + recv_off, local, mask=route_mask)
+            tl.store(recv_w + recv_off, tl.load(topk_weights_ptr + route_off, mask=route_mask), mask=route_mask)
+        tl.store(peer_ptr(recv_count_table, dst, send_counts_ptr) + parity * WORLD + rank, count)
+        signal_set(peer_ptr(meta_table, dst, meta_table) + parity * WORLD + rank, epoch)
+    if PUSH_ROWS:
+        push_rows(pid, NUM_PROGRAMS, x_ptr, stride_x, send_tokens_ptr, send_counts_ptr, recv_x_table, chunk_table,
+                  rank, epoch, num_tokens, capacity, hidden, n_chunks, WORLD, CHUNK, BLOCK_H)
+
+
 @triton.jit(do_not_specialize=["rank", "epoch", "max_spins"])
 def _dispatch_receive_kernel(
     recv_ids_table, recv_weights_table, recv_count_table, meta_table, chunk_table, error_ptr,
     ids_out_ptr, weights_out_ptr, counts_out_ptr,  # local: int32 [W, C, K], fp32 [W, C, K], int32 [W]
     rank, epoch, capacity, n_chunks, max_spins,
-    WORLD: tl.constexpr, TOP_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
-    META_KIND: tl.constexpr, CHUNK_KIND: tl.constexpr,
+    WORLD: tl.constexpr, TOP_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, META_BLOCK: tl.constexpr,
+    META_KIND: tl.constexpr, CHUNK_KIND: tl.constexpr, WAIT_ROWS: tl.constexpr,
 ):
     # Program j receives from source (rank - j) mod W: this rank itself first.
     src = (rank - tl.program_id(0) + WORLD) % WORLD
@@ -119,17 +140,18 @@ def _dispatch_receive_kernel(
     wait_flag_ge(peer_ptr(meta_table, rank, meta_table) + row, epoch, max_spins, error_ptr, META_KIND, src, 0)
     # Clamped: after a timed-out wait the count may be stale; it must still index inside the buffers.
     count = tl.minimum(tl.load(peer_ptr(recv_count_table, rank, counts_out_ptr) + row, volatile=True), capacity)
-    flags = peer_ptr(chunk_table, rank, chunk_table) + row * n_chunks
-    for c in range(tl.cdiv(count, CHUNK)):
-        wait_flag_ge(flags + c, epoch, max_spins, error_ptr, CHUNK_KIND, src, c)
+    if WAIT_ROWS:
+        flags = peer_ptr(chunk_table, rank, chunk_table) + row * n_chunks
+        for c in range(tl.cdiv(count, CHUNK)):
+            wait_flag_ge(flags + c, epoch, max_spins, error_ptr, CHUNK_KIND, src, c)
     tl.store(counts_out_ptr + src, count)
     base = tl.cast(row, tl.int64) * capacity * TOP_K
     recv_ids = peer_ptr(recv_ids_table, rank, ids_out_ptr) + base
     recv_w = peer_ptr(recv_weights_table, rank, weights_out_ptr) + base
     out_base = tl.cast(src, tl.int64) * capacity * TOP_K
     offs_k = tl.arange(0, BLOCK_K)
-    for start in range(0, capacity, CHUNK):
-        slots = start + tl.arange(0, CHUNK)
+    for start in range(0, capacity, META_BLOCK):
+        slots = start + tl.arange(0, META_BLOCK)
         off = slots.to(tl.int64)[:, None] * TOP_K + offs_k[None, :]
         in_buffer = (slots < capacity)[:, None] & (offs_k < TOP_K)[None, :]
         arrived = in_buffer & (slots < count)[:, None]
@@ -138,16 +160,84 @@ def _dispatch_receive_kernel(
         tl.store(weights_out_ptr + out_base + off, tl.load(recv_w + off, mask=arrived, other=0.0), mask=in_buffer)
 
 
+@triton.jit
+def _wait_tile_rows(first_row, end_row, sorted_rows_ptr, recv_counts_ptr, flags_ptr, epoch, capacity, n_chunks,
+                    max_spins, error_ptr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+                    WORLD: tl.constexpr, WAIT_KIND: tl.constexpr):
+    """Wait for the chunks holding one GEMM1 tile's received tokens. An expert's rows are sorted
+    by virtual token (source, slot), so the tile's chunks lie between its first and last row's."""
+    parity = epoch % 2
+    last_row = tl.minimum(first_row + BLOCK_M, end_row) - 1
+    first_token = tl.load(sorted_rows_ptr + first_row) // TOP_K
+    last_token = tl.load(sorted_rows_ptr + last_row) // TOP_K
+    first = ((first_token // capacity) * n_chunks + (first_token % capacity) // CHUNK).to(tl.int32)
+    last = ((last_token // capacity) * n_chunks + (last_token % capacity) // CHUNK).to(tl.int32)
+    for g in range(first, last + 1):
+        src = g // n_chunks
+        c = g % n_chunks
+        if c * CHUNK < tl.load(recv_counts_ptr + src):  # chunks past a source's count never come
+            wait_flag_ge(flags_ptr + (parity * WORLD + src) * n_chunks + c, epoch, max_spins, error_ptr,
+                         WAIT_KIND, src, c)
+
+
+@triton.jit(do_not_specialize=["rank", "epoch", "num_tokens", "max_spins"])
+def _dispatch_gate_up_kernel(
+    x_ptr, stride_x, send_tokens_ptr, send_counts_ptr, recv_x_table, chunk_table,
+    recv_counts_ptr, error_ptr,  # local: int32 [W] tokens from each source (dispatch_receive's)
+    rank, epoch, num_tokens, capacity, hidden, n_chunks, max_spins,
+    # expert_gemm.gemm_args of GEMM1, with this rank's receive buffer as A
+    stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
+    bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
+    sorted_rows_ptr, row_weights_ptr, hist_ptr, N, K, alpha, limit,
+    NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
+    GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    COMM_PROGRAMS: tl.constexpr, WORLD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
+    WAIT_KIND: tl.constexpr,
+):
+    # Programs below COMM_PROGRAMS push (they never wait); the others, which may wait on them,
+    # run GEMM1's persistent loop.
+    pid = tl.program_id(0)
+    if pid < COMM_PROGRAMS:
+        push_rows(pid, COMM_PROGRAMS, x_ptr, stride_x, send_tokens_ptr, send_counts_ptr, recv_x_table, chunk_table,
+                  rank, epoch, num_tokens, capacity, hidden, n_chunks, WORLD, CHUNK, BLOCK_H)
+    else:
+        a_ptr = peer_ptr(recv_x_table, rank, b_ptr) + tl.cast(epoch % 2, tl.int64) * WORLD * capacity * hidden
+        flags = peer_ptr(chunk_table, rank, chunk_table)
+        row_start, counts, tile_start, tile_end, num_tiles = expert_segments(hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        for item in range(pid - COMM_PROGRAMS, num_tiles * num_n, NUM_PROGRAMS):
+            expert, first_row, end_row, n_block = locate_item(
+                item, row_start, counts, tile_start, tile_end, num_tiles, num_n, NUM_BINS, BLOCK_M, GROUP_M)
+            _wait_tile_rows(first_row, end_row, sorted_rows_ptr, recv_counts_ptr, flags, epoch, capacity, n_chunks,
+                            max_spins, error_ptr, TOP_K, BLOCK_M, CHUNK, WORLD, WAIT_KIND)
+            expert_gemm_tile(
+                expert, first_row, end_row, n_block,
+                a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
+                bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
+                sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
+                TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, INTERLEAVED, ACTIVATION, HAS_BIAS,
+                ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT)
+
+
 def hidden_block(chunk: int, hidden: int) -> int:
     # About 8K elements per [CHUNK, BLOCK_H] tile: a few registers per thread.
     return max(16, min(triton.next_power_of_2(hidden), 8192 // chunk))
 
 
+def _meta_block(bufs: DispatchBuffers) -> int:
+    return 8 * bufs.chunk  # receive slots per step of the routing copies
+
+
 def dispatch_push(ws: CommWorkspace, bufs: DispatchBuffers, epoch: int, x: torch.Tensor, topk_ids: torch.Tensor,
                   topk_weights: torch.Tensor, send_tokens: torch.Tensor, send_counts: torch.Tensor,
-                  experts_per_rank: int, num_programs: int):
+                  experts_per_rank: int, num_programs: int, push_rows: bool = True):
     """Push this rank's tokens (x [T, H], routing [T, K] with global ids; the send plan of
-    `comet.scheduler.ep_plan`) into every destination's receive buffers, flags raised to `epoch`."""
+    `comet.scheduler.ep_plan`) into every destination's receive buffers, flags raised to `epoch`.
+    Without `push_rows`, only the counts and routing (the rows follow in `dispatch_gate_up`)."""
     num_tokens, top_k = topk_ids.shape
     hidden = x.shape[1]
     _dispatch_push_kernel[(num_programs,)](
@@ -156,14 +246,16 @@ def dispatch_push(ws: CommWorkspace, bufs: DispatchBuffers, epoch: int, x: torch
         ws.ptr_table(bufs.meta_flags), ws.ptr_table(bufs.chunk_flags),
         ws.rank, epoch, num_tokens, bufs.capacity, hidden, experts_per_rank, triton.cdiv(bufs.capacity, bufs.chunk),
         WORLD=ws.world_size, TOP_K=top_k, CHUNK=bufs.chunk, BLOCK_H=hidden_block(bufs.chunk, hidden),
-        BLOCK_K=triton.next_power_of_2(top_k), NUM_PROGRAMS=num_programs, num_warps=4,
+        BLOCK_K=triton.next_power_of_2(top_k), META_BLOCK=_meta_block(bufs), NUM_PROGRAMS=num_programs,
+        PUSH_ROWS=push_rows, num_warps=4,
     )
 
 
-def dispatch_receive(ws: CommWorkspace, bufs: DispatchBuffers, epoch: int, top_k: int):
-    """Wait for every source's tokens of call `epoch`; return the received routing as local
-    tensors: ids int32 [W, C, K] (local expert ids, -1 for unused slots and other ranks'
-    experts), weights fp32 [W, C, K], counts int32 [W] (tokens from each source)."""
+def dispatch_receive(ws: CommWorkspace, bufs: DispatchBuffers, epoch: int, top_k: int, wait_rows: bool = True):
+    """Wait for every source's tokens of call `epoch` (without `wait_rows`, only for their
+    routing); return the received routing as local tensors: ids int32 [W, C, K] (local expert
+    ids, -1 for unused slots and other ranks' experts), weights fp32 [W, C, K], counts int32 [W]
+    (tokens from each source)."""
     w, c = ws.world_size, bufs.capacity
     ids = torch.empty(w, c, top_k, dtype=torch.int32, device=ws.device)
     weights = torch.empty(w, c, top_k, dtype=torch.float32, device=ws.device)
@@ -173,7 +265,36 @@ def dispatch_receive(ws: CommWorkspace, bufs: DispatchBuffers, epoch: int, top_k
         ws.ptr_table(bufs.meta_flags), ws.ptr_table(bufs.chunk_flags), ws.errors,
         ids, weights, counts,
         ws.rank, epoch, c, triton.cdiv(c, bufs.chunk), ws.max_spins,
-        WORLD=w, TOP_K=top_k, CHUNK=bufs.chunk, BLOCK_K=triton.next_power_of_2(top_k),
-        META_KIND=int(WaitKind.DISPATCH_METADATA), CHUNK_KIND=int(WaitKind.DISPATCH_CHUNK), num_warps=4,
+        WORLD=w, TOP_K=top_k, CHUNK=bufs.chunk, BLOCK_K=triton.next_power_of_2(top_k), META_BLOCK=_meta_block(bufs),
+        META_KIND=int(WaitKind.DISPATCH_METADATA), CHUNK_KIND=int(WaitKind.DISPATCH_CHUNK), WAIT_ROWS=wait_rows,
+        num_warps=4,
     )
     return ids, weights, counts
+
+
+def dispatch_gate_up(ws: CommWorkspace, bufs: DispatchBuffers, epoch: int, x: torch.Tensor, send_tokens: torch.Tensor,
+                     send_counts: torch.Tensor, recv_counts: torch.Tensor, gemm: tuple[dict, int], n_comm: int):
+    """Dispatch fused with GEMM1: the first `n_comm` programs push this rank's x rows (after
+    `dispatch_push(push_rows=False)` and `dispatch_receive(wait_rows=False)` moved the routing),
+    the others run the tiles of `gemm` (`expert_gemm.gate_up_gemm_args` over the receive buffer
+    viewed [W*C, H]), each first waiting for the chunks of rows it reads."""
+    args, max_items = gemm
+    args = {k: v for k, v in args.items() if k != "a_ptr"}  # A is reached through the pointer table
+    if n_comm < 1:
+        raise ValueError(f"n_comm: expected >= 1 pushing programs, got {n_comm}")
+    if x.is_cuda:
+        # Compute programs wait on the pushing ones: every program must be resident at once.
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        if n_comm >= sms:
+            raise ValueError(f"n_comm: expected fewer than the {sms} SMs, got {n_comm}")
+        compute = max(1, min(sms - n_comm, max_items))
+    else:
+        compute = max(1, min(4, max_items))
+    hidden = x.shape[1]
+    _dispatch_gate_up_kernel[(n_comm + compute,)](
+        x, x.stride(0), send_tokens, send_counts, ws.ptr_table(bufs.x), ws.ptr_table(bufs.chunk_flags),
+        recv_counts, ws.errors,
+        ws.rank, epoch, x.shape[0], bufs.capacity, hidden, triton.cdiv(bufs.capacity, bufs.chunk), ws.max_spins,
+        **args, NUM_PROGRAMS=compute, COMM_PROGRAMS=n_comm, WORLD=ws.world_size, CHUNK=bufs.chunk,
+        BLOCK_H=hidden_block(bufs.chunk, hidden), WAIT_KIND=int(WaitKind.DISPATCH_CHUNK),
+    )

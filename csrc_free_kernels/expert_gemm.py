@@ -42,6 +42,19 @@ def _activation(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def locate_item(item, row_start, counts, tile_start, tile_end, num_tiles, num_n,
+                NUM_BINS: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
+    """Work item -> (expert, first sorted row, end of the expert's rows, N block)."""
+    items_per_group = GROUP_M * num_n
+    first_tile = (item // items_per_group) * GROUP_M
+    group_size = tl.minimum(num_tiles - first_tile, GROUP_M)
+    tile = first_tile + (item % items_per_group) % group_size
+    n_block = (item % items_per_group) // group_size
+    expert, first_row, end_row = locate_tile(tile, row_start, counts, tile_start, tile_end, NUM_BINS, BLOCK_M)
+    return expert, first_row, end_row, n_block
+
+
+@triton.jit
 def _expert_gemm_kernel(
     a_ptr, stride_am, stride_ak,
     b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
@@ -59,83 +72,98 @@ def _expert_gemm_kernel(
     row_start, counts, tile_start, tile_end, num_tiles = expert_segments(
         hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    items_per_group = GROUP_M * num_n
     for item in range(tl.program_id(0), num_tiles * num_n, NUM_PROGRAMS):
-        first_tile = (item // items_per_group) * GROUP_M
-        group_size = tl.minimum(num_tiles - first_tile, GROUP_M)
-        tile = first_tile + (item % items_per_group) % group_size
-        n_block = (item % items_per_group) // group_size
-        expert, first_row, end_row = locate_tile(
-            tile, row_start, counts, tile_start, tile_end, NUM_BINS, BLOCK_M)
+        expert, first_row, end_row, n_block = locate_item(
+            item, row_start, counts, tile_start, tile_end, num_tiles, num_n, NUM_BINS, BLOCK_M, GROUP_M)
+        expert_gemm_tile(
+            expert, first_row, end_row, n_block,
+            a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
+            bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
+            sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
+            TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, INTERLEAVED, ACTIVATION, HAS_BIAS,
+            ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT)
 
-        offs_m = first_row + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < end_row
-        # Row ids are token * TOP_K + slot; rows past the expert's end read row 0 and are not stored.
-        rows = tl.load(sorted_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-        a_rows = rows // TOP_K if GATHER_A else tl.where(m_mask, offs_m, 0).to(tl.int64)
-        offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-        # B columns of this block: with INTERLEAVED gate/up (gate at even rows of one [2N, K]
-        # matrix) one tile of 2*BLOCK_N adjacent rows holds both, read contiguously.
-        if INTERLEAVED:
-            offs_bn = (2 * n_block * BLOCK_N + tl.arange(0, 2 * BLOCK_N)) % (2 * N)
+
+@triton.jit
+def expert_gemm_tile(
+    expert, first_row, end_row, n_block,
+    a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
+    bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
+    sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] output tile: rows [first_row, end_row) of `expert` (sorted order)."""
+    offs_m = first_row + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < end_row
+    # Row ids are token * TOP_K + slot; rows past the expert's end read row 0 and are not stored.
+    rows = tl.load(sorted_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    a_rows = rows // TOP_K if GATHER_A else tl.where(m_mask, offs_m, 0).to(tl.int64)
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    # B columns of this block: with INTERLEAVED gate/up (gate at even rows of one [2N, K]
+    # matrix) one tile of 2*BLOCK_N adjacent rows holds both, read contiguously.
+    if INTERLEAVED:
+        offs_bn = (2 * n_block * BLOCK_N + tl.arange(0, 2 * BLOCK_N)) % (2 * N)
+    else:
+        offs_bn = offs_n % N  # in-bounds loads; the extra columns are not stored
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_off = expert.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+    b_ptrs = b_ptr + b_off
+    b2_ptrs = b2_ptr + b_off
+    SECOND_B: tl.constexpr = GATED and not INTERLEAVED
+
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N if INTERLEAVED else BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
         else:
-            offs_bn = offs_n % N  # in-bounds loads; the extra columns are not stored
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-        b_off = expert.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
-        b_ptrs = b_ptr + b_off
-        b2_ptrs = b2_ptr + b_off
-        SECOND_B: tl.constexpr = GATED and not INTERLEAVED
-
-        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N if INTERLEAVED else BLOCK_N), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
+            k_mask = offs_k < K - k
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+        if UPCAST_DOT:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if SECOND_B:
             if EVEN_K:
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
+                b2 = tl.load(b2_ptrs)
             else:
-                k_mask = offs_k < K - k
-                a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+                b2 = tl.load(b2_ptrs, mask=k_mask[:, None], other=0.0)
             if UPCAST_DOT:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-            if SECOND_B:
-                if EVEN_K:
-                    b2 = tl.load(b2_ptrs)
-                else:
-                    b2 = tl.load(b2_ptrs, mask=k_mask[:, None], other=0.0)
-                if UPCAST_DOT:
-                    b2 = b2.to(tl.float32)
-                acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
-                b2_ptrs += BLOCK_K * stride_bk
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+                b2 = b2.to(tl.float32)
+            acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
+            b2_ptrs += BLOCK_K * stride_bk
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
 
-        if ROW_WEIGHT != 0:
-            w = tl.load(row_weights_ptr + rows, mask=m_mask, other=0.0).to(tl.float32)[:, None]
-        if ROW_WEIGHT == 1:
-            acc = acc * w
-            if SECOND_B:
-                acc2 = acc2 * w
-        if HAS_BIAS:
-            bias_off = expert.to(tl.int64) * stride_bias_e + offs_bn * stride_bias_n
-            acc += tl.load(bias_ptr + bias_off).to(tl.float32)[None, :]
-            if SECOND_B:
-                acc2 += tl.load(bias2_ptr + bias_off).to(tl.float32)[None, :]
-        if GATED:
-            if INTERLEAVED:
-                gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
-                acc = _activation(gate, up, alpha, limit, ACTIVATION)
-            else:
-                acc = _activation(acc, acc2, alpha, limit, ACTIVATION)
-        if ROW_WEIGHT == 2:
-            acc = acc * w
+    if ROW_WEIGHT != 0:
+        w = tl.load(row_weights_ptr + rows, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+    if ROW_WEIGHT == 1:
+        acc = acc * w
+        if SECOND_B:
+            acc2 = acc2 * w
+    if HAS_BIAS:
+        bias_off = expert.to(tl.int64) * stride_bias_e + offs_bn * stride_bias_n
+        acc += tl.load(bias_ptr + bias_off).to(tl.float32)[None, :]
+        if SECOND_B:
+            acc2 += tl.load(bias2_ptr + bias_off).to(tl.float32)[None, :]
+    if GATED:
+        if INTERLEAVED:
+            gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+            acc = _activation(gate, up, alpha, limit, ACTIVATION)
+        else:
+            acc = _activation(acc, acc2, alpha, limit, ACTIVATION)
+    if ROW_WEIGHT == 2:
+        acc = acc * w
 
-        out_rows = rows if SCATTER_OUT else offs_m.to(tl.int64)
-        out_ptrs = out_ptr + out_rows[:, None] * stride_om + offs_n[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n < N)[None, :])
+    out_rows = rows if SCATTER_OUT else offs_m.to(tl.int64)
+    out_ptrs = out_ptr + out_rows[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n < N)[None, :])
 
 
 def _num_programs(device: torch.device, upper_bound: int) -> int:
@@ -146,30 +174,36 @@ def _num_programs(device: torch.device, upper_bound: int) -> int:
     return max(1, min(sms, upper_bound))
 
 
-def _launch(a, a_rows_gathered, b, b2, bias, bias2, out, sorted_rows, row_weights, hist, *, top_k,
-            num_experts, n, k, gated, interleaved, activation, alpha, limit, row_weight, scatter_out,
-            cfg: GemmConfig):
+def gemm_args(a, a_rows_gathered, b, b2, bias, bias2, out, sorted_rows, row_weights, hist, *, top_k,
+              num_experts, n, k, gated, interleaved, activation, alpha, limit, row_weight, scatter_out,
+              cfg: GemmConfig) -> tuple[dict, int]:
+    """(the arguments of `_expert_gemm_kernel` but NUM_PROGRAMS, by name, with the launch options;
+    an upper bound on its work items)."""
     max_tiles = triton.cdiv(sorted_rows.numel(), cfg.block_m) + num_experts
-    num_programs = _num_programs(a.device, max_tiles * triton.cdiv(n, cfg.block_n))
     has_bias = bias is not None
-    _expert_gemm_kernel[(num_programs,)](
-        a, a.stride(0), a.stride(1),
-        b, b2, b.stride(0), b.stride(1), b.stride(2),
-        bias if has_bias else b, bias2 if has_bias else b,
-        bias.stride(0) if has_bias else 0, bias.stride(1) if has_bias else 0,
-        out, out.stride(0),
-        sorted_rows, row_weights, hist,
-        n, k, alpha, limit,
+    args = dict(
+        a_ptr=a, stride_am=a.stride(0), stride_ak=a.stride(1),
+        b_ptr=b, b2_ptr=b2, stride_be=b.stride(0), stride_bn=b.stride(1), stride_bk=b.stride(2),
+        bias_ptr=bias if has_bias else b, bias2_ptr=bias2 if has_bias else b,
+        stride_bias_e=bias.stride(0) if has_bias else 0, stride_bias_n=bias.stride(1) if has_bias else 0,
+        out_ptr=out, stride_om=out.stride(0),
+        sorted_rows_ptr=sorted_rows, row_weights_ptr=row_weights, hist_ptr=hist,
+        N=n, K=k, alpha=alpha, limit=limit,
         NUM_EXPERTS=num_experts, NUM_BINS=histogram_bins(num_experts), TOP_K=top_k,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        NUM_PROGRAMS=num_programs,
-        GATHER_A=a_rows_gathered, GATED=gated, INTERLEAVED=interleaved, ACTIVATION=ACTIVATION_IDS[activation], HAS_BIAS=has_bias,
-        ROW_WEIGHT=row_weight, SCATTER_OUT=scatter_out, EVEN_K=k % cfg.block_k == 0,
+        GATHER_A=a_rows_gathered, GATED=gated, INTERLEAVED=interleaved, ACTIVATION=ACTIVATION_IDS[activation],
+        HAS_BIAS=has_bias, ROW_WEIGHT=row_weight, SCATTER_OUT=scatter_out, EVEN_K=k % cfg.block_k == 0,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         # The interpreter's dot mishandles 16-bit floats (it multiplies their bit patterns).
         UPCAST_DOT=a.device.type != "cuda",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    return args, max_tiles * triton.cdiv(n, cfg.block_n)
+
+
+def _launch(args: dict, max_items: int):
+    num_programs = _num_programs(args["a_ptr"].device, max_items)
+    _expert_gemm_kernel[(num_programs,)](**args, NUM_PROGRAMS=num_programs)
 
 
 def gate_up_gemm(x, gate_up, gate_up_bias, interleaved, sorted_rows, row_weights, hist, out, *, top_k,
@@ -178,6 +212,14 @@ def gate_up_gemm(x, gate_up, gate_up_bias, interleaved, sorted_rows, row_weights
 
     x [T, H]; gate_up [E, 2F, H] (any strides; gate rows first, or interleaved); gate_up_bias
     [E, 2F] or None; out [T*top_k, F] in expert-sorted order."""
+    _launch(*gate_up_gemm_args(x, gate_up, gate_up_bias, interleaved, sorted_rows, row_weights, hist, out,
+                               top_k=top_k, activation=activation, alpha=alpha, limit=limit,
+                               weight_on_input=weight_on_input, cfg=cfg))
+
+
+def gate_up_gemm_args(x, gate_up, gate_up_bias, interleaved, sorted_rows, row_weights, hist, out, *, top_k,
+                      activation, alpha, limit, weight_on_input, cfg: GemmConfig) -> tuple[dict, int]:
+    """`gemm_args` of `gate_up_gemm`, for kernels that run its tiles among other work."""
     num_experts, two_f, hidden = gate_up.shape
     if interleaved:
         b, b2, bias, bias2 = gate_up, gate_up, gate_up_bias, gate_up_bias
@@ -185,10 +227,11 @@ def gate_up_gemm(x, gate_up, gate_up_bias, interleaved, sorted_rows, row_weights
         b, b2 = gate_up[:, : two_f // 2], gate_up[:, two_f // 2:]
         bias, bias2 = (None, None) if gate_up_bias is None else (
             gate_up_bias[:, : two_f // 2], gate_up_bias[:, two_f // 2:])
-    _launch(x, True, b, b2, bias, bias2, out, sorted_rows, row_weights, hist, top_k=top_k,
-            num_experts=num_experts, n=two_f // 2, k=hidden, gated=True, interleaved=interleaved,
-            activation=activation, alpha=alpha, limit=limit,
-            row_weight=ROW_WEIGHT_INPUT if weight_on_input else ROW_WEIGHT_NONE, scatter_out=False, cfg=cfg)
+    return gemm_args(x, True, b, b2, bias, bias2, out, sorted_rows, row_weights, hist, top_k=top_k,
+                     num_experts=num_experts, n=two_f // 2, k=hidden, gated=True, interleaved=interleaved,
+                     activation=activation, alpha=alpha, limit=limit,
+                     row_weight=ROW_WEIGHT_INPUT if weight_on_input else ROW_WEIGHT_NONE, scatter_out=False,
+                     cfg=cfg)
 
 
 def down_gemm(act, down, down_bias, sorted_rows, row_weights, hist, out, *, top_k, weight_on_input,
@@ -196,7 +239,8 @@ def down_gemm(act, down, down_bias, sorted_rows, row_weights, hist, out, *, top_
     """out[row_p] = (act[p] @ down_e.T (+b)) * weight[row_p]: expert-sorted in, token-slot order out.
 
     act [T*top_k, F]; down [E, H, F]; out [T*top_k, H]."""
-    _launch(act, False, down, down, down_bias, down_bias, out, sorted_rows, row_weights, hist, top_k=top_k,
-            num_experts=down.shape[0], n=down.shape[1], k=down.shape[2], gated=False, interleaved=False,
-            activation="swiglu", alpha=0.0, limit=0.0,
-            row_weight=ROW_WEIGHT_NONE if weight_on_input else ROW_WEIGHT_OUTPUT, scatter_out=True, cfg=cfg)
+    _launch(*gemm_args(act, False, down, down, down_bias, down_bias, out, sorted_rows, row_weights, hist,
+                       top_k=top_k, num_experts=down.shape[0], n=down.shape[1], k=down.shape[2], gated=False,
+                       interleaved=False, activation="swiglu", alpha=0.0, limit=0.0,
+                       row_weight=ROW_WEIGHT_NONE if weight_on_input else ROW_WEIGHT_OUTPUT, scatter_out=True,
+                       cfg=cfg))
