@@ -7,7 +7,9 @@
                   all_to_all back, weighted sum per token
   ours            `comet.ep.ep_experts` with n_comm=0: dispatch kernel (each token once per
                   destination rank), the persistent expert GEMMs, combine kernel; no host sync
-  ours_fused      dispatch fused into GEMM1 and GEMM2 into combine (n_comm > 0): not built yet
+  ours_fused      the same with n_comm > 0 (--n-comm, one row each): routing first, then the token
+                  rows pushed by the first n_comm programs of GEMM1's launch while the others compute
+                  (the combine is not fused yet)
 
 Every rank makes the same full expert weights (one seed) and keeps its slice; its tokens differ.
 Each output is checked against the fp32 reference of the full layer on the rank's first
@@ -49,7 +51,6 @@ from bench.common import (  # noqa: E402
 from bench.shapes import SMOKE_MODELS, model_shape  # noqa: E402
 from bench.single_gpu import ROUTER_SKEW_STD, expert_flops, make_inputs, make_weights, reference_output  # noqa: E402
 
-IMPLS = ("a2a_grouped_mm", "ours", "ours_fused")
 SHAPES = ("Mixtral-8x7B", "Qwen3-30B-A3B", "OLMoE-1B-7B", "DeepSeek-V3")
 TOKENS = (1024, 4096, 16384)
 SMOKE_TOKENS = (8, 12)
@@ -62,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--shapes", nargs="+", help=f"model shapes (default: {', '.join(SHAPES)})")
     p.add_argument("--tokens", nargs="+", type=int, help=f"tokens per rank (default {list(TOKENS)})")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--n-comm", type=int, nargs="+", help="pushing programs of ours_fused (default 8 16 32; "
+                   "--smoke: 1 2)")
     p.add_argument("--input-sets", type=int, default=3, help="input sets rotated between calls (default 3)")
     p.add_argument("--check-rows", type=int, default=128, help="tokens per rank checked against the reference")
     p.add_argument("--seed", type=int, default=0)
@@ -75,6 +78,9 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"--shapes: unknown {unknown}; choose from {names}")
     args.tokens = args.tokens or list(SMOKE_TOKENS if args.smoke else TOKENS)
+    args.n_comm = args.n_comm or ([1, 2] if args.smoke else [8, 16, 32])
+    if min(args.n_comm) < 1:
+        p.error("--n-comm: expected positive program counts")
     args.timing = TIMINGS["smoke" if args.smoke else "quick" if args.quick else "default"]
     if args.results_dir is None:
         args.results_dir = Path(tempfile.mkdtemp(prefix="comet-bench-ep-")) if args.smoke else RESULTS_DIR
@@ -154,25 +160,25 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
         torch.manual_seed(args.seed * 7919 + tokens * 31 + rank)  # each rank its own tokens
         sets = [make_inputs(cfg, tokens, dtype, device, skew) for _ in range(args.input_sets)]
         ref = reference_output(sets[0], full, cfg, min(tokens, args.check_rows))
-        calls = {
-            "a2a_grouped_mm": lambda s: a2a_grouped_mm_experts(s.x, s.topk_ids, s.topk_weights, local, cfg),
-            "ours": lambda s: ep_experts(s.x, s.topk_ids, s.topk_weights, local, cfg, max_tokens=tokens),
-        }
-        missing = {"ours_fused": "fused dispatch+GEMM1 / GEMM2+combine (n_comm > 0) not built yet"}
-        if grouped_mm_missing():
-            missing["a2a_grouped_mm"] = grouped_mm_missing()
-        for impl in IMPLS:
+        def ours(n_comm):
+            return lambda s: ep_experts(s.x, s.topk_ids, s.topk_weights, local, cfg, max_tokens=tokens, n_comm=n_comm)
+
+        impls = [("a2a_grouped_mm", None, lambda s: a2a_grouped_mm_experts(s.x, s.topk_ids, s.topk_weights, local, cfg)),
+                 ("ours", 0, ours(0))] + [("ours_fused", n, ours(n)) for n in args.n_comm]
+        for impl, n_comm, call in impls:
+            missing = grouped_mm_missing() if impl == "a2a_grouped_mm" else None
             row = {**env, "world_size": world, "shape": name, "E": cfg.num_experts, "K": cfg.top_k,
                    "H": cfg.hidden_size, "F": cfg.ffn_size, "dtype": args.dtype, "tokens_per_rank": tokens,
-                   "impl": impl, "status": "missing", "note": missing.get(impl, "")}
-            if impl in calls and impl not in missing:
+                   "impl": impl, "n_comm": n_comm, "series": impl if not n_comm else f"{impl} n_comm={n_comm}",
+                   "status": "missing" if missing else "ok", "note": missing or ""}
+            if not missing:
                 try:
-                    row.update(measure(calls[impl], sets, ref, dtype, device, args.timing))
+                    row.update(measure(call, sets, ref, dtype, device, args.timing))
                     row["tflops_per_rank"] = expert_flops(cfg, tokens) / (row["ms"] * 1e-3) / 1e12
                 except Exception as exc:  # the same on every rank (shapes, not data), so no rank hangs
                     row.update(status="error", note=f"{type(exc).__name__}: {exc}"[:300])
             rows.append(row)
-            log(f"{name} T/rank={tokens} {impl}: {row['status']}"
+            log(f"{name} T/rank={tokens} {row['series']}: {row['status']}"
                 + (f" {row['ms']:.3f} ms, {row['tflops_per_rank']:.1f} TFLOP/s per rank, rel err {row['rel_err']:.2g}"
                    if "ms" in row else f" ({row['note']})"))
         release_workspace()  # buffers are sized by this token count
@@ -188,9 +194,10 @@ def run(args) -> list[dict]:
     rows = []
     with torch.inference_mode():
         for name in args.shapes:
-            rows += run_shape(args, name, device, env)
-            if dist.get_rank() == 0:
-                append_csv(args.results_dir / "ep.csv", rows[-len(IMPLS) * len(args.tokens):])
+            shape_rows = run_shape(args, name, device, env)
+            rows += shape_rows
+            if dist.get_rank() == 0:  # shape by shape: a run cut short keeps what it measured
+                append_csv(args.results_dir / "ep.csv", shape_rows)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows if dist.get_rank() == 0 else []
@@ -201,16 +208,17 @@ def report(rows: list[dict], results_dir: Path):
     csv, png = results_dir / "ep.csv", results_dir / "ep.png"
     timed = df[df["status"] != "missing"]
     if not timed.empty:
-        print(timed.pivot_table(index=["shape", "tokens_per_rank"], columns="impl", values="ms").to_string(
+        print(timed.pivot_table(index=["shape", "tokens_per_rank"], columns="series", values="ms").to_string(
             float_format=lambda v: f"{v:.3f}"))
         print("(ms per call, slowest rank)")
-        plot_panels(timed, png, panel="shape", x="tokens_per_rank", y="tflops_per_rank", series="impl",
+        plot_panels(timed, png, panel="shape", x="tokens_per_rank", y="tflops_per_rank", series="series",
                     ylabel="TFLOP/s per rank", title=f"expert parallel, {rows[0]['world_size']} x {rows[0]['gpu']}, "
                                                      f"commit {rows[0]['commit']}")
-    bad = df[df["status"] == "mismatch"]
+    bad = df[df["status"].isin(["mismatch", "error"])]
     for _, r in bad.iterrows():
-        print(f"!!! MISMATCH: {r['impl']} on {r['shape']} T/rank={r['tokens_per_rank']}: rel err {r['rel_err']:.3g} "
-              f"> {TOLERANCE[DTYPES[r['dtype']]]}")
+        why = (f"rel err {r['rel_err']:.3g} > {TOLERANCE[DTYPES[r['dtype']]]}" if r["status"] == "mismatch"
+               else r["note"])
+        print(f"!!! {r['status'].upper()}: {r['series']} on {r['shape']} T/rank={r['tokens_per_rank']}: {why}")
     publish([csv, png])
     print(f"appended {len(rows)} rows to {csv}")
     return 1 if len(bad) else 0
