@@ -10,7 +10,8 @@
    [W * max_tokens, H] whose unused slots carry id -1; the single-GPU routed-experts op
    (`comet.ops.routed_experts`: routing analysis, GEMM1, GEMM2, slot combine) on this rank's
    experts gives each received token's partial output. With `n_comm` > 0 the routing moves
-   first and the token rows are pushed inside GEMM1's launch (`dispatch_gate_up`);
+   first, the token rows are pushed inside GEMM1's launch (`dispatch_gate_up`) and the partial
+   rows inside GEMM2's (`down_combine`);
 4. combine (`comet.kernels.ep_combine`): partial rows pushed back to their sources, which sum them
    in a fixed rank order.
 
@@ -30,10 +31,9 @@ from comet.backends import resolve_backend
 from comet.comm import CommWorkspace
 from comet.config import MoEConfig
 from comet.functional import ExpertWeights
-from comet.kernels.combine import combine_slots
-from comet.kernels.ep_combine import combine_buffers, combine_push, combine_reduce
+from comet.kernels.ep_combine import combine_buffers, combine_push, combine_reduce, down_combine
 from comet.kernels.ep_dispatch import dispatch_buffers, dispatch_gate_up, dispatch_push, dispatch_receive
-from comet.kernels.expert_gemm import down_gemm, gate_up_gemm_args
+from comet.kernels.expert_gemm import down_gemm_args, gate_up_gemm_args
 from comet.ops import routed_experts
 from comet.scheduler.configs import select_configs
 from comet.scheduler.ep_plan import plan_sends
@@ -101,8 +101,9 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
 
     `n_comm`: 0 runs the dispatch, the single-GPU routed-experts op and the combine as separate
     launches (the reference); n_comm > 0 moves the routing first, then fuses pushing the token rows
-    into GEMM1's launch: its first `n_comm` programs push while the others compute, each tile
-    waiting only for the chunks it reads. (The combine is not fused yet.)
+    into GEMM1's launch (its first `n_comm` programs push while the others compute, each tile
+    waiting only for the chunks it reads) and pushing the partial rows back into GEMM2's (its last
+    `n_comm` programs sum and push each column block as soon as GEMM2 has finished it).
     """
     if not isinstance(n_comm, int) or n_comm < 0:
         raise ValueError(f"n_comm: expected a non-negative int, got {n_comm!r}")
@@ -153,8 +154,8 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     recv_ids, recv_weights = recv_ids.view(-1, top_k), recv_weights.view(-1, top_k)
     w = local_weights
     if fused:
-        partial = _fused_experts(ws, dispatch, epoch, x, plan, recv_x, recv_ids, recv_weights, recv_counts, w, cfg,
-                                 n_comm)
+        _fused_experts(ws, dispatch, combine, epoch, x, plan, recv_x, recv_ids, recv_weights, recv_counts, w, cfg,
+                       n_comm)
     else:
         if device.type == "cpu":
             # The interpreter writes a kernel's tensor arguments back after the launch, and a
@@ -163,14 +164,15 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
         partial = routed_experts(recv_x, recv_ids, recv_weights, w.gate_up, w.down, w.gate_up_bias, w.down_bias,
                                  w.interleaved, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit,
                                  cfg.weight_on_input)
-    combine_push(ws, combine, epoch, partial, recv_counts, programs)
+        combine_push(ws, combine, epoch, partial, recv_counts, programs)
     return combine_reduce(ws, combine, epoch, plan.mask, plan.slot, torch.empty_like(x))
 
 
-def _fused_experts(ws, dispatch, epoch, x, plan, recv_x, recv_ids, recv_weights, recv_counts, w: ExpertWeights,
-                   cfg: MoEConfig, n_comm: int) -> torch.Tensor:
-    """`comet.ops.routed_experts` on the virtual tokens, with GEMM1 fused with pushing the rows:
-    partial [W*C, H]. recv_x is the receive buffer, filled while GEMM1 runs."""
+def _fused_experts(ws, dispatch, combine, epoch, x, plan, recv_x, recv_ids, recv_weights, recv_counts,
+                   w: ExpertWeights, cfg: MoEConfig, n_comm: int):
+    """`comet.ops.routed_experts` on the virtual tokens, with pushing the token rows fused into
+    GEMM1 (recv_x is the receive buffer, filled while GEMM1 runs) and pushing the partial rows to
+    their sources fused into GEMM2."""
     rows, top_k = recv_ids.numel(), recv_ids.shape[1]
     experts, hidden, ffn = w.down.shape
     routing = analyze_routing(recv_ids, experts)
@@ -182,6 +184,6 @@ def _fused_experts(ws, dispatch, epoch, x, plan, recv_x, recv_ids, recv_weights,
                               limit=cfg.swiglu_limit, weight_on_input=cfg.weight_on_input, cfg=cfg1)
     dispatch_gate_up(ws, dispatch, epoch, x, plan.send_tokens, plan.counts, recv_counts, gemm1, n_comm)
     slots = torch.empty(rows, hidden, dtype=x.dtype, device=x.device)
-    down_gemm(act, w.down, w.down_bias, routing.sorted_rows, row_weights, routing.hist, slots, top_k=top_k,
-              weight_on_input=cfg.weight_on_input, cfg=cfg2)
-    return combine_slots(slots, recv_ids, experts, torch.empty_like(recv_x))
+    gemm2 = down_gemm_args(act, w.down, w.down_bias, routing.sorted_rows, row_weights, routing.hist, slots,
+                           top_k=top_k, weight_on_input=cfg.weight_on_input, cfg=cfg2)
+    down_combine(ws, combine, epoch, gemm2, recv_ids, recv_counts, n_comm)

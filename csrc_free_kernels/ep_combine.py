@@ -5,8 +5,11 @@ Combine buffer on every rank: `partials` [2, W, C, H] (epoch parity, contributin
 token's receive slot on d), flags [2, W, ceil(C / CHUNK)] (rank d's slots of that chunk have
 arrived). One slot per contributing rank, summed in a fixed rank order: deterministic.
 
-Two launches, as for the dispatch (`comet.kernels.ep_dispatch`): `combine_push` (no waits) and
-`combine_reduce` (waits on the chunks each token block reads, then sums in fp32).
+Unfused: `combine_push` (no waits) sends the rows of the slot combine's output. Fused
+(`down_combine`): GEMM2's launch runs its tiles column block by column block in its first
+programs, while its last programs sum each received token's K slot rows of every finished
+column block and push them. Either way, `combine_reduce` then waits on the chunks each token
+block reads and sums in fp32.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ import triton.language as tl
 
 from comet.comm import CommWorkspace, WaitKind
 from comet.kernels.ep_dispatch import hidden_block
+from comet.kernels.expert_gemm import expert_gemm_tile
+from comet.kernels.routing import expert_segments, locate_tile
 from comet.kernels.signals import peer_ptr, signal_set, wait_flag_ge
 
 
@@ -66,6 +71,78 @@ def _combine_push_kernel(
             signal_set(flags + c, epoch)
 
 
+@triton.jit(do_not_specialize=["rank", "epoch", "max_spins"])
+def _down_combine_kernel(
+    recv_ids_ptr, recv_counts_ptr,  # local: int32 [W*C, K] received routing (local ids), int32 [W]
+    column_done_ptr,  # local int32 [cdiv(H, BLOCK_N)], zeroed: GEMM2 tiles finished per column block
+    partials_table, flags_table, error_ptr,
+    rank, epoch, capacity, n_chunks, max_spins,
+    # expert_gemm.gemm_args of GEMM2
+    a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
+    bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
+    sorted_rows_ptr, row_weights_ptr, hist_ptr, N, K, alpha, limit,
+    NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
+    GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    COMM_PROGRAMS: tl.constexpr, WORLD: tl.constexpr, CHUNK: tl.constexpr, WAIT_KIND: tl.constexpr,
+):
+    # The first NUM_PROGRAMS programs run GEMM2 column block by column block (every M tile of block
+    # 0, then of block 1, ...), counting finished tiles per block. The last COMM_PROGRAMS programs,
+    # which wait only on those (lower ids) and never on other ranks, sum each received token's K
+    # slot rows of a finished column block and store the partial row into its source's buffer.
+    pid = tl.program_id(0)
+    row_start, counts, tile_start, tile_end, num_tiles = expert_segments(hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    if pid < NUM_PROGRAMS:
+        for item in range(pid, num_tiles * num_n, NUM_PROGRAMS):
+            n_block = item // num_tiles
+            expert, first_row, end_row = locate_tile(item % num_tiles, row_start, counts, tile_start, tile_end,
+                                                     NUM_BINS, BLOCK_M)
+            expert_gemm_tile(
+                expert, first_row, end_row, n_block,
+                a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
+                bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
+                sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
+                TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, INTERLEAVED, ACTIVATION, HAS_BIAS,
+                ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT)
+            tl.debug_barrier()  # every thread's stores before the count
+            tl.atomic_add(column_done_ptr + n_block, 1, sem="release", scope="gpu")
+    else:
+        q = pid - NUM_PROGRAMS
+        parity = epoch % 2
+        offs_c = tl.arange(0, CHUNK)
+        for n_block in range(num_n):
+            wait_flag_ge(column_done_ptr + n_block, num_tiles, max_spins, error_ptr, WAIT_KIND, rank, n_block)
+            offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+            for j in range(WORLD):  # sources rotated by rank, as in the dispatch
+                src = (rank + j) % WORLD
+                count = tl.load(recv_counts_ptr + src)
+                dst_rows = peer_ptr(partials_table, src, out_ptr) + tl.cast(parity * WORLD + rank, tl.int64) * capacity * N
+                for c in range(q, tl.cdiv(count, CHUNK), COMM_PROGRAMS):
+                    slots = c * CHUNK + offs_c
+                    s_mask = slots < count
+                    tokens = tl.cast(src, tl.int64) * capacity + slots
+                    acc = tl.zeros((CHUNK, BLOCK_N), dtype=tl.float32)
+                    for k in tl.static_range(TOP_K):
+                        row = tokens * TOP_K + k
+                        expert = tl.load(recv_ids_ptr + row, mask=s_mask, other=-1)
+                        routed = s_mask & (expert >= 0) & (expert < NUM_EXPERTS)  # others wrote no row
+                        acc += tl.load(out_ptr + row[:, None] * stride_om + offs_n[None, :],
+                                       mask=routed[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+                    tl.store(dst_rows + slots.to(tl.int64)[:, None] * N + offs_n[None, :],
+                             acc.to(out_ptr.dtype.element_ty), mask=s_mask[:, None] & n_mask[None, :])
+        # Every column of these chunks is out: raise their flags.
+        for j in range(WORLD):
+            src = (rank + j) % WORLD
+            flags = peer_ptr(flags_table, src, flags_table) + (parity * WORLD + rank) * n_chunks
+            for c in range(q, tl.cdiv(tl.load(recv_counts_ptr + src), CHUNK), COMM_PROGRAMS):
+                signal_set(flags + c, epoch)
+
+
 @triton.jit(do_not_specialize=["rank", "epoch", "num_tokens", "max_spins"])
 def _combine_reduce_kernel(
     out_ptr, mask_ptr, slot_ptr,  # out [T, H]; the send plan's mask (bool) and slot (int32) [W, T]
@@ -112,6 +189,34 @@ def combine_push(ws: CommWorkspace, bufs: CombineBuffers, epoch: int, partial: t
         ws.rank, epoch, bufs.capacity, hidden, triton.cdiv(bufs.capacity, bufs.chunk),
         WORLD=ws.world_size, CHUNK=bufs.chunk, BLOCK_H=hidden_block(bufs.chunk, hidden),
         NUM_PROGRAMS=num_programs, num_warps=4,
+    )
+
+
+def down_combine(ws: CommWorkspace, bufs: CombineBuffers, epoch: int, gemm: tuple[dict, int],
+                 recv_ids: torch.Tensor, recv_counts: torch.Tensor, n_comm: int):
+    """GEMM2 fused with the combine's push: `gemm` (`expert_gemm.down_gemm_args` over the
+    received tokens: its output holds the weighted slot rows) runs in the first programs, column
+    block by column block; the last `n_comm` programs sum each received token's slots of a
+    finished column block (recv_ids [W*C, K], the first recv_counts[s] tokens of each source s)
+    and push the sums to the sources' combine buffers, as `combine_push` does."""
+    args, max_items = gemm
+    if n_comm < 1:
+        raise ValueError(f"n_comm: expected >= 1 pushing programs, got {n_comm}")
+    device = args["a_ptr"].device
+    if device.type == "cuda":
+        # Pushing programs wait on the computing ones: every program must be resident at once.
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if n_comm >= sms:
+            raise ValueError(f"n_comm: expected fewer than the {sms} SMs, got {n_comm}")
+        compute = max(1, min(sms - n_comm, max_items))
+    else:
+        compute = max(1, min(4, max_items))
+    column_done = torch.zeros(triton.cdiv(args["N"], args["BLOCK_N"]), dtype=torch.int32, device=device)
+    _down_combine_kernel[(compute + n_comm,)](
+        recv_ids, recv_counts, column_done, ws.ptr_table(bufs.partials), ws.ptr_table(bufs.flags), ws.errors,
+        ws.rank, epoch, bufs.capacity, triton.cdiv(bufs.capacity, bufs.chunk), ws.max_spins,
+        **args, NUM_PROGRAMS=compute, COMM_PROGRAMS=n_comm, WORLD=ws.world_size, CHUNK=bufs.chunk,
+        WAIT_KIND=int(WaitKind.COMBINE_CHUNK),
     )
 
 

@@ -239,8 +239,15 @@ def down_gemm(act, down, down_bias, sorted_rows, row_weights, hist, out, *, top_
     """out[row_p] = (act[p] @ down_e.T (+b)) * weight[row_p]: expert-sorted in, token-slot order out.
 
     act [T*top_k, F]; down [E, H, F]; out [T*top_k, H]."""
-    _launch(*gemm_args(act, False, down, down, down_bias, down_bias, out, sorted_rows, row_weights, hist,
-                       top_k=top_k, num_experts=down.shape[0], n=down.shape[1], k=down.shape[2], gated=False,
-                       interleaved=False, activation="swiglu", alpha=0.0, limit=0.0,
-                       row_weight=ROW_WEIGHT_NONE if weight_on_input else ROW_WEIGHT_OUTPUT, scatter_out=True,
-                       cfg=cfg))
+    _launch(*down_gemm_args(act, down, down_bias, sorted_rows, row_weights, hist, out, top_k=top_k,
+                            weight_on_input=weight_on_input, cfg=cfg))
+
+
+def down_gemm_args(act, down, down_bias, sorted_rows, row_weights, hist, out, *, top_k, weight_on_input,
+                   cfg: GemmConfig) -> tuple[dict, int]:
+    """`gemm_args` of `down_gemm`, for kernels that run its tiles among other work."""
+    return gemm_args(act, False, down, down, down_bias, down_bias, out, sorted_rows, row_weights, hist,
+                     top_k=top_k, num_experts=down.shape[0], n=down.shape[1], k=down.shape[2], gated=False,
+                     interleaved=False, activation="swiglu", alpha=0.0, limit=0.0,
+                     row_weight=ROW_WEIGHT_NONE if weight_on_input else ROW_WEIGHT_OUTPUT, scatter_out=True,
+                     cfg=cfg)
