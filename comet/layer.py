@@ -80,7 +80,8 @@ class MoELayer(nn.Module):
     process_group: expert parallelism (`comet.ep`) over this group of W ranks. Each rank keeps
     only its experts, `expert_range` = [r*E/W, (r+1)*E/W) (router and shared experts are
     replicated), runs its own tokens (at most `max_tokens_per_rank` per call) and gets their
-    outputs. Forward only; every rank of the group must call forward together.
+    outputs. Forward only; every rank of the group must call forward together. The attribute
+    `ep_n_comm` (default 0: unfused) sets the pushing programs of the fused kernels (`comet.ep`).
     """
 
     def __init__(self, config: MoEConfig, process_group=None, backend: str = "auto",
@@ -110,6 +111,7 @@ class MoELayer(nn.Module):
         per_rank = self.config.num_experts // world
         self.expert_range = range(rank * per_rank, (rank + 1) * per_rank)
         self.max_tokens_per_rank = max_tokens_per_rank
+        self.ep_n_comm = 0
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -122,7 +124,7 @@ class MoELayer(nn.Module):
             from comet.ep import ep_experts  # lazily, like the kernel backends (see comet.backends)
 
             out = ep_experts(x, topk_ids, topk_weights, self.experts.weights(), cfg, self.process_group,
-                             max_tokens=self.max_tokens_per_rank)
+                             max_tokens=self.max_tokens_per_rank, n_comm=self.ep_n_comm)
         else:
             out = resolve_backend(self.backend, x.device).fn(x, topk_ids, topk_weights, self.experts.weights(), cfg)
         if self.shared_expert is not None:

@@ -74,7 +74,7 @@ def _combine_push_kernel(
 @triton.jit(do_not_specialize=["rank", "epoch", "max_spins"])
 def _down_combine_kernel(
     recv_ids_ptr, recv_counts_ptr,  # local: int32 [W*C, K] received routing (local ids), int32 [W]
-    column_done_ptr,  # local int32 [cdiv(H, BLOCK_N)], zeroed: GEMM2 tiles finished per column block
+    column_done_ptr,  # local int64 [cdiv(H, BLOCK_N)], zeroed: GEMM2 tiles finished per column block
     partials_table, flags_table, error_ptr,
     rank, epoch, capacity, n_chunks, max_spins,
     # expert_gemm.gemm_args of GEMM2
@@ -211,7 +211,7 @@ def down_combine(ws: CommWorkspace, bufs: CombineBuffers, epoch: int, gemm: tupl
         compute = max(1, min(sms - n_comm, max_items))
     else:
         compute = max(1, min(4, max_items))
-    column_done = torch.zeros(triton.cdiv(args["N"], args["BLOCK_N"]), dtype=torch.int32, device=device)
+    column_done = torch.zeros(triton.cdiv(args["N"], args["BLOCK_N"]), dtype=torch.int64, device=device)
     _down_combine_kernel[(compute + n_comm,)](
         recv_ids, recv_counts, column_done, ws.ptr_table(bufs.partials), ws.ptr_table(bufs.flags), ws.errors,
         ws.rank, epoch, bufs.capacity, triton.cdiv(bufs.capacity, bufs.chunk), ws.max_spins,

@@ -182,7 +182,8 @@ def _layer_matches_full_layer(seed: int) -> list:
              for k, v in full.state_dict().items()}
     layer.load_state_dict(state)
     errors = []
-    for call, shape in enumerate([(2, 5), (16,), (0, 3), (1, 7)]):
+    for call, shape in enumerate([(2, 5), (16,), (0, 3), (1, 7), (3, 4)]):
+        layer.ep_n_comm = 2 * (call % 2)  # unfused, then fused kernels
         gen = torch.Generator().manual_seed(seed + 17 * call + rank)
         x = torch.randn(*shape, H, generator=gen).to(device)
         with torch.no_grad():
@@ -266,3 +267,20 @@ def test_bench_smoke(tmp_path, monkeypatch):
     assert list(table["series"]) == ["a2a_grouped_mm", "ours", "ours_fused n_comm=1", "ours_fused n_comm=2"]
     assert (table["status"] == "ok").all() and (table["ms"] > 0).all()
     assert (tmp_path / "out" / "ep.csv").is_file()
+
+
+def test_argument_errors():
+    """Checked before anything collective happens: no process group needed."""
+    from comet.ep import ep_experts
+
+    cfg = comet.MoEConfig(hidden_size=H, ffn_size=F, num_experts=E, top_k=2)
+    local = _local(_full_weights(0, cfg, "cpu"), 0, 2, torch.float32)
+    x, ids, weights = torch.randn(5, H), torch.zeros(5, 2, dtype=torch.long), torch.ones(5, 2)
+    with pytest.raises(ValueError, match="n_comm: expected a non-negative int"):
+        ep_experts(x, ids, weights, local, cfg, max_tokens=8, n_comm=-1)
+    with pytest.raises(ValueError, match="max_tokens: expected a positive int"):
+        ep_experts(x, ids, weights, local, cfg, max_tokens=0)
+    with pytest.raises(ValueError, match="5 tokens exceed max_tokens=4"):
+        ep_experts(x, ids, weights, local, cfg, max_tokens=4)
+    with pytest.raises(ValueError, match=r"topk_ids: expected shape \[5, top_k\]"):
+        ep_experts(x, ids[:3], weights[:3], local, cfg, max_tokens=8)
