@@ -32,7 +32,9 @@ from comet.comm import CommWorkspace
 from comet.config import MoEConfig
 from comet.functional import ExpertWeights
 from comet.kernels.ep_combine import combine_buffers, combine_push, combine_reduce, down_combine
-from comet.kernels.ep_dispatch import dispatch_buffers, dispatch_gate_up, dispatch_push, dispatch_receive
+from comet.kernels.ep_dispatch import (
+    dispatch_buffers, dispatch_gate_up, dispatch_push, dispatch_receive, over_virtual_experts,
+)
 from comet.kernels.expert_gemm import down_gemm_args, gate_up_gemm_args
 from comet.ops import routed_experts
 from comet.scheduler.configs import select_configs
@@ -149,7 +151,9 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     fused = n_comm > 0
     dispatch_push(ws, dispatch, epoch, x, topk_ids, topk_weights, plan.send_tokens, plan.counts,
                   experts_per_rank, programs, push_rows=not fused)
-    recv_ids, recv_weights, recv_counts = dispatch_receive(ws, dispatch, epoch, top_k, wait_rows=not fused)
+    # Fused, GEMM1 runs tiles in the order their rows can arrive: see dispatch_receive.
+    recv_ids, recv_weights, recv_counts = dispatch_receive(ws, dispatch, epoch, top_k, wait_rows=not fused,
+                                                           arrival_experts=experts_per_rank if fused else 0)
     recv_x = ws.buffer(dispatch.x, (2, world, max_tokens, hidden), x.dtype)[epoch % 2].view(-1, hidden)
     recv_ids, recv_weights = recv_ids.view(-1, top_k), recv_weights.view(-1, top_k)
     w = local_weights
@@ -175,15 +179,18 @@ def _fused_experts(ws, dispatch, combine, epoch, x, plan, recv_x, recv_ids, recv
     their sources fused into GEMM2."""
     rows, top_k = recv_ids.numel(), recv_ids.shape[1]
     experts, hidden, ffn = w.down.shape
-    routing = analyze_routing(recv_ids, experts)
+    virtual_experts = ws.world_size * experts  # recv_ids are in arrival order
+    routing = analyze_routing(recv_ids, virtual_experts)
     row_weights = recv_weights.reshape(-1)
     cfg1, cfg2 = select_configs(rows, experts, hidden, ffn, x.dtype, x.device)
     act = torch.empty(rows, ffn, dtype=x.dtype, device=x.device)
     gemm1 = gate_up_gemm_args(recv_x, w.gate_up, w.gate_up_bias, w.interleaved, routing.sorted_rows, row_weights,
                               routing.hist, act, top_k=top_k, activation=cfg.activation, alpha=cfg.swiglu_alpha,
                               limit=cfg.swiglu_limit, weight_on_input=cfg.weight_on_input, cfg=cfg1)
+    gemm1 = over_virtual_experts(gemm1, virtual_experts)
     dispatch_gate_up(ws, dispatch, epoch, x, plan.send_tokens, plan.counts, recv_counts, gemm1, n_comm)
     slots = torch.empty(rows, hidden, dtype=x.dtype, device=x.device)
     gemm2 = down_gemm_args(act, w.down, w.down_bias, routing.sorted_rows, row_weights, routing.hist, slots,
                            top_k=top_k, weight_on_input=cfg.weight_on_input, cfg=cfg2)
+    gemm2 = over_virtual_experts(gemm2, virtual_experts)
     down_combine(ws, combine, epoch, gemm2, recv_ids, recv_counts, n_comm)

@@ -87,6 +87,7 @@ def _down_combine_kernel(
     GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    WEIGHT_EXPERTS: tl.constexpr,  # the tile map's expert e uses weights e % WEIGHT_EXPERTS
     COMM_PROGRAMS: tl.constexpr, WORLD: tl.constexpr, CHUNK: tl.constexpr, WAIT_KIND: tl.constexpr,
 ):
     # The first NUM_PROGRAMS programs run GEMM2 column block by column block (every M tile of block
@@ -102,7 +103,7 @@ def _down_combine_kernel(
             expert, first_row, end_row = locate_tile(item % num_tiles, row_start, counts, tile_start, tile_end,
                                                      NUM_BINS, BLOCK_M)
             expert_gemm_tile(
-                expert, first_row, end_row, n_block,
+                expert % WEIGHT_EXPERTS, first_row, end_row, n_block,
                 a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
                 bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
                 sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
@@ -194,8 +195,9 @@ def combine_push(ws: CommWorkspace, bufs: CombineBuffers, epoch: int, partial: t
 
 def down_combine(ws: CommWorkspace, bufs: CombineBuffers, epoch: int, gemm: tuple[dict, int],
                  recv_ids: torch.Tensor, recv_counts: torch.Tensor, n_comm: int):
-    """GEMM2 fused with the combine's push: `gemm` (`expert_gemm.down_gemm_args` over the
-    received tokens: its output holds the weighted slot rows) runs in the first programs, column
+    """GEMM2 fused with the combine's push: `gemm` (`ep_dispatch.over_virtual_experts(
+    expert_gemm.down_gemm_args(...))` over the received tokens: its output holds the weighted slot
+    rows) runs in the first programs, column
     block by column block; the last `n_comm` programs sum each received token's slots of a
     finished column block (recv_ids [W*C, K], the first recv_counts[s] tokens of each source s)
     and push the sums to the sources' combine buffers, as `combine_push` does."""

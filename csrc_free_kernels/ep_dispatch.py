@@ -26,7 +26,7 @@ import triton.language as tl
 
 from comet.comm import CommWorkspace, WaitKind
 from comet.kernels.expert_gemm import expert_gemm_tile, locate_item
-from comet.kernels.routing import expert_segments
+from comet.kernels.routing import expert_segments, histogram_bins
 from comet.kernels.signals import peer_ptr, signal_set, wait_flag_ge
 
 
@@ -131,7 +131,7 @@ def _dispatch_receive_kernel(
     ids_out_ptr, weights_out_ptr, counts_out_ptr,  # local: int32 [W, C, K], fp32 [W, C, K], int32 [W]
     rank, epoch, capacity, n_chunks, max_spins,
     WORLD: tl.constexpr, TOP_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, META_BLOCK: tl.constexpr,
-    META_KIND: tl.constexpr, CHUNK_KIND: tl.constexpr, WAIT_ROWS: tl.constexpr,
+    META_KIND: tl.constexpr, CHUNK_KIND: tl.constexpr, WAIT_ROWS: tl.constexpr, ARRIVAL_EXPERTS: tl.constexpr,
 ):
     # Program j receives from source (rank - j) mod W: this rank itself first.
     src = (rank - tl.program_id(0) + WORLD) % WORLD
@@ -156,7 +156,10 @@ def _dispatch_receive_kernel(
         in_buffer = (slots < capacity)[:, None] & (offs_k < TOP_K)[None, :]
         arrived = in_buffer & (slots < count)[:, None]
         # Slots past the count hold older calls' data: mark them unused.
-        tl.store(ids_out_ptr + out_base + off, tl.load(recv_ids + off, mask=arrived, other=-1), mask=in_buffer)
+        ids = tl.load(recv_ids + off, mask=arrived, other=-1)
+        if ARRIVAL_EXPERTS > 0:  # virtual expert: (the source's place in arrival order, expert)
+            ids = tl.where(ids >= 0, ((src - rank + WORLD) % WORLD) * ARRIVAL_EXPERTS + ids, -1)
+        tl.store(ids_out_ptr + out_base + off, ids, mask=in_buffer)
         tl.store(weights_out_ptr + out_base + off, tl.load(recv_w + off, mask=arrived, other=0.0), mask=in_buffer)
 
 
@@ -195,6 +198,7 @@ def _dispatch_gate_up_kernel(
     GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    WEIGHT_EXPERTS: tl.constexpr,  # the tile map's expert e uses weights e % WEIGHT_EXPERTS
     COMM_PROGRAMS: tl.constexpr, WORLD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
     WAIT_KIND: tl.constexpr,
 ):
@@ -215,7 +219,7 @@ def _dispatch_gate_up_kernel(
             _wait_tile_rows(first_row, end_row, sorted_rows_ptr, recv_counts_ptr, flags, epoch, capacity, n_chunks,
                             max_spins, error_ptr, TOP_K, BLOCK_M, CHUNK, WORLD, WAIT_KIND)
             expert_gemm_tile(
-                expert, first_row, end_row, n_block,
+                expert % WEIGHT_EXPERTS, first_row, end_row, n_block,
                 a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
                 bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
                 sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
@@ -251,11 +255,16 @@ def dispatch_push(ws: CommWorkspace, bufs: DispatchBuffers, epoch: int, x: torch
     )
 
 
-def dispatch_receive(ws: CommWorkspace, bufs: DispatchBuffers, epoch: int, top_k: int, wait_rows: bool = True):
+def dispatch_receive(ws: CommWorkspace, bufs: DispatchBuffers, epoch: int, top_k: int, wait_rows: bool = True,
+                     arrival_experts: int = 0):
     """Wait for every source's tokens of call `epoch` (without `wait_rows`, only for their
     routing); return the received routing as local tensors: ids int32 [W, C, K] (local expert
     ids, -1 for unused slots and other ranks' experts), weights fp32 [W, C, K], counts int32 [W]
-    (tokens from each source)."""
+    (tokens from each source).
+
+    With `arrival_experts` = E/W, ids become virtual experts ((s - rank) mod W) * E/W + local id
+    for source s: sorted by them, the rows this rank sends itself come first, then those of the
+    sources in the order they push to this rank (`over_virtual_experts`)."""
     w, c = ws.world_size, bufs.capacity
     ids = torch.empty(w, c, top_k, dtype=torch.int32, device=ws.device)
     weights = torch.empty(w, c, top_k, dtype=torch.float32, device=ws.device)
@@ -267,17 +276,28 @@ def dispatch_receive(ws: CommWorkspace, bufs: DispatchBuffers, epoch: int, top_k
         ws.rank, epoch, c, triton.cdiv(c, bufs.chunk), ws.max_spins,
         WORLD=w, TOP_K=top_k, CHUNK=bufs.chunk, BLOCK_K=triton.next_power_of_2(top_k), META_BLOCK=_meta_block(bufs),
         META_KIND=int(WaitKind.DISPATCH_METADATA), CHUNK_KIND=int(WaitKind.DISPATCH_CHUNK), WAIT_ROWS=wait_rows,
-        num_warps=4,
+        ARRIVAL_EXPERTS=arrival_experts, num_warps=4,
     )
     return ids, weights, counts
+
+
+def over_virtual_experts(gemm: tuple[dict, int], virtual_experts: int) -> tuple[dict, int]:
+    """`gemm` (`expert_gemm.*_gemm_args`) with its tile map over `virtual_experts` experts, expert
+    v using the weights of v % (the weights' experts): for arrival-ordered routings (see
+    `dispatch_receive`), in the fused kernels."""
+    args, _ = gemm
+    rows = args["sorted_rows_ptr"].numel()
+    max_items = (triton.cdiv(rows, args["BLOCK_M"]) + virtual_experts) * triton.cdiv(args["N"], args["BLOCK_N"])
+    return {**args, "NUM_EXPERTS": virtual_experts, "NUM_BINS": histogram_bins(virtual_experts),
+            "WEIGHT_EXPERTS": args["NUM_EXPERTS"]}, max_items
 
 
 def dispatch_gate_up(ws: CommWorkspace, bufs: DispatchBuffers, epoch: int, x: torch.Tensor, send_tokens: torch.Tensor,
                      send_counts: torch.Tensor, recv_counts: torch.Tensor, gemm: tuple[dict, int], n_comm: int):
     """Dispatch fused with GEMM1: the first `n_comm` programs push this rank's x rows (after
     `dispatch_push(push_rows=False)` and `dispatch_receive(wait_rows=False)` moved the routing),
-    the others run the tiles of `gemm` (`expert_gemm.gate_up_gemm_args` over the receive buffer
-    viewed [W*C, H]), each first waiting for the chunks of rows it reads."""
+    the others run the tiles of `gemm` (`over_virtual_experts(expert_gemm.gate_up_gemm_args(...))`
+    over the receive buffer viewed [W*C, H]), each first waiting for the chunks of rows it reads."""
     args, max_items = gemm
     args = {k: v for k, v in args.items() if k != "a_ptr"}  # A is reached through the pointer table
     if n_comm < 1:
