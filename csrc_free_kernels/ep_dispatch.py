@@ -158,7 +158,7 @@ def _dispatch_receive_kernel(
         # Slots past the count hold older calls' data: mark them unused.
         ids = tl.load(recv_ids + off, mask=arrived, other=-1)
         if ARRIVAL_EXPERTS > 0:  # virtual expert: (the source's place in arrival order, expert)
-            ids = tl.where(ids >= 0, ((src - rank + WORLD) % WORLD) * ARRIVAL_EXPERTS + ids, -1)
+            ids = tl.where(ids >= 0, ((rank - src + WORLD) % WORLD) * ARRIVAL_EXPERTS + ids, -1)
         tl.store(ids_out_ptr + out_base + off, ids, mask=in_buffer)
         tl.store(weights_out_ptr + out_base + off, tl.load(recv_w + off, mask=arrived, other=0.0), mask=in_buffer)
 
@@ -262,7 +262,7 @@ def dispatch_receive(ws: CommWorkspace, bufs: DispatchBuffers, epoch: int, top_k
     ids, -1 for unused slots and other ranks' experts), weights fp32 [W, C, K], counts int32 [W]
     (tokens from each source).
 
-    With `arrival_experts` = E/W, ids become virtual experts ((s - rank) mod W) * E/W + local id
+    With `arrival_experts` = E/W, ids become virtual experts ((rank - s) mod W) * E/W + local id
     for source s: sorted by them, the rows this rank sends itself come first, then those of the
     sources in the order they push to this rank (`over_virtual_experts`)."""
     w, c = ws.world_size, bufs.capacity

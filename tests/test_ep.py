@@ -121,7 +121,8 @@ def test_four_ranks_against_reference(backend):
 
 def _dispatch_rounds(seed: int, token_counts: list) -> int:
     """Dispatch alone, call after call with new token counts: every source's tokens arrive at
-    their slots, and the slots past each count are marked unused (not last-but-one call's)."""
+    their slots, and the slots past each count are marked unused (not last-but-one call's). Every
+    other call numbers the experts in arrival order (the fused path's)."""
     from comet.ep import group_workspace, release_workspace
     from comet.kernels.ep_dispatch import dispatch_buffers, dispatch_push, dispatch_receive
 
@@ -141,7 +142,9 @@ def _dispatch_rounds(seed: int, token_counts: list) -> int:
         plan = plan_sends(ids, E, world)
         epoch = ws.next_epoch()
         dispatch_push(ws, bufs, epoch, x, ids, weights, plan.send_tokens, plan.counts, per_rank, num_programs=2)
-        got_ids, got_weights, got_counts = dispatch_receive(ws, bufs, epoch, top_k)
+        arrival = call % 2 == 1
+        got_ids, got_weights, got_counts = dispatch_receive(ws, bufs, epoch, top_k,
+                                                            arrival_experts=per_rank if arrival else 0)
         ws.check_errors()
         recv_x = ws.buffer(bufs.x, (2, world, capacity, H), torch.float32)[epoch % 2]
         for src in range(world):
@@ -152,18 +155,20 @@ def _dispatch_rounds(seed: int, token_counts: list) -> int:
             n = int(tokens.sum())
             assert got_counts[src].item() == n, (call, src)
             assert torch.equal(recv_x[src, :n], x[tokens])
-            assert torch.equal(got_ids[src, :n], torch.where(mine, local, -1)[tokens].int())
+            # Rank d pushes to d, d+1, ... in turn: source src's rows reach this rank at step rank - src.
+            place = (rank - src) % world if arrival else 0
+            assert torch.equal(got_ids[src, :n], torch.where(mine, place * per_rank + local, -1)[tokens].int())
             assert torch.equal(got_weights[src, :n], weights[tokens])
             assert (got_ids[src, n:] == -1).all() and (got_weights[src, n:] == 0).all(), (call, src)
     release_workspace()
     return len(token_counts)
 
 
-@pytest.mark.parametrize("backend", _backends(2))
+@pytest.mark.parametrize("backend", _backends(4))
 def test_dispatch_alone(backend):
     seed = int(torch.randint(1 << 30, ()))
-    counts = [[9, 9], [9, 2], [0, 9], [3, 0], [9, 9], [1, 1]]
-    assert _launch(_dispatch_rounds, 2, seed, counts, backend=backend) == [len(counts)] * 2
+    counts = [[9, 9, 4, 0], [9, 2, 9, 9], [0, 9, 1, 3], [3, 0, 0, 9], [9, 9, 9, 9], [1, 1, 0, 2]]
+    assert _launch(_dispatch_rounds, 4, seed, counts, backend=backend) == [len(counts)] * 4
 
 
 def _layer_matches_full_layer(seed: int) -> list:
