@@ -149,8 +149,9 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     plan = plan_sends(topk_ids, cfg.num_experts, world)
     epoch = ws.next_epoch()
     fused = n_comm > 0
+    # Fused, this launch only sends the routing: one program per destination.
     dispatch_push(ws, dispatch, epoch, x, topk_ids, topk_weights, plan.send_tokens, plan.counts,
-                  experts_per_rank, programs, push_rows=not fused)
+                  experts_per_rank, world if fused else programs, push_rows=not fused)
     # Fused, GEMM1 runs tiles in the order their rows can arrive: see dispatch_receive.
     recv_ids, recv_weights, recv_counts = dispatch_receive(ws, dispatch, epoch, top_k, wait_rows=not fused,
                                                            arrival_experts=experts_per_rank if fused else 0)
