@@ -171,31 +171,40 @@ def test_dispatch_alone(backend):
     assert _launch(_dispatch_rounds, 4, seed, counts, backend=backend) == [len(counts)] * 4
 
 
+def _layer_pair(cfg: comet.MoEConfig, max_tokens: int):
+    """The full single-process layer and this rank's expert-parallel layer with the same weights."""
+    full = comet.MoELayer(cfg, backend="reference").to(_device())
+    layer = comet.MoELayer(cfg, process_group=dist.group.WORLD, max_tokens_per_rank=max_tokens).to(_device())
+    part = slice(layer.expert_range.start, layer.expert_range.stop)
+    layer.load_state_dict({k: v[part] if k.startswith("experts.") else v for k, v in full.state_dict().items()})
+    return full, layer
+
+
 def _layer_matches_full_layer(seed: int) -> list:
-    """MoELayer(process_group=...) on every rank vs the full single-process layer on its tokens."""
-    from comet.ep import release_workspace
+    """MoELayer(process_group=...) on every rank vs the full single-process layer on its tokens;
+    two layers of different shapes take turns through the group's one workspace."""
+    from comet.ep import group_workspace, release_workspace
 
     rank, world, device = dist.get_rank(), dist.get_world_size(), _device()
-    cfg = comet.MoEConfig(hidden_size=H, ffn_size=F, num_experts=E, top_k=2, shared_ffn_size=24,
-                          shared_expert_gate=True)
     torch.manual_seed(seed)
-    full = comet.MoELayer(cfg, backend="reference").to(device)
-    layer = comet.MoELayer(cfg, process_group=dist.group.WORLD, max_tokens_per_rank=16).to(device)
+    full, layer = _layer_pair(comet.MoEConfig(hidden_size=H, ffn_size=F, num_experts=E, top_k=2, shared_ffn_size=24,
+                                              shared_expert_gate=True), max_tokens=16)
     assert layer.expert_range == range(rank * E // world, (rank + 1) * E // world)
     assert layer.experts.gate_up_proj.shape[0] == E // world
-    state = {k: v[layer.expert_range.start:layer.expert_range.stop] if k.startswith("experts.") else v
-             for k, v in full.state_dict().items()}
-    layer.load_state_dict(state)
+    other_full, other = _layer_pair(comet.MoEConfig(hidden_size=H, ffn_size=24, num_experts=E, top_k=3,
+                                                    expert_bias=True), max_tokens=20)
     errors = []
     for call, shape in enumerate([(2, 5), (16,), (0, 3), (1, 7), (3, 4)]):
-        layer.ep_n_comm = 2 * (call % 2)  # unfused, then fused kernels
-        gen = torch.Generator().manual_seed(seed + 17 * call + rank)
-        x = torch.randn(*shape, H, generator=gen).to(device)
-        with torch.no_grad():
-            out, ref = layer(x), full(x)
-        assert out.shape == x.shape
-        errors.append(((out - ref).norm() / ref.norm().clamp_min(1e-30)).item() if x.numel() else 0.0)
-        assert errors[-1] <= TOL[torch.float32], (call, errors)
+        for ref_layer, ep_layer in ((full, layer), (other_full, other)):
+            ep_layer.ep_n_comm = 2 * (call % 2)  # unfused, then fused kernels
+            gen = torch.Generator().manual_seed(seed + 17 * call + rank)
+            x = torch.randn(*shape, H, generator=gen).to(device)
+            with torch.no_grad():
+                out, ref = ep_layer(x), ref_layer(x)
+            assert out.shape == x.shape
+            errors.append(((out - ref).norm() / ref.norm().clamp_min(1e-30)).item() if x.numel() else 0.0)
+            assert errors[-1] <= TOL[torch.float32], (call, errors)
+    assert group_workspace().epoch == 10
     with pytest.raises(ValueError, match="max_tokens=16"):
         layer(torch.randn(17, H, device=device))  # every rank fails the same check: no collective started
     with pytest.raises(NotImplementedError, match="forward-only"):
