@@ -71,7 +71,8 @@ def _combine_push_kernel(
             signal_set(flags + c, epoch)
 
 
-@triton.jit(do_not_specialize=["rank", "epoch", "max_spins"])
+# Program counts are plain arguments here: a new n_comm or grid must not compile a new kernel.
+@triton.jit(do_not_specialize=["rank", "epoch", "max_spins", "NUM_PROGRAMS", "COMM_PROGRAMS"])
 def _down_combine_kernel(
     recv_ids_ptr, recv_counts_ptr,  # local: int32 [W*C, K] received routing (local ids), int32 [W]
     column_done_ptr,  # local int64 [cdiv(H, BLOCK_N)], zeroed: GEMM2 tiles finished per column block
@@ -83,12 +84,12 @@ def _down_combine_kernel(
     sorted_rows_ptr, row_weights_ptr, hist_ptr, N, K, alpha, limit,
     NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr,
+    NUM_PROGRAMS,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     WEIGHT_EXPERTS: tl.constexpr,  # the tile map's expert e uses weights e % WEIGHT_EXPERTS
-    COMM_PROGRAMS: tl.constexpr, WORLD: tl.constexpr, CHUNK: tl.constexpr, WAIT_KIND: tl.constexpr,
+    COMM_PROGRAMS, WORLD: tl.constexpr, CHUNK: tl.constexpr, WAIT_KIND: tl.constexpr,
 ):
     # The first NUM_PROGRAMS programs run GEMM2 column block by column block (every M tile of block
     # 0, then of block 1, ...), counting finished tiles per block. The last COMM_PROGRAMS programs,

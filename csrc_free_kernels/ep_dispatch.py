@@ -183,7 +183,8 @@ def _wait_tile_rows(first_row, end_row, sorted_rows_ptr, recv_counts_ptr, flags_
                          WAIT_KIND, src, c)
 
 
-@triton.jit(do_not_specialize=["rank", "epoch", "num_tokens", "max_spins"])
+# Program counts are plain arguments here: a new n_comm or grid must not compile a new kernel.
+@triton.jit(do_not_specialize=["rank", "epoch", "num_tokens", "max_spins", "NUM_PROGRAMS", "COMM_PROGRAMS"])
 def _dispatch_gate_up_kernel(
     x_ptr, stride_x, send_tokens_ptr, send_counts_ptr, recv_x_table, chunk_table,
     recv_counts_ptr, error_ptr,  # local: int32 [W] tokens from each source (dispatch_receive's)
@@ -194,12 +195,12 @@ def _dispatch_gate_up_kernel(
     sorted_rows_ptr, row_weights_ptr, hist_ptr, N, K, alpha, limit,
     NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr,
+    NUM_PROGRAMS,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     WEIGHT_EXPERTS: tl.constexpr,  # the tile map's expert e uses weights e % WEIGHT_EXPERTS
-    COMM_PROGRAMS: tl.constexpr, WORLD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
+    COMM_PROGRAMS, WORLD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
     WAIT_KIND: tl.constexpr,
 ):
     # Programs below COMM_PROGRAMS push (they never wait); the others, which may wait on them,

@@ -340,7 +340,8 @@ def _compile_ep_kernels() -> list:
     ]
     compiled = []
     for fn, values in cases:
-        consts = {name: values[name] for name in fn.arg_names if name in values}
+        declared = {fn.arg_names[i] for i in fn.constexprs}
+        consts = {name: values[name] for name in fn.arg_names if name in declared}
         signature = {name: "constexpr" if name in consts else pointers.get(name, "i32") for name in fn.arg_names}
         kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
                                 target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3))
