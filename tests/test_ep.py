@@ -92,6 +92,7 @@ def _calls(world: int, gen: torch.Generator, n_random: int, max_tokens: int) -> 
         ([max_tokens - r * 3 for r in range(world)], 4, "random", fp32, {}),  # uneven
         ([0] + [5] * (world - 1), 2, "random", fp32, {}),  # a rank with no tokens
         ([7] * world, 2, "one_rank", fp32, {}),  # everything goes to rank 0's experts
+        ([max_tokens] * world, 2, "one_rank", fp32, {}),  # and several tiles per expert
         ([9] * world, 3, "skipped", fp32, {}),
         ([max_tokens] * world, 2, "random", fp32,
          dict(expert_bias=True, activation="clamped_swiglu")),
@@ -108,8 +109,8 @@ def _calls(world: int, gen: torch.Generator, n_random: int, max_tokens: int) -> 
 @pytest.mark.parametrize("backend", _backends(2))
 def test_two_ranks_against_reference(backend):
     seed = int(torch.randint(1 << 30, ()))
-    calls = _calls(2, torch.Generator().manual_seed(seed), n_random=40, max_tokens=12)
-    for errors in _launch(_run_calls, 2, seed, calls, 12, backend=backend):
+    calls = _calls(2, torch.Generator().manual_seed(seed), n_random=40, max_tokens=24)
+    for errors in _launch(_run_calls, 2, seed, calls, 24, backend=backend):
         assert len(errors) == len(calls)
 
 
