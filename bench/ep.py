@@ -8,8 +8,15 @@
   ours            `comet.ep.ep_experts` with n_comm=0: dispatch kernel (each token once per
                   destination rank), the persistent expert GEMMs, combine kernel; no host sync
   ours_fused      the same with n_comm > 0 (--n-comm, one row each): routing first, then the token
-                  rows pushed by the first n_comm programs of GEMM1's launch while the others compute
-                  (the combine is not fused yet)
+                  rows pushed by the first n_comm programs of GEMM1's launch while the others compute,
+                  and the partial rows pushed by the last n_comm programs of GEMM2's launch
+
+and two diagnostic rows (not checked, not plotted) from which each row's `comm_hidden`, the share
+of the communication hidden behind computation, 1 - (t - t_compute_only) / t_comm_only, follows:
+
+  comm_only       ours without the expert computation (ep_experts(experts=False)): the same traffic
+  compute_only    the expert computation alone on the batch this rank receives (comet.ops.routed_experts
+                  on every source's tokens that use this rank's experts, padded as ours pads them)
 
 Every rank makes the same full expert weights (one seed) and keeps its slice; its tokens differ.
 Each output is checked against the fp32 reference of the full layer on the rank's first
@@ -30,6 +37,7 @@ os.environ["NCCL_NVLS_ENABLE"] = "0"
 os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
 
 import argparse  # noqa: E402
+import math  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -49,11 +57,14 @@ from bench.common import (  # noqa: E402
     within_tolerance,
 )
 from bench.shapes import SMOKE_MODELS, model_shape  # noqa: E402
+from comet.ops import routed_experts  # noqa: E402
+from comet.scheduler.ep_plan import plan_sends  # noqa: E402
 from bench.single_gpu import ROUTER_SKEW_STD, expert_flops, make_inputs, make_weights, reference_output  # noqa: E402
 
 SHAPES = ("Mixtral-8x7B", "Qwen3-30B-A3B", "OLMoE-1B-7B", "DeepSeek-V3")
 TOKENS = (1024, 4096, 16384)
 SMOKE_TOKENS = (8, 12)
+DIAGNOSTICS = ("comm_only", "compute_only")  # timed only, for comm_hidden
 # (warm-up calls, timed calls): fixed, so that every rank makes the same collective calls.
 TIMINGS = {"default": (3, 20), "quick": (2, 8), "smoke": (1, 2)}
 
@@ -123,6 +134,31 @@ def a2a_grouped_mm_experts(x, topk_ids, topk_weights, local_w: comet.ExpertWeigh
     return out.index_add_(0, order // top_k, back.float()).to(x.dtype)
 
 
+def received_batch(s, cfg: comet.MoEConfig, max_tokens: int):
+    """What `ep_experts` computes on this rank: for every source rank, its tokens that use this
+    rank's experts, in order, padded to `max_tokens` slots (local expert ids, -1 elsewhere).
+    Built with all_gathers, outside any timing; every rank has the same token count here."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_rank = cfg.num_experts // world
+    gathered = []
+    for t in (s.x, s.topk_ids, s.topk_weights.float()):
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.contiguous())
+        gathered.append(parts)
+    xs, ids, weights = [], [], []
+    for x_s, ids_s, w_s in zip(*gathered):
+        plan = plan_sends(ids_s, cfg.num_experts, world)
+        count = int(plan.counts[rank])
+        tokens = plan.send_tokens[rank, :count].long()
+        local = ids_s[tokens] - rank * per_rank
+        pad = max_tokens - count
+        xs.append(torch.nn.functional.pad(x_s[tokens], (0, 0, 0, pad)))
+        ids.append(torch.nn.functional.pad(torch.where((local >= 0) & (local < per_rank), local, -1), (0, 0, 0, pad),
+                                           value=-1))
+        weights.append(torch.nn.functional.pad(w_s[tokens], (0, 0, 0, pad)))
+    return torch.cat(xs), torch.cat(ids).int(), torch.cat(weights)
+
+
 # ----------------------------------------------------------------------------------------------
 # Run
 # ----------------------------------------------------------------------------------------------
@@ -133,13 +169,20 @@ def slowest(value: float) -> float:
 
 
 def measure(call, sets, ref, dtype, device, timing) -> dict:
-    """Check against the reference, then time: the slowest rank's error and median."""
-    error = slowest(relative_error(call(sets[0])[: ref.shape[0]], ref))
+    """Check against the reference (unless `ref` is None), then time: the slowest rank's error
+    and median."""
+    error = slowest(relative_error(call(sets[0])[: ref.shape[0]], ref)) if ref is not None else math.nan
+    if ref is None:
+        return {"status": "ok", "note": "diagnostic", "rel_err": error, "ms": _timed(call, sets, device, timing)}
+    return {"status": "ok" if within_tolerance(error, dtype) else "mismatch", "note": "", "rel_err": error,
+            "ms": _timed(call, sets, device, timing)}
+
+
+def _timed(call, sets, device, timing) -> float:
     warmup, reps = timing
     times = time_calls(lambda i: call(sets[i]), len(sets), device, warmup=warmup, min_reps=reps, max_reps=reps,
                        budget_s=0.0)
-    return {"status": "ok" if within_tolerance(error, dtype) else "mismatch", "note": "", "rel_err": error,
-            "ms": slowest(statistics.median(times))}
+    return slowest(statistics.median(times))
 
 
 def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
@@ -163,8 +206,20 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
         def ours(n_comm):
             return lambda s: ep_experts(s.x, s.topk_ids, s.topk_weights, local, cfg, max_tokens=tokens, n_comm=n_comm)
 
+        batches = {id(s): received_batch(s, cfg, tokens) for s in sets}
+
+        def compute_only(s):
+            x, ids, weights = batches[id(s)]
+            return routed_experts(x, ids, weights, local.gate_up, local.down, local.gate_up_bias, local.down_bias,
+                                  local.interleaved, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit,
+                                  cfg.weight_on_input)
+
         impls = [("a2a_grouped_mm", None, lambda s: a2a_grouped_mm_experts(s.x, s.topk_ids, s.topk_weights, local, cfg)),
-                 ("ours", 0, ours(0))] + [("ours_fused", n, ours(n)) for n in args.n_comm]
+                 ("ours", 0, ours(0))] + [("ours_fused", n, ours(n)) for n in args.n_comm] + [
+                 ("comm_only", 0, lambda s: ep_experts(s.x, s.topk_ids, s.topk_weights, local, cfg, max_tokens=tokens,
+                                                       experts=False)),
+                 ("compute_only", None, compute_only)]
+        first = len(rows)
         for impl, n_comm, call in impls:
             missing = grouped_mm_missing() if impl == "a2a_grouped_mm" else None
             row = {**env, "world_size": world, "shape": name, "E": cfg.num_experts, "K": cfg.top_k,
@@ -173,17 +228,31 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
                    "status": "missing" if missing else "ok", "note": missing or ""}
             if not missing:
                 try:
-                    row.update(measure(call, sets, ref, dtype, device, args.timing))
-                    row["tflops_per_rank"] = expert_flops(cfg, tokens) / (row["ms"] * 1e-3) / 1e12
+                    row.update(measure(call, sets, None if impl in DIAGNOSTICS else ref, dtype, device, args.timing))
+                    if impl not in DIAGNOSTICS:
+                        row["tflops_per_rank"] = expert_flops(cfg, tokens) / (row["ms"] * 1e-3) / 1e12
                 except Exception as exc:  # the same on every rank (shapes, not data), so no rank hangs
                     row.update(status="error", note=f"{type(exc).__name__}: {exc}"[:300])
             rows.append(row)
-            log(f"{name} T/rank={tokens} {row['series']}: {row['status']}"
-                + (f" {row['ms']:.3f} ms, {row['tflops_per_rank']:.1f} TFLOP/s per rank, rel err {row['rel_err']:.2g}"
-                   if "ms" in row else f" ({row['note']})"))
+            if "tflops_per_rank" in row:
+                log(f"{name} T/rank={tokens} {row['series']}: {row['status']} {row['ms']:.3f} ms, "
+                    f"{row['tflops_per_rank']:.1f} TFLOP/s per rank, rel err {row['rel_err']:.2g}")
+            else:
+                log(f"{name} T/rank={tokens} {row['series']}: {row['status']} "
+                    + (f"{row['ms']:.3f} ms" if "ms" in row else f"({row['note']})"))
+        add_comm_hidden(rows[first:])
         release_workspace()  # buffers are sized by this token count
-        del sets
+        del sets, batches
     return rows
+
+
+def add_comm_hidden(rows: list[dict]):
+    """comm_hidden = 1 - (t - t_compute_only) / t_comm_only on the rows of one (shape, tokens)."""
+    ms = {r["impl"]: r.get("ms") for r in rows if r["status"] == "ok"}
+    if ms.get("comm_only") and ms.get("compute_only"):
+        for r in rows:
+            if r["impl"] in ("ours", "ours_fused") and r.get("ms"):
+                r["comm_hidden"] = 1 - (r["ms"] - ms["compute_only"]) / ms["comm_only"]
 
 
 def run(args) -> list[dict]:
@@ -206,11 +275,16 @@ def run(args) -> list[dict]:
 def report(rows: list[dict], results_dir: Path):
     df = pd.DataFrame(rows)
     csv, png = results_dir / "ep.csv", results_dir / "ep.png"
-    timed = df[df["status"] != "missing"]
+    timed = df[(df["status"] != "missing")]
     if not timed.empty:
         print(timed.pivot_table(index=["shape", "tokens_per_rank"], columns="series", values="ms").to_string(
             float_format=lambda v: f"{v:.3f}"))
         print("(ms per call, slowest rank)")
+        if "comm_hidden" in timed:
+            hidden = timed.dropna(subset=["comm_hidden"])
+            print(hidden.pivot_table(index=["shape", "tokens_per_rank"], columns="series", values="comm_hidden")
+                  .to_string(float_format=lambda v: f"{v:.2f}"))
+            print("(share of the communication hidden: 1 - (t - t_compute_only) / t_comm_only)")
         plot_panels(timed, png, panel="shape", x="tokens_per_rank", y="tflops_per_rank", series="series",
                     ylabel="TFLOP/s per rank", title=f"expert parallel, {rows[0]['world_size']} x {rows[0]['gpu']}, "
                                                      f"commit {rows[0]['commit']}")

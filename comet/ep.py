@@ -95,7 +95,7 @@ def _check_local_weights(w: ExpertWeights, experts_per_rank: int, cfg: MoEConfig
 
 
 def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, local_weights: ExpertWeights,
-               cfg: MoEConfig, group=None, *, max_tokens: int, n_comm: int = 0) -> torch.Tensor:
+               cfg: MoEConfig, group=None, *, max_tokens: int, n_comm: int = 0, experts: bool = True) -> torch.Tensor:
     """Routed experts of this rank's tokens, x [T, H] -> [T, H], with the experts spread over
     `group`: this rank holds experts [r*E/W, (r+1)*E/W) in `local_weights`; `topk_ids` [T, K]
     are global ids (ids outside [0, E) are skipped). Collective: every rank of the group calls it
@@ -106,9 +106,14 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     into GEMM1's launch (its first `n_comm` programs push while the others compute, each tile
     waiting only for the chunks it reads) and pushing the partial rows back into GEMM2's (its last
     `n_comm` programs sum and push each column block as soon as GEMM2 has finished it).
+
+    `experts=False` (with n_comm=0) skips the expert computation and sends the received rows back
+    as the partials: the same traffic and no result, to time the communication alone.
     """
     if not isinstance(n_comm, int) or n_comm < 0:
         raise ValueError(f"n_comm: expected a non-negative int, got {n_comm!r}")
+    if not experts and n_comm:
+        raise ValueError("experts=False times the unfused communication: it needs n_comm=0")
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
     check_hidden(x, cfg.hidden_size, local_weights.gate_up, name="x")
@@ -166,9 +171,9 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
             # The interpreter writes a kernel's tensor arguments back after the launch, and a
             # workspace buffer shares its storage with the peers' copies, which they may be writing.
             recv_x = recv_x.clone()
-        partial = routed_experts(recv_x, recv_ids, recv_weights, w.gate_up, w.down, w.gate_up_bias, w.down_bias,
-                                 w.interleaved, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit,
-                                 cfg.weight_on_input)
+        partial = recv_x if not experts else routed_experts(
+            recv_x, recv_ids, recv_weights, w.gate_up, w.down, w.gate_up_bias, w.down_bias, w.interleaved,
+            cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit, cfg.weight_on_input)
         combine_push(ws, combine, epoch, partial, recv_counts, programs)
     return combine_reduce(ws, combine, epoch, plan.mask, plan.slot, torch.empty_like(x))
 

@@ -283,8 +283,10 @@ def test_bench_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
     assert bench.main(["--smoke", "--shapes", "tiny-mixtral", "--tokens", "6", "--results-dir", str(tmp_path)]) == 0
     table = pd.read_csv(tmp_path / "ep.csv")
-    assert list(table["series"]) == ["a2a_grouped_mm", "ours", "ours_fused n_comm=1", "ours_fused n_comm=2"]
+    assert list(table["series"]) == ["a2a_grouped_mm", "ours", "ours_fused n_comm=1", "ours_fused n_comm=2",
+                                     "comm_only", "compute_only"]
     assert (table["status"] == "ok").all() and (table["ms"] > 0).all()
+    assert table["rel_err"].iloc[:4].notna().all() and table["comm_hidden"].iloc[1:4].notna().all()
     assert (tmp_path / "out" / "ep.csv").is_file()
 
 
