@@ -203,10 +203,14 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
         torch.manual_seed(args.seed * 7919 + tokens * 31 + rank)  # each rank its own tokens
         sets = [make_inputs(cfg, tokens, dtype, device, skew) for _ in range(args.input_sets)]
         ref = reference_output(sets[0], full, cfg, min(tokens, args.check_rows))
-        def ours(n_comm):
-            return lambda s: ep_experts(s.x, s.topk_ids, s.topk_weights, local, cfg, max_tokens=tokens, n_comm=n_comm)
-
         batches = {id(s): received_batch(s, cfg, tokens) for s in sets}
+
+        def baseline(s):
+            return a2a_grouped_mm_experts(s.x, s.topk_ids, s.topk_weights, local, cfg)
+
+        def ours(n_comm, experts=True):
+            return lambda s: ep_experts(s.x, s.topk_ids, s.topk_weights, local, cfg, max_tokens=tokens,
+                                        n_comm=n_comm, experts=experts)
 
         def compute_only(s):
             x, ids, weights = batches[id(s)]
@@ -214,11 +218,9 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
                                   local.interleaved, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit,
                                   cfg.weight_on_input)
 
-        impls = [("a2a_grouped_mm", None, lambda s: a2a_grouped_mm_experts(s.x, s.topk_ids, s.topk_weights, local, cfg)),
-                 ("ours", 0, ours(0))] + [("ours_fused", n, ours(n)) for n in args.n_comm] + [
-                 ("comm_only", 0, lambda s: ep_experts(s.x, s.topk_ids, s.topk_weights, local, cfg, max_tokens=tokens,
-                                                       experts=False)),
-                 ("compute_only", None, compute_only)]
+        impls = ([("a2a_grouped_mm", None, baseline), ("ours", 0, ours(0))]
+                 + [("ours_fused", n, ours(n)) for n in args.n_comm]
+                 + [("comm_only", 0, ours(0, experts=False)), ("compute_only", None, compute_only)])
         first = len(rows)
         for impl, n_comm, call in impls:
             missing = grouped_mm_missing() if impl == "a2a_grouped_mm" else None

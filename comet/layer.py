@@ -102,7 +102,8 @@ class MoELayer(nn.Module):
 
     def _init_expert_parallel(self, group, backend: str, max_tokens_per_rank: int):
         if backend not in ("auto", "triton"):
-            raise ValueError(f"backend: expert parallelism runs the Triton kernels ('auto' or 'triton'), got {backend!r}")
+            raise ValueError(f"backend: expert parallelism runs the Triton kernels ('auto' or 'triton'), "
+                             f"got {backend!r}")
         if not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1:
             raise ValueError(f"max_tokens_per_rank: expected a positive int, got {max_tokens_per_rank!r}")
         world, rank = dist.get_world_size(group), dist.get_rank(group)

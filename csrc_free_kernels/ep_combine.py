@@ -56,7 +56,8 @@ def _combine_push_kernel(
     for j in range(WORLD):
         dst = (rank + j) % WORLD
         count = tl.load(counts_ptr + dst)
-        dst_rows = peer_ptr(partials_table, dst, partial_ptr) + tl.cast(parity * WORLD + rank, tl.int64) * capacity * hidden
+        dst_rows = (peer_ptr(partials_table, dst, partial_ptr)
+                    + tl.cast(parity * WORLD + rank, tl.int64) * capacity * hidden)
         src_rows = partial_ptr + tl.cast(dst, tl.int64) * capacity * hidden
         flags = peer_ptr(flags_table, dst, flags_table) + (parity * WORLD + rank) * n_chunks
         for c in range(pid, tl.cdiv(count, CHUNK), NUM_PROGRAMS):
@@ -123,7 +124,8 @@ def _down_combine_kernel(
             for j in range(WORLD):  # sources rotated by rank, as in the dispatch
                 src = (rank + j) % WORLD
                 count = tl.load(recv_counts_ptr + src)
-                dst_rows = peer_ptr(partials_table, src, out_ptr) + tl.cast(parity * WORLD + rank, tl.int64) * capacity * N
+                dst_rows = (peer_ptr(partials_table, src, out_ptr)
+                            + tl.cast(parity * WORLD + rank, tl.int64) * capacity * N)
                 for c in range(q, tl.cdiv(count, CHUNK), COMM_PROGRAMS):
                     slots = c * CHUNK + offs_c
                     s_mask = slots < count

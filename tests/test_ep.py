@@ -42,8 +42,8 @@ def _full_weights(seed: int, cfg: comet.MoEConfig, device) -> comet.ExpertWeight
 def _local(w: comet.ExpertWeights, rank: int, world: int, dtype) -> comet.ExpertWeights:
     per_rank = w.num_experts // world
     part = slice(rank * per_rank, (rank + 1) * per_rank)
-    return w._replace(**{name: getattr(w, name)[part].to(dtype) for name in ("gate_up", "down", "gate_up_bias",
-                                                                             "down_bias") if getattr(w, name) is not None})
+    names = [n for n in ("gate_up", "down", "gate_up_bias", "down_bias") if getattr(w, n) is not None]
+    return w._replace(**{name: getattr(w, name)[part].to(dtype) for name in names})
 
 
 def _routing(gen: torch.Generator, num_tokens: int, top_k: int, kind: str):
@@ -72,7 +72,8 @@ def _run_calls(seed: int, calls: list, max_tokens: int) -> list:
         x = torch.randn(num_tokens, H, generator=gen).to(device, dtype)
         ids, weights = (t.to(device) for t in _routing(gen, num_tokens, top_k, kind))
         with torch.no_grad():
-            out = ep_experts(x, ids, weights, _local(full, rank, world, dtype), cfg, max_tokens=max_tokens, n_comm=n_comm)
+            out = ep_experts(x, ids, weights, _local(full, rank, world, dtype), cfg, max_tokens=max_tokens,
+                             n_comm=n_comm)
         check_errors()
         ref = experts_reference(x.float(), ids, weights, *full[:4], activation=cfg.activation,
                                 interleaved=full.interleaved, weight_on_input=cfg.weight_on_input)
