@@ -132,6 +132,19 @@ class MoELayer(nn.Module):
             out = out + self.shared_expert(x)
         return out.view(hidden_states.shape)
 
+    @classmethod
+    def expert_parallel_from(cls, layer: "MoELayer", process_group, max_tokens_per_rank: int = 4096) -> "MoELayer":
+        """This rank's expert-parallel copy of a full `layer`: its router and shared experts, and
+        the experts of `expert_range`, on the same device and dtype."""
+        if layer.process_group is not None:
+            raise ValueError("layer: expected a full layer (built without process_group)")
+        ref = layer.experts.gate_up_proj
+        ep = cls(layer.config, process_group=process_group, max_tokens_per_rank=max_tokens_per_rank).to(
+            ref.device, ref.dtype)
+        part = slice(ep.expert_range.start, ep.expert_range.stop)
+        ep.load_state_dict({k: v[part] if k.startswith("experts.") else v for k, v in layer.state_dict().items()})
+        return ep
+
     def load_hf_block(self, block) -> "MoELayer":
         """Copy the weights of a Hugging Face MoE block of this layer's family into this layer."""
         from comet.hf_families import load_hf_block

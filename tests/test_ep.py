@@ -179,10 +179,7 @@ def test_dispatch_alone(backend):
 def _layer_pair(cfg: comet.MoEConfig, max_tokens: int):
     """The full single-process layer and this rank's expert-parallel layer with the same weights."""
     full = comet.MoELayer(cfg, backend="reference").to(_device())
-    layer = comet.MoELayer(cfg, process_group=dist.group.WORLD, max_tokens_per_rank=max_tokens).to(_device())
-    part = slice(layer.expert_range.start, layer.expert_range.stop)
-    layer.load_state_dict({k: v[part] if k.startswith("experts.") else v for k, v in full.state_dict().items()})
-    return full, layer
+    return full, comet.MoELayer.expert_parallel_from(full, dist.group.WORLD, max_tokens_per_rank=max_tokens)
 
 
 def _layer_matches_full_layer(seed: int) -> list:
@@ -210,6 +207,8 @@ def _layer_matches_full_layer(seed: int) -> list:
             errors.append(((out - ref).norm() / ref.norm().clamp_min(1e-30)).item() if x.numel() else 0.0)
             assert errors[-1] <= TOL[torch.float32], (call, errors)
     assert group_workspace().epoch == 10
+    with pytest.raises(ValueError, match="expected a full layer"):
+        comet.MoELayer.expert_parallel_from(layer, dist.group.WORLD)
     with pytest.raises(ValueError, match="max_tokens=16"):
         layer(torch.randn(17, H, device=device))  # every rank fails the same check: no collective started
     with pytest.raises(NotImplementedError, match="forward-only"):
