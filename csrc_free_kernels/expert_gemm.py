@@ -5,6 +5,7 @@ One kernel serves both; constexpr switches pick the operand source and the epilo
 (M tile, N block) pairs; M tiles are numbered expert by expert, and items are walked in groups of
 GROUP_M tiles x all N blocks, so tiles of one expert running together share its weight slab in L2.
 """
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +68,7 @@ def _expert_gemm_kernel(
     NUM_PROGRAMS: tl.constexpr,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr,
 ):
     row_start, counts, tile_start, tile_end, num_tiles = expert_segments(
         hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK_M)
@@ -81,7 +82,20 @@ def _expert_gemm_kernel(
             bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
             sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
             TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, INTERLEAVED, ACTIVATION, HAS_BIAS,
-            ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT)
+            ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC)
+
+
+@triton.jit
+def _load_b(src, n0, k, offs_k, K, EVEN_K: tl.constexpr, B_DESC: tl.constexpr):
+    """A [BLOCK_K, N tile] weight tile: from pointers (`src` already at step k) or a descriptor."""
+    if B_DESC == 1:
+        return tl.trans(src.load([n0, k]))
+    elif B_DESC == 2:
+        return src.load([k, n0])
+    elif EVEN_K:
+        return tl.load(src)
+    else:
+        return tl.load(src, mask=(offs_k < K - k)[:, None], other=0.0)
 
 
 @triton.jit
@@ -93,7 +107,7 @@ def expert_gemm_tile(
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] output tile: rows [first_row, end_row) of `expert` (sorted order)."""
     offs_m = first_row + tl.arange(0, BLOCK_M)
@@ -110,36 +124,54 @@ def expert_gemm_tile(
         offs_bn = offs_n % N  # in-bounds loads; the extra columns are not stored
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_off = expert.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
-    b_ptrs = b_ptr + b_off
-    b2_ptrs = b2_ptr + b_off
     SECOND_B: tl.constexpr = GATED and not INTERLEAVED
+    TILE_N: tl.constexpr = 2 * BLOCK_N if INTERLEAVED else BLOCK_N
+    b_base = b_ptr + expert.to(tl.int64) * stride_be
+    b2_base = b2_ptr + expert.to(tl.int64) * stride_be
+    if B_DESC == 0:
+        b_off = offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+        b_ptrs = b_base + b_off
+        b2_ptrs = b2_base + b_off
+    else:
+        # Weights through tensor descriptors (TMA on Hopper): the copy engine zero-fills past the
+        # expert's N rows and past K, so no masks; one descriptor per tile, over this expert only.
+        b_rows = 2 * N if INTERLEAVED else N
+        if B_DESC == 1:  # K contiguous: [N, K] tiles, transposed for the dot
+            b_desc = tl.make_tensor_descriptor(b_base, shape=[b_rows, K], strides=[stride_bn, 1],
+                                               block_shape=[TILE_N, BLOCK_K])
+            if SECOND_B:
+                b2_desc = tl.make_tensor_descriptor(b2_base, shape=[b_rows, K], strides=[stride_bn, 1],
+                                                    block_shape=[TILE_N, BLOCK_K])
+        else:  # N contiguous: [K, N] tiles as they are
+            b_desc = tl.make_tensor_descriptor(b_base, shape=[K, b_rows], strides=[stride_bk, 1],
+                                               block_shape=[BLOCK_K, TILE_N])
+            if SECOND_B:
+                b2_desc = tl.make_tensor_descriptor(b2_base, shape=[K, b_rows], strides=[stride_bk, 1],
+                                                    block_shape=[BLOCK_K, TILE_N])
 
-    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N if INTERLEAVED else BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, TILE_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
         else:
             k_mask = offs_k < K - k
             a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+        b = _load_b(b_ptrs if B_DESC == 0 else b_desc, n_block * TILE_N, k, offs_k, K, EVEN_K, B_DESC)
         if UPCAST_DOT:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if SECOND_B:
-            if EVEN_K:
-                b2 = tl.load(b2_ptrs)
-            else:
-                b2 = tl.load(b2_ptrs, mask=k_mask[:, None], other=0.0)
+            b2 = _load_b(b2_ptrs if B_DESC == 0 else b2_desc, n_block * TILE_N, k, offs_k, K, EVEN_K, B_DESC)
             if UPCAST_DOT:
                 b2 = b2.to(tl.float32)
             acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
-            b2_ptrs += BLOCK_K * stride_bk
+            if B_DESC == 0:
+                b2_ptrs += BLOCK_K * stride_bk
         a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        if B_DESC == 0:
+            b_ptrs += BLOCK_K * stride_bk
 
     if ROW_WEIGHT != 0:
         w = tl.load(row_weights_ptr + rows, mask=m_mask, other=0.0).to(tl.float32)[:, None]
@@ -166,6 +198,35 @@ def expert_gemm_tile(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n < N)[None, :])
 
 
+# Weights are read through tensor descriptors (TMA on Hopper) where their layout allows; tests turn
+# this off to cover the pointer path, which GPUs without TMA and unaligned layouts take.
+USE_WEIGHT_DESCRIPTORS = True
+
+
+def weight_descriptor_mode(b: torch.Tensor, b2: torch.Tensor) -> int:
+    """0: pointer loads; 1: descriptors over K-contiguous weights; 2: over N-contiguous weights.
+    Descriptors need a unit last stride, 16-byte aligned bases and other strides, and (on a GPU)
+    compute capability 9.0 or newer."""
+    if not USE_WEIGHT_DESCRIPTORS:
+        return 0
+    if b.is_cuda and torch.cuda.get_device_capability(b.device)[0] < 9:
+        return 0
+    size = b.element_size()
+    if any(t.data_ptr() % 16 or (t.stride(0) * size) % 16 for t in (b, b2)):
+        return 0
+    if b.stride(2) == 1 and (b.stride(1) * size) % 16 == 0:
+        return 1
+    if b.stride(1) == 1 and (b.stride(2) * size) % 16 == 0:
+        return 2
+    return 0
+
+
+@functools.lru_cache(maxsize=None)
+def _set_descriptor_allocator():
+    """Device-side tensor descriptors live in global scratch memory that Triton asks the host for."""
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
 def _num_programs(device: torch.device, upper_bound: int) -> int:
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -180,6 +241,8 @@ def gemm_args(a, a_rows_gathered, b, b2, bias, bias2, out, sorted_rows, row_weig
     """(the arguments of `_expert_gemm_kernel` but NUM_PROGRAMS, by name, with the launch options;
     an upper bound on its work items)."""
     max_tiles = triton.cdiv(sorted_rows.numel(), cfg.block_m) + num_experts
+    if a.is_cuda:
+        _set_descriptor_allocator()
     has_bias = bias is not None
     args = dict(
         a_ptr=a, stride_am=a.stride(0), stride_ak=a.stride(1),
@@ -196,6 +259,7 @@ def gemm_args(a, a_rows_gathered, b, b2, bias, bias2, out, sorted_rows, row_weig
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         # The interpreter's dot mishandles 16-bit floats (it multiplies their bit patterns).
         UPCAST_DOT=a.device.type != "cuda",
+        B_DESC=weight_descriptor_mode(b, b2),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return args, max_tiles * triton.cdiv(n, cfg.block_n)

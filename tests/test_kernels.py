@@ -73,6 +73,32 @@ def test_gpt_oss_transposed_interleaved_layout():
                                            down=w.down.transpose(1, 2).contiguous().transpose(1, 2)))
 
 
+@pytest.mark.parametrize("descriptors", [True, False], ids=["descriptor_loads", "pointer_loads"])
+@pytest.mark.parametrize("layout", ["standard", "gpt_oss", "transposed"])
+def test_weight_load_paths(monkeypatch, descriptors, layout):
+    """Weights through tensor descriptors (K- or N-contiguous) and through plain pointers agree."""
+    import comet.kernels.expert_gemm as expert_gemm
+
+    monkeypatch.setattr(expert_gemm, "USE_WEIGHT_DESCRIPTORS", descriptors)
+    gpt_oss = layout == "gpt_oss"
+    cfg, x, ids, weights, w = make_case(37, 8, 2, H=48, F=40, activation="clamped_swiglu" if gpt_oss else "swiglu",
+                                        bias=gpt_oss, interleaved=gpt_oss)
+    if layout != "standard":  # Hugging Face's [E, H, 2F] / [E, F, H] storage, passed as transposed views
+        w = w._replace(gate_up=w.gate_up.transpose(1, 2).contiguous().transpose(1, 2),
+                       down=w.down.transpose(1, 2).contiguous().transpose(1, 2))
+    expected_mode = 0 if not descriptors else (1 if layout == "standard" else 2)
+    assert expert_gemm.weight_descriptor_mode(w.down, w.down) == expected_mode
+    check(cfg, x, ids, weights, w)
+
+
+def test_weight_descriptor_mode_falls_back_on_unaligned_strides():
+    from comet.kernels.expert_gemm import weight_descriptor_mode
+
+    odd = torch.randn(4, 6, 7, device=DEVICE)  # rows of 7 floats: 28 bytes, not a multiple of 16
+    assert weight_descriptor_mode(odd, odd) == 0
+    assert weight_descriptor_mode(odd[:, :, :4], odd[:, :, :4]) == 0
+
+
 def test_expert_with_no_tokens():
     ids = torch.randint(0, 3, (29, 2), device=DEVICE)  # experts 3..7 get nothing
     ids[:, 1] = (ids[:, 0] + 1) % 3
