@@ -203,11 +203,17 @@ def expert_gemm_tile(
 USE_WEIGHT_DESCRIPTORS = True
 
 
-def weight_descriptor_mode(b: torch.Tensor, b2: torch.Tensor) -> int:
+# Below this tile height (decode-sized batches, few rows per expert) pointer loads stream the
+# weights faster: on an H200, 128 tokens of Qwen3-30B-A3B / OLMoE took 0.36 / 0.37 ms with pointer
+# loads and 0.42 / 0.57 ms with descriptors (bench/results/single_gpu.csv).
+DESCRIPTOR_MIN_BLOCK_M = 64
+
+
+def weight_descriptor_mode(b: torch.Tensor, b2: torch.Tensor, block_m: int = DESCRIPTOR_MIN_BLOCK_M) -> int:
     """0: pointer loads; 1: descriptors over K-contiguous weights; 2: over N-contiguous weights.
-    Descriptors need a unit last stride, 16-byte aligned bases and other strides, and (on a GPU)
-    compute capability 9.0 or newer."""
-    if not USE_WEIGHT_DESCRIPTORS:
+    Descriptors need a unit last stride, 16-byte aligned bases and other strides, (on a GPU)
+    compute capability 9.0 or newer, and tiles at least DESCRIPTOR_MIN_BLOCK_M tall."""
+    if not USE_WEIGHT_DESCRIPTORS or block_m < DESCRIPTOR_MIN_BLOCK_M:
         return 0
     if b.is_cuda and torch.cuda.get_device_capability(b.device)[0] < 9:
         return 0
@@ -259,7 +265,7 @@ def gemm_args(a, a_rows_gathered, b, b2, bias, bias2, out, sorted_rows, row_weig
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         # The interpreter's dot mishandles 16-bit floats (it multiplies their bit patterns).
         UPCAST_DOT=a.device.type != "cuda",
-        B_DESC=weight_descriptor_mode(b, b2),
+        B_DESC=weight_descriptor_mode(b, b2, cfg.block_m),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return args, max_tiles * triton.cdiv(n, cfg.block_n)

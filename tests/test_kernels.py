@@ -80,6 +80,7 @@ def test_weight_load_paths(monkeypatch, descriptors, layout):
     import comet.kernels.expert_gemm as expert_gemm
 
     monkeypatch.setattr(expert_gemm, "USE_WEIGHT_DESCRIPTORS", descriptors)
+    monkeypatch.setattr(expert_gemm, "DESCRIPTOR_MIN_BLOCK_M", 0)  # the interpreter's tiles are small
     gpt_oss = layout == "gpt_oss"
     cfg, x, ids, weights, w = make_case(37, 8, 2, H=48, F=40, activation="clamped_swiglu" if gpt_oss else "swiglu",
                                         bias=gpt_oss, interleaved=gpt_oss)
@@ -87,16 +88,19 @@ def test_weight_load_paths(monkeypatch, descriptors, layout):
         w = w._replace(gate_up=w.gate_up.transpose(1, 2).contiguous().transpose(1, 2),
                        down=w.down.transpose(1, 2).contiguous().transpose(1, 2))
     expected_mode = 0 if not descriptors else (1 if layout == "standard" else 2)
-    assert expert_gemm.weight_descriptor_mode(w.down, w.down) == expected_mode
+    assert expert_gemm.weight_descriptor_mode(w.down, w.down, 16) == expected_mode
     check(cfg, x, ids, weights, w)
 
 
-def test_weight_descriptor_mode_falls_back_on_unaligned_strides():
+def test_weight_descriptor_mode_falls_back_on_unaligned_strides_and_small_tiles():
     from comet.kernels.expert_gemm import weight_descriptor_mode
 
     odd = torch.randn(4, 6, 7, device=DEVICE)  # rows of 7 floats: 28 bytes, not a multiple of 16
-    assert weight_descriptor_mode(odd, odd) == 0
-    assert weight_descriptor_mode(odd[:, :, :4], odd[:, :, :4]) == 0
+    assert weight_descriptor_mode(odd, odd, 128) == 0
+    assert weight_descriptor_mode(odd[:, :, :4], odd[:, :, :4], 128) == 0
+    aligned = torch.randn(4, 8, 8, device=DEVICE)
+    assert weight_descriptor_mode(aligned, aligned, 128) == 1
+    assert weight_descriptor_mode(aligned, aligned, 16) == 0  # decode-sized tiles stream faster with pointers
 
 
 def test_expert_with_no_tokens():
