@@ -1,5 +1,8 @@
 """On a GPU, every family's tiny model in bf16 gives the same logits through comet's Triton kernels
-as through its own experts, within bf16 tolerance."""
+as through its own experts, within bf16 tolerance.
+
+The models keep exactly one MoE layer: after it, bf16 rounding differences could flip a later
+router's top-k choice for a token, which is a legitimate difference, not an error."""
 import pytest
 import torch
 
@@ -15,7 +18,9 @@ BF16_TOLERANCE = 3e-2  # relative, Frobenius: a bf16 model's logits through two 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_bf16_logits_through_triton_kernels(family):
-    model = build_tiny_model(family, seed=torch.randint(1 << 30, ()).item()).to("cuda", torch.bfloat16)
+    layers = 2 if family.startswith("deepseek") else 1  # DeepSeek's first layer is dense
+    model = build_tiny_model(family, seed=torch.randint(1 << 30, ()).item(), num_hidden_layers=layers)
+    model = model.to("cuda", torch.bfloat16)
     ids = torch.randint(3, model.config.vocab_size, (4, 33), device="cuda")
     with torch.no_grad():
         expected = model(ids).logits.float()
