@@ -5,8 +5,16 @@
                   sizes read back to the host, as Megatron's all-to-all dispatcher does), the
                   `torch._grouped_mm` pipeline of bench/baselines.py on the local experts,
                   all_to_all back, weighted sum per token
+  megatron_alltoall  Megatron-Core's MoELayer (expert_model_parallel_size=W, alltoall token
+                  dispatcher, SequentialMLP experts: the fastest experts module megatron-core 0.19
+                  has without Transformer Engine, TEGroupedMLP needing TE and GroupedMLP being gone),
+                  this rank's experts loaded from the same weights; its router replaced by the
+                  benchmark's routing (probs and routing map made outside the timing), so it computes
+                  the same thing
   ours            `comet.ep.ep_experts` with n_comm=0: dispatch kernel (each token once per
                   destination rank), the persistent expert GEMMs, combine kernel; no host sync
+  ours_auto       the same with n_comm="auto" (the layer's default): `comet.scheduler.ep_split`'s
+                  choice, noted in the row
   ours_fused      the same with n_comm > 0 (--n-comm, one row each): routing first, then the token
                   rows pushed by the first n_comm programs of GEMM1's launch while the others compute,
                   and the partial rows pushed by the last n_comm programs of GEMM2's launch
@@ -21,10 +29,14 @@ of the communication hidden behind computation, 1 - (t - t_compute_only) / t_com
 Every rank makes the same full expert weights (one seed) and keeps its slice; its tokens differ.
 Each output is checked against the fp32 reference of the full layer on the rank's first
 `--check-rows` tokens before timing. Times are CUDA events per call with a fixed repeat count (every
-rank makes the same collective calls); a row reports the slowest rank's median. Appends
-bench/results/ep.csv and writes ep.png (copied to $OUT when set).
+rank makes the same collective calls); a row reports the slowest rank's median. The log prints
+each of ours' speedups over each baseline and the share of communication hidden. Appends
+bench/results/ep.csv and writes ep.png (copied to $OUT when set). `--write-table` records the
+fastest of ours and ours_fused per shape and token count in scheduler/tables/ep_<gpu>.json, the
+table `n_comm="auto"` reads first (also copied to $OUT).
 
     torchrun --nproc-per-node 2 bench/ep.py                      # 4 shapes x 1024..16384 tokens per rank, bf16
+    torchrun --nproc-per-node 2 bench/ep.py --write-table        # and tune the split
     torchrun --nproc-per-node 2 bench/ep.py --quick --shapes Mixtral-8x7B --tokens 4096
     python bench/ep.py --smoke                                   # 2 CPU ranks, interpreter, tiny shapes
 """
@@ -58,13 +70,19 @@ from bench.common import (  # noqa: E402
 )
 from bench.shapes import SMOKE_MODELS, model_shape  # noqa: E402
 from comet.ops import routed_experts  # noqa: E402
+from comet.scheduler.configs import gpu_key  # noqa: E402
 from comet.scheduler.ep_plan import plan_sends  # noqa: E402
+from comet.scheduler.ep_split import (  # noqa: E402
+    H200_SMS, EpSplit, best_column_chunks, choose_split, ep_shape, write_table_entry,
+)
 from bench.single_gpu import ROUTER_SKEW_STD, expert_flops, make_inputs, make_weights, reference_output  # noqa: E402
 
 SHAPES = ("Mixtral-8x7B", "Qwen3-30B-A3B", "OLMoE-1B-7B", "DeepSeek-V3")
 TOKENS = (1024, 4096, 16384)
 SMOKE_TOKENS = (8, 12)
 DIAGNOSTICS = ("comm_only", "compute_only")  # timed only, for comm_hidden
+BASELINES = ("a2a_grouped_mm", "megatron_alltoall")
+OURS = ("ours", "ours_auto", "ours_fused")
 # (warm-up calls, timed calls): fixed, so that every rank makes the same collective calls.
 TIMINGS = {"default": (3, 20), "quick": (2, 8), "smoke": (1, 2)}
 
@@ -81,6 +99,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="fewer repeats")
     p.add_argument("--smoke", action="store_true", help="2 CPU ranks, kernels interpreted, tiny shapes, temp dir")
+    p.add_argument("--write-table", action="store_true", help="record the fastest split per shape and token "
+                   "count in scheduler/tables/ep_<gpu>.json (GPU runs)")
     p.add_argument("--results-dir", type=Path, help="where ep.csv and ep.png go (default bench/results)")
     args = p.parse_args(argv)
     names = list(SMOKE_MODELS) if args.smoke else list(SHAPES)
@@ -160,6 +180,64 @@ def received_batch(s, cfg: comet.MoEConfig, max_tokens: int):
 
 
 # ----------------------------------------------------------------------------------------------
+# Megatron-Core's MoELayer
+# ----------------------------------------------------------------------------------------------
+def megatron_missing(device: torch.device) -> str | None:
+    """Why the Megatron-Core baseline cannot run here, or None."""
+    if device.type != "cuda":
+        return "Megatron-Core's alltoall dispatcher runs on CUDA GPUs only"
+    try:
+        import megatron.core  # noqa: F401
+    except ImportError as exc:
+        return f"megatron-core is not importable: {exc}"
+    return None
+
+
+def init_megatron(world: int):
+    """Megatron's process groups over the running world: every rank one expert-parallel shard."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                                                 expert_model_parallel_size=world)
+
+
+def megatron_layer(cfg: comet.MoEConfig, local: comet.ExpertWeights, dtype: torch.dtype, device: torch.device,
+                   dispatcher: str = "alltoall"):
+    """Megatron's MoELayer holding this rank's experts `local` (gate rows first), with the token
+    `dispatcher` ("alltoall" needs CUDA; "allgather" also runs on CPU)."""
+    import torch.nn.functional as F
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if cfg.activation != "swiglu" or local.interleaved or local.gate_up_bias is not None or cfg.weight_on_input:
+        raise NotImplementedError("the Megatron baseline is built for SwiGLU experts without biases, gate rows first")
+    config = TransformerConfig(
+        num_layers=1, hidden_size=cfg.hidden_size, num_attention_heads=8, num_moe_experts=cfg.num_experts,
+        moe_router_topk=cfg.top_k, moe_ffn_hidden_size=cfg.ffn_size, ffn_hidden_size=cfg.ffn_size,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, bias_activation_fusion=False,
+        moe_token_dispatcher_type=dispatcher, moe_router_load_balancing_type="none",
+        expert_model_parallel_size=dist.get_world_size(), params_dtype=dtype, bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16, perform_initialization=False,  # the weights are loaded below
+    )
+    # A ModuleSpec in megatron-core 0.16, a functools.partial over MoELayer in 0.19: both build when called.
+    layer = get_moe_module_spec(use_te=False, num_experts=cfg.num_experts, moe_grouped_gemm=False)(config=config)
+    layer = layer.to(device).eval()
+    with torch.no_grad():
+        for i, expert in enumerate(layer.experts.local_experts):
+            expert.linear_fc1.weight.copy_(local.gate_up[i])
+            expert.linear_fc2.weight.copy_(local.down[i])
+    return layer
+
+
+def megatron_routing(s, num_experts: int):
+    """The benchmark's routing as Megatron's router returns it: dense probs [T, E] (fp32) and routing map."""
+    probs = torch.zeros(s.x.shape[0], num_experts, dtype=torch.float32, device=s.x.device)
+    probs.scatter_(1, s.topk_ids, s.topk_weights.float())
+    return probs, torch.zeros_like(probs, dtype=torch.bool).scatter_(1, s.topk_ids, True)
+
+
+# ----------------------------------------------------------------------------------------------
 # Run
 # ----------------------------------------------------------------------------------------------
 def slowest(value: float) -> float:
@@ -198,15 +276,29 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
     part = slice(rank * per_rank, (rank + 1) * per_rank)
     local = full._replace(**{k: getattr(full, k)[part] for k in ("gate_up", "down", "gate_up_bias", "down_bias")
                              if getattr(full, k) is not None})
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else H200_SMS
+    missing_baselines = {"a2a_grouped_mm": grouped_mm_missing(), "megatron_alltoall": megatron_missing(device)}
+    mcore = None
+    if not missing_baselines["megatron_alltoall"]:
+        try:  # the same on every rank (shapes, not data)
+            mcore = megatron_layer(cfg, local, dtype, device)
+        except Exception as exc:
+            missing_baselines["megatron_alltoall"] = f"cannot build: {type(exc).__name__}: {exc}"[:300]
     rows = []
     for tokens in args.tokens:
         torch.manual_seed(args.seed * 7919 + tokens * 31 + rank)  # each rank its own tokens
         sets = [make_inputs(cfg, tokens, dtype, device, skew) for _ in range(args.input_sets)]
         ref = reference_output(sets[0], full, cfg, min(tokens, args.check_rows))
         batches = {id(s): received_batch(s, cfg, tokens) for s in sets}
+        routings = {id(s): megatron_routing(s, cfg.num_experts) for s in sets}
 
         def baseline(s):
             return a2a_grouped_mm_experts(s.x, s.topk_ids, s.topk_weights, local, cfg)
+
+        def megatron(s):
+            probs, routing_map = routings[id(s)]
+            mcore.route = lambda hidden_states, padding_mask=None: (probs, routing_map)
+            return mcore(s.x.unsqueeze(1))[0].squeeze(1)  # Megatron's [sequence, batch, H]
 
         def ours(n_comm, experts=True):
             return lambda s: ep_experts(s.x, s.topk_ids, s.topk_weights, local, cfg, max_tokens=tokens,
@@ -218,19 +310,28 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
                                   local.interleaved, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit,
                                   cfg.weight_on_input)
 
-        impls = ([("a2a_grouped_mm", None, baseline), ("ours", 0, ours(0))]
+        impls = ([("a2a_grouped_mm", None, baseline), ("megatron_alltoall", None, megatron), ("ours", 0, ours(0)),
+                  ("ours_auto", "auto", ours("auto"))]
                  + [("ours_fused", n, ours(n)) for n in args.n_comm]
                  + [("comm_only", 0, ours(0, experts=False)), ("compute_only", None, compute_only)])
         first = len(rows)
+        split_shape = ep_shape(tokens, cfg.hidden_size, cfg.ffn_size, cfg.num_experts, cfg.top_k, world, dtype)
         for impl, n_comm, call in impls:
-            missing = grouped_mm_missing() if impl == "a2a_grouped_mm" else None
+            missing = missing_baselines.get(impl)
+            split = (choose_split(split_shape, device) if n_comm == "auto"
+                     else EpSplit(n_comm, best_column_chunks(split_shape, n_comm, sms) if n_comm else 1)
+                     if n_comm is not None else None)
             row = {**env, "world_size": world, "shape": name, "E": cfg.num_experts, "K": cfg.top_k,
                    "H": cfg.hidden_size, "F": cfg.ffn_size, "dtype": args.dtype, "tokens_per_rank": tokens,
-                   "impl": impl, "n_comm": n_comm, "series": impl if not n_comm else f"{impl} n_comm={n_comm}",
+                   "impl": impl, "n_comm": split.n_comm if split else None,
+                   "column_chunks": split.column_chunks if split else None,
+                   "series": f"{impl} n_comm={n_comm}" if impl == "ours_fused" else impl,
                    "status": "missing" if missing else "ok", "note": missing or ""}
             if not missing:
                 try:
                     row.update(measure(call, sets, None if impl in DIAGNOSTICS else ref, dtype, device, args.timing))
+                    if impl == "ours_auto":
+                        row["note"] = f"auto: n_comm={split.n_comm}, column_chunks={split.column_chunks}"
                     if impl not in DIAGNOSTICS:
                         row["tflops_per_rank"] = expert_flops(cfg, tokens) / (row["ms"] * 1e-3) / 1e12
                 except Exception as exc:  # the same on every rank (shapes, not data), so no rank hangs
@@ -244,17 +345,23 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
                     + (f"{row['ms']:.3f} ms" if "ms" in row else f"({row['note']})"))
         add_comm_hidden(rows[first:])
         release_workspace()  # buffers are sized by this token count
-        del sets, batches
+        del sets, batches, routings
+    del mcore
     return rows
 
 
 def add_comm_hidden(rows: list[dict]):
-    """comm_hidden = 1 - (t - t_compute_only) / t_comm_only on the rows of one (shape, tokens)."""
+    """On the rows of one (shape, tokens): comm_hidden = 1 - (t - t_compute_only) / t_comm_only
+    and, for each baseline that ran, speedup_vs_<baseline> = t_baseline / t, on ours' rows."""
     ms = {r["impl"]: r.get("ms") for r in rows if r["status"] == "ok"}
-    if ms.get("comm_only") and ms.get("compute_only"):
-        for r in rows:
-            if r["impl"] in ("ours", "ours_fused") and r.get("ms"):
-                r["comm_hidden"] = 1 - (r["ms"] - ms["compute_only"]) / ms["comm_only"]
+    for r in rows:
+        if r["impl"] not in OURS or not r.get("ms"):
+            continue
+        if ms.get("comm_only") and ms.get("compute_only"):
+            r["comm_hidden"] = 1 - (r["ms"] - ms["compute_only"]) / ms["comm_only"]
+        for baseline in BASELINES:
+            if ms.get(baseline):
+                r[f"speedup_vs_{baseline}"] = ms[baseline] / r["ms"]
 
 
 def run(args) -> list[dict]:
@@ -262,6 +369,8 @@ def run(args) -> list[dict]:
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     env = environment(device)
     log(" ".join(f"{k}={v}" for k, v in env.items()) + f" world_size={dist.get_world_size()}")
+    if not megatron_missing(device):
+        init_megatron(dist.get_world_size())
     rows = []
     with torch.inference_mode():
         for name in args.shapes:
@@ -274,7 +383,26 @@ def run(args) -> list[dict]:
     return rows if dist.get_rank() == 0 else []
 
 
-def report(rows: list[dict], results_dir: Path):
+def best_splits(df: pd.DataFrame) -> dict:
+    """(shape, tokens per rank) -> the fastest checked split of ours (n_comm=0) and ours_fused."""
+    candidates = df[df["impl"].isin(["ours", "ours_fused"]) & (df["status"] == "ok")]
+    best = candidates.loc[candidates.groupby(["shape", "tokens_per_rank"])["ms"].idxmin()]
+    return {(r["shape"], int(r["tokens_per_rank"])): EpSplit(int(r["n_comm"]), int(r["column_chunks"]))
+            for _, r in best.iterrows()}
+
+
+def write_table(rows: list[dict], device: torch.device, dtype: torch.dtype) -> Path | None:
+    """Record each measured (shape, tokens)'s fastest split in the GPU's ep_split table."""
+    path = None
+    for (name, tokens), split in best_splits(pd.DataFrame(rows)).items():
+        c = model_shape(name).cfg
+        shape = ep_shape(tokens, c.hidden_size, c.ffn_size, c.num_experts, c.top_k, rows[0]["world_size"], dtype)
+        path = write_table_entry(gpu_key(device), shape, split)
+        print(f"table: {name} T/rank={tokens}: n_comm={split.n_comm}, column_chunks={split.column_chunks}")
+    return path
+
+
+def report(rows: list[dict], results_dir: Path, table: Path | None = None):
     df = pd.DataFrame(rows)
     csv, png = results_dir / "ep.csv", results_dir / "ep.png"
     timed = df[(df["status"] != "missing")]
@@ -287,6 +415,13 @@ def report(rows: list[dict], results_dir: Path):
             print(hidden.pivot_table(index=["shape", "tokens_per_rank"], columns="series", values="comm_hidden")
                   .to_string(float_format=lambda v: f"{v:.2f}"))
             print("(share of the communication hidden: 1 - (t - t_compute_only) / t_comm_only)")
+        for baseline in BASELINES:
+            column = f"speedup_vs_{baseline}"
+            if column in timed and timed[column].notna().any():
+                print(timed.dropna(subset=[column]).pivot_table(index=["shape", "tokens_per_rank"], columns="series",
+                                                                values=column)
+                      .to_string(float_format=lambda v: f"{v:.2f}x"))
+                print(f"(speedup over {baseline}: its time / ours)")
         plot_panels(timed, png, panel="shape", x="tokens_per_rank", y="tflops_per_rank", series="series",
                     ylabel="TFLOP/s per rank", title=f"expert parallel, {rows[0]['world_size']} x {rows[0]['gpu']}, "
                                                      f"commit {rows[0]['commit']}")
@@ -295,7 +430,9 @@ def report(rows: list[dict], results_dir: Path):
         why = (f"rel err {r['rel_err']:.3g} > {TOLERANCE[DTYPES[r['dtype']]]}" if r["status"] == "mismatch"
                else r["note"])
         print(f"!!! {r['status'].upper()}: {r['series']} on {r['shape']} T/rank={r['tokens_per_rank']}: {why}")
-    publish([csv, png])
+    for _, r in df[df["status"] == "missing"].drop_duplicates("impl").iterrows():
+        print(f"not run: {r['impl']}: {r['note']}")
+    publish([csv, png] + ([table] if table else []))
     print(f"appended {len(rows)} rows to {csv}")
     return 1 if len(bad) else 0
 
@@ -321,8 +458,16 @@ def main(argv=None) -> int:
     dist.init_process_group("nccl")
     try:
         rows = run(args)
-        return report(rows, args.results_dir) if dist.get_rank() == 0 else 0
+        if dist.get_rank() != 0:
+            return 0
+        table = write_table(rows, torch.device("cuda", torch.cuda.current_device()), DTYPES[args.dtype]) \
+            if args.write_table else None
+        return report(rows, args.results_dir, table)
     finally:
+        if not megatron_missing(torch.device("cuda")):
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
 
 

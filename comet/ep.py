@@ -20,6 +20,28 @@ The workspace (`comet.comm.CommWorkspace`) is made once per group and shared by 
 every rank). Each call is one epoch; nothing waits on the host. A peer that stops answering makes
 the waits give up after the workspace's `max_spins`; `check_errors(group)` (a host sync) then raises
 `CommTimeoutError`. Forward only: the kernels build no autograd graph.
+
+Why the fused path lost on 2 x H200 at 8192 tokens per rank (measured: Mixtral-8x7B 10.9 ms
+unfused vs 15.0-16.5 fused, Qwen3-30B-A3B 2.1 vs 4.8-5.9, n_comm 8-32). The causes below are
+read from the kernels, with sizes estimated from the shapes (not profiled):
+- GEMM2 ran column block by column block over every M tile, so its input (the activations,
+  Mixtral 16384 x 14336 bf16 = 470 MB) was read from HBM once per 128-column block, 32 times
+  (up to ~3.7 ms at 4 TB/s, part of it caught by L2). Fixed: GEMM2 now runs in a few column
+  chunks (`column_chunks`, chosen by `comet.scheduler.ep_split`), GROUP_M-grouped inside each.
+- Every GEMM1 work item waited on each chunk flag of its rows one by one; a 128-row tile spans
+  ~25 chunks of 16 tokens (Mixtral) to ~128 (Qwen3's 64 local experts), and every item (each N
+  block of a tile) polls again: at the probe's 0.21 us per poll, ~0.7 ms (Mixtral) to ~0.9 ms
+  (Qwen3) per program. Fixed: a tile polls 64 flags per atomic vector (`wait_flags_ge`).
+- Left as they are (a cost model term or a note, not fixed): SMs - n_comm programs compute, so
+  the GEMMs stretch by SMs / (SMs - n_comm) (6% at 8, 32% at 32: why 32 was slowest on
+  Mixtral); n_comm programs push ~8 GB/s each, the rank's own rows included (a local copy the
+  unfused path does with every SM); in arrival order each local expert's weights are walked
+  once per source (Qwen3: ~0.6 GB more reads); the sum of each token's K slot rows and the push
+  back run on the n_comm programs only (Qwen3: ~340 MB of traffic), the last column chunk's
+  exposed. Register pressure is not one: both halves of a fused kernel run one program per SM
+  and take the GEMM's warps; the push code's [16, 512] tiles are small next to the GEMM's.
+So `n_comm="auto"` stays unfused unless the tuned table (bench/ep.py --write-table) or a clear
+predicted win says otherwise.
 """
 from __future__ import annotations
 
@@ -39,6 +61,7 @@ from comet.kernels.expert_gemm import down_gemm_args, gate_up_gemm_args
 from comet.ops import routed_experts
 from comet.scheduler.configs import select_configs
 from comet.scheduler.ep_plan import plan_sends
+from comet.scheduler.ep_split import EpSplit, best_column_chunks, choose_split, ep_shape
 from comet.scheduler.routing import analyze_routing
 from comet.validation import check_hidden, check_routing
 
@@ -95,24 +118,30 @@ def _check_local_weights(w: ExpertWeights, experts_per_rank: int, cfg: MoEConfig
 
 
 def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, local_weights: ExpertWeights,
-               cfg: MoEConfig, group=None, *, max_tokens: int, n_comm: int = 0, experts: bool = True) -> torch.Tensor:
+               cfg: MoEConfig, group=None, *, max_tokens: int, n_comm: int | str = "auto",
+               column_chunks: int | None = None, experts: bool = True) -> torch.Tensor:
     """Routed experts of this rank's tokens, x [T, H] -> [T, H], with the experts spread over
     `group`: this rank holds experts [r*E/W, (r+1)*E/W) in `local_weights`; `topk_ids` [T, K]
     are global ids (ids outside [0, E) are skipped). Collective: every rank of the group calls it
     (T may differ, T = 0 included), with the same `max_tokens` >= every rank's T.
 
-    `n_comm`: 0 runs the dispatch, the single-GPU routed-experts op and the combine as separate
-    launches (the reference); n_comm > 0 moves the routing first, then fuses pushing the token rows
-    into GEMM1's launch (its first `n_comm` programs push while the others compute, each tile
-    waiting only for the chunks it reads) and pushing the partial rows back into GEMM2's (its last
-    `n_comm` programs sum and push each column block as soon as GEMM2 has finished it).
+    `n_comm`: "auto" (default) lets `comet.scheduler.ep_split` choose from the shapes (tuned table,
+    else cost model; the same choice on every rank, no host sync). 0 runs the dispatch, the
+    single-GPU routed-experts op and the combine as separate launches; n_comm > 0 moves the
+    routing first, then fuses pushing the token rows into GEMM1's launch (its first `n_comm`
+    programs push while the others compute, each tile waiting only for the chunks it reads) and
+    pushing the partial rows back into GEMM2's (its last `n_comm` programs sum and push each
+    column chunk as soon as GEMM2 has finished it).
+    `column_chunks`: GEMM2's column chunks in the fused path (None: the split's choice).
 
     `experts=False` (with n_comm=0) skips the expert computation and sends the received rows back
     as the partials: the same traffic and no result, to time the communication alone.
     """
-    if not isinstance(n_comm, int) or n_comm < 0:
-        raise ValueError(f"n_comm: expected a non-negative int, got {n_comm!r}")
-    if not experts and n_comm:
+    if n_comm != "auto" and (not isinstance(n_comm, int) or isinstance(n_comm, bool) or n_comm < 0):
+        raise ValueError(f"n_comm: expected a non-negative int or 'auto', got {n_comm!r}")
+    if column_chunks is not None and (not isinstance(column_chunks, int) or column_chunks < 1):
+        raise ValueError(f"column_chunks: expected a positive int or None, got {column_chunks!r}")
+    if not experts and n_comm not in (0, "auto"):
         raise ValueError("experts=False times the unfused communication: it needs n_comm=0")
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
@@ -139,6 +168,15 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
         raise ValueError(f"cfg.num_experts ({cfg.num_experts}) must be a multiple of the group size ({world})")
     experts_per_rank = cfg.num_experts // world
     _check_local_weights(local_weights, experts_per_rank, cfg, x)
+    shape = ep_shape(max_tokens, cfg.hidden_size, cfg.ffn_size, cfg.num_experts, top_k, world, x.dtype)
+    if not experts:
+        split = EpSplit(0, 1)
+    elif n_comm == "auto":
+        split = choose_split(shape, x.device)
+    else:
+        split = EpSplit(n_comm, best_column_chunks(shape, n_comm) if n_comm else 1)
+    if column_chunks is not None:
+        split = split._replace(column_chunks=column_chunks)
 
     hidden, device = cfg.hidden_size, x.device
     chunk = CHUNK_TOKENS[device.type]
@@ -153,7 +191,7 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     topk_weights = topk_weights.float().contiguous()
     plan = plan_sends(topk_ids, cfg.num_experts, world)
     epoch = ws.next_epoch()
-    fused = n_comm > 0
+    fused = split.n_comm > 0
     # Fused, this launch only sends the routing: one program per destination.
     dispatch_push(ws, dispatch, epoch, x, topk_ids, topk_weights, plan.send_tokens, plan.counts,
                   experts_per_rank, world if fused else programs, push_rows=not fused)
@@ -165,7 +203,7 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     w = local_weights
     if fused:
         _fused_experts(ws, dispatch, combine, epoch, x, plan, recv_x, recv_ids, recv_weights, recv_counts, w, cfg,
-                       n_comm)
+                       split)
     else:
         if device.type == "cpu":
             # The interpreter writes a kernel's tensor arguments back after the launch, and a
@@ -179,7 +217,7 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
 
 
 def _fused_experts(ws, dispatch, combine, epoch, x, plan, recv_x, recv_ids, recv_weights, recv_counts,
-                   w: ExpertWeights, cfg: MoEConfig, n_comm: int):
+                   w: ExpertWeights, cfg: MoEConfig, split: EpSplit):
     """`comet.ops.routed_experts` on the virtual tokens, with pushing the token rows fused into
     GEMM1 (recv_x is the receive buffer, filled while GEMM1 runs) and pushing the partial rows to
     their sources fused into GEMM2."""
@@ -194,9 +232,9 @@ def _fused_experts(ws, dispatch, combine, epoch, x, plan, recv_x, recv_ids, recv
                               routing.hist, act, top_k=top_k, activation=cfg.activation, alpha=cfg.swiglu_alpha,
                               limit=cfg.swiglu_limit, weight_on_input=cfg.weight_on_input, cfg=cfg1)
     gemm1 = over_virtual_experts(gemm1, virtual_experts)
-    dispatch_gate_up(ws, dispatch, epoch, x, plan.send_tokens, plan.counts, recv_counts, gemm1, n_comm)
+    dispatch_gate_up(ws, dispatch, epoch, x, plan.send_tokens, plan.counts, recv_counts, gemm1, split.n_comm)
     slots = torch.empty(rows, hidden, dtype=x.dtype, device=x.device)
     gemm2 = down_gemm_args(act, w.down, w.down_bias, routing.sorted_rows, row_weights, routing.hist, slots,
                            top_k=top_k, weight_on_input=cfg.weight_on_input, cfg=cfg2)
     gemm2 = over_virtual_experts(gemm2, virtual_experts)
-    down_combine(ws, combine, epoch, gemm2, recv_ids, recv_counts, n_comm)
+    down_combine(ws, combine, epoch, gemm2, recv_ids, recv_counts, split.n_comm, split.column_chunks)

@@ -81,7 +81,8 @@ class MoELayer(nn.Module):
     only its experts, `expert_range` = [r*E/W, (r+1)*E/W) (router and shared experts are
     replicated), runs its own tokens (at most `max_tokens_per_rank` per call) and gets their
     outputs. Forward only; every rank of the group must call forward together. The attribute
-    `ep_n_comm` (default 0: unfused) sets the pushing programs of the fused kernels (`comet.ep`).
+    `ep_n_comm` sets the pushing programs of the fused kernels (`comet.ep`): "auto" (default,
+    chosen per call from the shapes by `comet.scheduler.ep_split`), 0 (unfused) or a count.
     """
 
     def __init__(self, config: MoEConfig, process_group=None, backend: str = "auto",
@@ -112,7 +113,7 @@ class MoELayer(nn.Module):
         per_rank = self.config.num_experts // world
         self.expert_range = range(rank * per_rank, (rank + 1) * per_rank)
         self.max_tokens_per_rank = max_tokens_per_rank
-        self.ep_n_comm = 0
+        self.ep_n_comm = "auto"
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         cfg = self.config

@@ -6,10 +6,11 @@ token's receive slot on d), flags [2, W, ceil(C / CHUNK)] (rank d's slots of tha
 arrived). One slot per contributing rank, summed in a fixed rank order: deterministic.
 
 Unfused: `combine_push` (no waits) sends the rows of the slot combine's output. Fused
-(`down_combine`): GEMM2's launch runs its tiles column block by column block in its first
+(`down_combine`): GEMM2's launch runs its tiles column chunk by column chunk in its first
 programs, while its last programs sum each received token's K slot rows of every finished
-column block and push them. Either way, `combine_reduce` then waits on the chunks each token
-block reads and sums in fp32.
+column chunk and push them. More chunks hide more of the push (only the last chunk's is exposed)
+but read GEMM2's input once more per chunk: `comet.scheduler.ep_split` picks the count. Either
+way, `combine_reduce` then waits on the chunks each token block reads and sums in fp32.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import triton.language as tl
 
 from comet.comm import CommWorkspace, WaitKind
 from comet.kernels.ep_dispatch import hidden_block
-from comet.kernels.expert_gemm import expert_gemm_tile
-from comet.kernels.routing import expert_segments, locate_tile
+from comet.kernels.expert_gemm import expert_gemm_tile, locate_item
+from comet.kernels.routing import expert_segments
 from comet.kernels.signals import peer_ptr, signal_set, wait_flag_ge
 
 
@@ -72,11 +73,11 @@ def _combine_push_kernel(
             signal_set(flags + c, epoch)
 
 
-# Program counts are plain arguments here: a new n_comm or grid must not compile a new kernel.
-@triton.jit(do_not_specialize=["rank", "epoch", "max_spins", "NUM_PROGRAMS", "COMM_PROGRAMS"])
+# Program and chunk counts are plain arguments here: a new split must not compile a new kernel.
+@triton.jit(do_not_specialize=["rank", "epoch", "max_spins", "NUM_PROGRAMS", "COMM_PROGRAMS", "COLUMN_CHUNKS"])
 def _down_combine_kernel(
     recv_ids_ptr, recv_counts_ptr,  # local: int32 [W*C, K] received routing (local ids), int32 [W]
-    column_done_ptr,  # local int64 [cdiv(H, BLOCK_N)], zeroed: GEMM2 tiles finished per column block
+    column_done_ptr,  # local int64 [COLUMN_CHUNKS], zeroed: GEMM2 work items finished per column chunk
     partials_table, flags_table, error_ptr,
     rank, epoch, capacity, n_chunks, max_spins,
     # expert_gemm.gemm_args of GEMM2
@@ -88,57 +89,66 @@ def _down_combine_kernel(
     NUM_PROGRAMS,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr,
     WEIGHT_EXPERTS: tl.constexpr,  # the tile map's expert e uses weights e % WEIGHT_EXPERTS
-    COMM_PROGRAMS, WORLD: tl.constexpr, CHUNK: tl.constexpr, WAIT_KIND: tl.constexpr,
+    COMM_PROGRAMS, COLUMN_CHUNKS, WORLD: tl.constexpr, CHUNK: tl.constexpr, WAIT_KIND: tl.constexpr,
 ):
-    # The first NUM_PROGRAMS programs run GEMM2 column block by column block (every M tile of block
-    # 0, then of block 1, ...), counting finished tiles per block. The last COMM_PROGRAMS programs,
-    # which wait only on those (lower ids) and never on other ranks, sum each received token's K
-    # slot rows of a finished column block and store the partial row into its source's buffer.
+    # The first NUM_PROGRAMS programs run GEMM2 column chunk by column chunk (every M tile of chunk
+    # 0, then of chunk 1, ...; inside a chunk, GROUP_M tiles x the chunk's N blocks at a time, so
+    # those tiles' input rows are read from HBM once per chunk, not once per N block), counting
+    # finished items per chunk. The last COMM_PROGRAMS programs, which wait only on those (lower
+    # ids) and never on other ranks, sum each received token's K slot rows of a finished chunk and
+    # store the partial row into its source's buffer.
     pid = tl.program_id(0)
     row_start, counts, tile_start, tile_end, num_tiles = expert_segments(hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
+    chunk_n = tl.cdiv(num_n, COLUMN_CHUNKS)  # N blocks per column chunk (the last may have fewer)
+    chunk_items = num_tiles * chunk_n
     if pid < NUM_PROGRAMS:
-        for item in range(pid, num_tiles * num_n, NUM_PROGRAMS):
-            n_block = item // num_tiles
-            expert, first_row, end_row = locate_tile(item % num_tiles, row_start, counts, tile_start, tile_end,
-                                                     NUM_BINS, BLOCK_M)
-            expert_gemm_tile(
-                expert % WEIGHT_EXPERTS, first_row, end_row, n_block,
-                a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
-                bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
-                sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
-                TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, INTERLEAVED, ACTIVATION, HAS_BIAS,
-                ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT)
+        for item in range(pid, chunk_items * COLUMN_CHUNKS, NUM_PROGRAMS):
+            column_chunk = item // chunk_items
+            expert, first_row, end_row, n_in_chunk = locate_item(
+                item % chunk_items, row_start, counts, tile_start, tile_end, num_tiles, chunk_n, NUM_BINS, BLOCK_M,
+                GROUP_M)
+            n_block = column_chunk * chunk_n + n_in_chunk
+            if n_block < num_n:
+                expert_gemm_tile(
+                    expert % WEIGHT_EXPERTS, first_row, end_row, n_block,
+                    a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
+                    bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
+                    sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
+                    TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, INTERLEAVED, ACTIVATION, HAS_BIAS,
+                    ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC)
             tl.debug_barrier()  # every thread's stores before the count
-            tl.atomic_add(column_done_ptr + n_block, 1, sem="release", scope="gpu")
+            tl.atomic_add(column_done_ptr + column_chunk, 1, sem="release", scope="gpu")
     else:
         q = pid - NUM_PROGRAMS
         parity = epoch % 2
         offs_c = tl.arange(0, CHUNK)
-        for n_block in range(num_n):
-            wait_flag_ge(column_done_ptr + n_block, num_tiles, max_spins, error_ptr, WAIT_KIND, rank, n_block)
-            offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < N
-            for j in range(WORLD):  # sources rotated by rank, as in the dispatch
-                src = (rank + j) % WORLD
-                count = tl.load(recv_counts_ptr + src)
-                dst_rows = (peer_ptr(partials_table, src, out_ptr)
-                            + tl.cast(parity * WORLD + rank, tl.int64) * capacity * N)
-                for c in range(q, tl.cdiv(count, CHUNK), COMM_PROGRAMS):
-                    slots = c * CHUNK + offs_c
-                    s_mask = slots < count
-                    tokens = tl.cast(src, tl.int64) * capacity + slots
-                    acc = tl.zeros((CHUNK, BLOCK_N), dtype=tl.float32)
-                    for k in tl.static_range(TOP_K):
-                        row = tokens * TOP_K + k
-                        expert = tl.load(recv_ids_ptr + row, mask=s_mask, other=-1)
-                        routed = s_mask & (expert >= 0) & (expert < NUM_EXPERTS)  # others wrote no row
-                        acc += tl.load(out_ptr + row[:, None] * stride_om + offs_n[None, :],
-                                       mask=routed[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-                    tl.store(dst_rows + slots.to(tl.int64)[:, None] * N + offs_n[None, :],
-                             acc.to(out_ptr.dtype.element_ty), mask=s_mask[:, None] & n_mask[None, :])
+        for column_chunk in range(COLUMN_CHUNKS):
+            wait_flag_ge(column_done_ptr + column_chunk, chunk_items, max_spins, error_ptr, WAIT_KIND, rank,
+                         column_chunk)
+            for n_block in range(column_chunk * chunk_n, tl.minimum((column_chunk + 1) * chunk_n, num_n)):
+                offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+                n_mask = offs_n < N
+                for j in range(WORLD):  # sources rotated by rank, as in the dispatch
+                    src = (rank + j) % WORLD
+                    count = tl.load(recv_counts_ptr + src)
+                    dst_rows = (peer_ptr(partials_table, src, out_ptr)
+                                + tl.cast(parity * WORLD + rank, tl.int64) * capacity * N)
+                    for c in range(q, tl.cdiv(count, CHUNK), COMM_PROGRAMS):
+                        slots = c * CHUNK + offs_c
+                        s_mask = slots < count
+                        tokens = tl.cast(src, tl.int64) * capacity + slots
+                        acc = tl.zeros((CHUNK, BLOCK_N), dtype=tl.float32)
+                        for k in tl.static_range(TOP_K):
+                            row = tokens * TOP_K + k
+                            expert = tl.load(recv_ids_ptr + row, mask=s_mask, other=-1)
+                            routed = s_mask & (expert >= 0) & (expert < NUM_EXPERTS)  # others wrote no row
+                            acc += tl.load(out_ptr + row[:, None] * stride_om + offs_n[None, :],
+                                           mask=routed[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+                        tl.store(dst_rows + slots.to(tl.int64)[:, None] * N + offs_n[None, :],
+                                 acc.to(out_ptr.dtype.element_ty), mask=s_mask[:, None] & n_mask[None, :])
         # Every column of these chunks is out: raise their flags.
         for j in range(WORLD):
             src = (rank + j) % WORLD
@@ -197,11 +207,11 @@ def combine_push(ws: CommWorkspace, bufs: CombineBuffers, epoch: int, partial: t
 
 
 def down_combine(ws: CommWorkspace, bufs: CombineBuffers, epoch: int, gemm: tuple[dict, int],
-                 recv_ids: torch.Tensor, recv_counts: torch.Tensor, n_comm: int):
+                 recv_ids: torch.Tensor, recv_counts: torch.Tensor, n_comm: int, column_chunks: int):
     """GEMM2 fused with the combine's push: `gemm` (`ep_dispatch.over_virtual_experts(
     expert_gemm.down_gemm_args(...))` over the received tokens: its output holds the weighted slot
-    rows) runs in the first programs, column
-    block by column block; the last `n_comm` programs sum each received token's slots of a
+    rows) runs in the first programs, in `column_chunks` column chunks (at most one per N block)
+    one after another; the last `n_comm` programs sum each received token's slots of a
     finished column block (recv_ids [W*C, K], the first recv_counts[s] tokens of each source s)
     and push the sums to the sources' combine buffers, as `combine_push` does."""
     args, max_items = gemm
@@ -216,12 +226,15 @@ def down_combine(ws: CommWorkspace, bufs: CombineBuffers, epoch: int, gemm: tupl
         compute = max(1, min(sms - n_comm, max_items))
     else:
         compute = max(1, min(4, max_items))
-    column_done = torch.zeros(triton.cdiv(args["N"], args["BLOCK_N"]), dtype=torch.int64, device=device)
+    if column_chunks < 1:
+        raise ValueError(f"column_chunks: expected >= 1, got {column_chunks}")
+    column_chunks = min(column_chunks, triton.cdiv(args["N"], args["BLOCK_N"]))  # at most one per N block
+    column_done = torch.zeros(column_chunks, dtype=torch.int64, device=device)
     _down_combine_kernel[(compute + n_comm,)](
         recv_ids, recv_counts, column_done, ws.ptr_table(bufs.partials), ws.ptr_table(bufs.flags), ws.errors,
         ws.rank, epoch, bufs.capacity, triton.cdiv(bufs.capacity, bufs.chunk), ws.max_spins,
-        **args, NUM_PROGRAMS=compute, COMM_PROGRAMS=n_comm, WORLD=ws.world_size, CHUNK=bufs.chunk,
-        WAIT_KIND=int(WaitKind.COMBINE_CHUNK),
+        **args, NUM_PROGRAMS=compute, COMM_PROGRAMS=n_comm, COLUMN_CHUNKS=column_chunks, WORLD=ws.world_size,
+        CHUNK=bufs.chunk, WAIT_KIND=int(WaitKind.COMBINE_CHUNK),
     )
 
 

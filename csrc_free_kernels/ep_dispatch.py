@@ -27,7 +27,7 @@ import triton.language as tl
 from comet.comm import CommWorkspace, WaitKind
 from comet.kernels.expert_gemm import expert_gemm_tile, locate_item
 from comet.kernels.routing import expert_segments, histogram_bins
-from comet.kernels.signals import peer_ptr, signal_set, wait_flag_ge
+from comet.kernels.signals import peer_ptr, signal_set, wait_flag_ge, wait_flags_ge
 
 
 class DispatchBuffers(NamedTuple):
@@ -163,24 +163,32 @@ def _dispatch_receive_kernel(
         tl.store(weights_out_ptr + out_base + off, tl.load(recv_w + off, mask=arrived, other=0.0), mask=in_buffer)
 
 
+# Chunk flags one poll of a GEMM1 tile reads; the interpreter's few chunks still cross blocks.
+WAIT_BLOCK = {"cpu": 4, "cuda": 64}
+
+
 @triton.jit
 def _wait_tile_rows(first_row, end_row, sorted_rows_ptr, recv_counts_ptr, flags_ptr, epoch, capacity, n_chunks,
                     max_spins, error_ptr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
-                    WORLD: tl.constexpr, WAIT_KIND: tl.constexpr):
+                    WORLD: tl.constexpr, WAIT_KIND: tl.constexpr, WAIT_BLOCK: tl.constexpr):
     """Wait for the chunks holding one GEMM1 tile's received tokens. An expert's rows are sorted
-    by virtual token (source, slot), so the tile's chunks lie between its first and last row's."""
+    by virtual token (source, slot), so the tile's chunks lie between its first and last row's;
+    they are polled WAIT_BLOCK at a time (a tile of a fine-grained expert spans ~100 chunks)."""
     parity = epoch % 2
     last_row = tl.minimum(first_row + BLOCK_M, end_row) - 1
     first_token = tl.load(sorted_rows_ptr + first_row) // TOP_K
     last_token = tl.load(sorted_rows_ptr + last_row) // TOP_K
     first = ((first_token // capacity) * n_chunks + (first_token % capacity) // CHUNK).to(tl.int32)
     last = ((last_token // capacity) * n_chunks + (last_token % capacity) // CHUNK).to(tl.int32)
-    for g in range(first, last + 1):
+    for g0 in range(first, last + 1, WAIT_BLOCK):
+        g = g0 + tl.arange(0, WAIT_BLOCK)
+        in_span = g <= last
         src = g // n_chunks
         c = g % n_chunks
-        if c * CHUNK < tl.load(recv_counts_ptr + src):  # chunks past a source's count never come
-            wait_flag_ge(flags_ptr + (parity * WORLD + src) * n_chunks + c, epoch, max_spins, error_ptr,
-                         WAIT_KIND, src, c)
+        # Chunks past a source's count never come.
+        needed = in_span & (c * CHUNK < tl.load(recv_counts_ptr + src, mask=in_span, other=0))
+        wait_flags_ge(flags_ptr + (parity * WORLD + src) * n_chunks + c, needed, epoch, max_spins, error_ptr,
+                      WAIT_KIND, src, c)
 
 
 # Program counts are plain arguments here: a new n_comm or grid must not compile a new kernel.
@@ -198,10 +206,10 @@ def _dispatch_gate_up_kernel(
     NUM_PROGRAMS,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr,
     WEIGHT_EXPERTS: tl.constexpr,  # the tile map's expert e uses weights e % WEIGHT_EXPERTS
     COMM_PROGRAMS, WORLD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
-    WAIT_KIND: tl.constexpr,
+    WAIT_KIND: tl.constexpr, WAIT_BLOCK: tl.constexpr,
 ):
     # Programs below COMM_PROGRAMS push (they never wait); the others, which may wait on them,
     # run GEMM1's persistent loop.
@@ -218,14 +226,14 @@ def _dispatch_gate_up_kernel(
             expert, first_row, end_row, n_block = locate_item(
                 item, row_start, counts, tile_start, tile_end, num_tiles, num_n, NUM_BINS, BLOCK_M, GROUP_M)
             _wait_tile_rows(first_row, end_row, sorted_rows_ptr, recv_counts_ptr, flags, epoch, capacity, n_chunks,
-                            max_spins, error_ptr, TOP_K, BLOCK_M, CHUNK, WORLD, WAIT_KIND)
+                            max_spins, error_ptr, TOP_K, BLOCK_M, CHUNK, WORLD, WAIT_KIND, WAIT_BLOCK)
             expert_gemm_tile(
                 expert % WEIGHT_EXPERTS, first_row, end_row, n_block,
                 a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
                 bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
                 sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
                 TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, INTERLEAVED, ACTIVATION, HAS_BIAS,
-                ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT)
+                ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC)
 
 
 def hidden_block(chunk: int, hidden: int) -> int:
@@ -318,4 +326,5 @@ def dispatch_gate_up(ws: CommWorkspace, bufs: DispatchBuffers, epoch: int, x: to
         ws.rank, epoch, x.shape[0], bufs.capacity, hidden, triton.cdiv(bufs.capacity, bufs.chunk), ws.max_spins,
         **args, NUM_PROGRAMS=compute, COMM_PROGRAMS=n_comm, WORLD=ws.world_size, CHUNK=bufs.chunk,
         BLOCK_H=hidden_block(bufs.chunk, hidden), WAIT_KIND=int(WaitKind.DISPATCH_CHUNK),
+        WAIT_BLOCK=WAIT_BLOCK[x.device.type],
     )

@@ -60,3 +60,29 @@ def wait_flag_ge(flag_ptr, expected, max_spins, error_ptr, kind, peer, index):
     # The other threads of the program read the data only after the acquire above.
     tl.debug_barrier()
     return arrived
+
+
+@triton.jit
+def wait_flags_ge(flag_ptrs, needed, expected, max_spins, error_ptr, kind, peers, indices):
+    """`wait_flag_ge` over a block of flags where `needed`: each poll reads them all at once, so
+    waiting for n flags that are already up costs one round trip, not n. True if all arrived; on
+    timeout the record names the first missing lane's peer and index."""
+    expected = tl.cast(expected, tl.int64)
+    already_failed = tl.load(error_ptr, volatile=True) != 0
+    spins_left = tl.cast(tl.where(already_failed, 0, max_spins), tl.int64)
+    seen = tl.where(needed, tl.atomic_add(flag_ptrs, 0, mask=needed, sem="acquire", scope="sys"), expected)
+    while (tl.min(seen, axis=0) < expected) & (spins_left > 0):
+        seen = tl.where(needed, tl.atomic_add(flag_ptrs, 0, mask=needed, sem="acquire", scope="sys"), expected)
+        spins_left -= 1
+    lowest = tl.min(seen, axis=0)
+    if lowest < expected:
+        missing = seen < expected
+        lane = tl.arange(0, flag_ptrs.shape[0])
+        first = tl.min(tl.where(missing, lane, flag_ptrs.shape[0]), axis=0)
+        if tl.atomic_cas(error_ptr, tl.cast(0, tl.int64), tl.cast(kind, tl.int64)) == 0:
+            tl.store(error_ptr + 1, tl.sum(tl.where(lane == first, peers, 0), axis=0).to(tl.int64))
+            tl.store(error_ptr + 2, tl.sum(tl.where(lane == first, indices, 0), axis=0).to(tl.int64))
+            tl.store(error_ptr + 3, expected)
+            tl.store(error_ptr + 4, lowest)
+    tl.debug_barrier()
+    return lowest >= expected

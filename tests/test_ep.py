@@ -18,6 +18,7 @@ import torch.distributed as dist
 import comet
 from comet.comm import CommTimeoutError
 from comet.reference import experts_reference
+from comet.scheduler import ep_split
 from comet.scheduler.ep_plan import plan_sends
 from conftest import needs_interpreter_loops
 from test_comm import _backends, _launch
@@ -58,22 +59,25 @@ def _routing(gen: torch.Generator, num_tokens: int, top_k: int, kind: str):
 
 
 def _run_calls(seed: int, calls: list, max_tokens: int) -> list:
-    """Each call: (tokens per rank, top_k, routing kind, dtype, cfg changes, n_comm). Returns each
-    rank's relative errors. All calls go through one workspace."""
+    """Each call: (tokens per rank, top_k, routing kind, dtype, cfg changes, n_comm); the changes may
+    also name `column_chunks` (of the fused GEMM2). Returns each rank's relative errors. All calls
+    go through one workspace."""
     from comet.ep import check_errors, ep_experts, release_workspace
 
     rank, world, device = dist.get_rank(), dist.get_world_size(), _device()
     errors = []
     for i, (tokens, top_k, kind, dtype, changes, n_comm) in enumerate(calls):
-        cfg = comet.MoEConfig(hidden_size=H, ffn_size=F, num_experts=E, top_k=top_k, **changes)
+        changes = dict(changes)
+        column_chunks = changes.pop("column_chunks", None)
+        cfg = comet.MoEConfig(**{"hidden_size": H, "ffn_size": F, "num_experts": E, "top_k": top_k, **changes})
         full = _full_weights(seed + i, cfg, device)
         gen = torch.Generator().manual_seed(seed * 7919 + i * 31 + rank)
         num_tokens = tokens[rank]
-        x = torch.randn(num_tokens, H, generator=gen).to(device, dtype)
+        x = torch.randn(num_tokens, cfg.hidden_size, generator=gen).to(device, dtype)
         ids, weights = (t.to(device) for t in _routing(gen, num_tokens, top_k, kind))
         with torch.no_grad():
             out = ep_experts(x, ids, weights, _local(full, rank, world, dtype), cfg, max_tokens=max_tokens,
-                             n_comm=n_comm)
+                             n_comm=n_comm, column_chunks=column_chunks)
         check_errors()
         ref = experts_reference(x.float(), ids, weights, *full[:4], activation=cfg.activation,
                                 interleaved=full.interleaved, weight_on_input=cfg.weight_on_input)
@@ -99,6 +103,8 @@ def _calls(world: int, gen: torch.Generator, n_random: int, max_tokens: int) -> 
          dict(expert_bias=True, activation="clamped_swiglu")),
         ([6] * world, 2, "random", fp32, dict(weight_on_input=True)),
         ([max_tokens] * world, 2, "random", torch.bfloat16, {}),
+        # GEMM2 in column chunks (3 N blocks of 32 on the interpreter: the last chunk is short)
+        ([max_tokens] * world, 2, "random", fp32, dict(hidden_size=96, column_chunks=2)),
     ]
     fixed = [(*c, 0) for c in fixed] + [(*c, 1 + i % 3) for i, c in enumerate(fixed)]
     # Then new routings and token counts every call through the same buffers.
@@ -198,7 +204,7 @@ def _layer_matches_full_layer(seed: int) -> list:
     errors = []
     for call, shape in enumerate([(2, 5), (16,), (0, 3), (1, 7), (3, 4)]):
         for ref_layer, ep_layer in ((full, layer), (other_full, other)):
-            ep_layer.ep_n_comm = 2 * (call % 2)  # unfused, then fused kernels
+            ep_layer.ep_n_comm = ("auto", 0, 2)[call % 3]  # the split's choice, unfused, fused kernels
             gen = torch.Generator().manual_seed(seed + 17 * call + rank)
             x = torch.randn(*shape, H, generator=gen).to(device)
             with torch.no_grad():
@@ -287,10 +293,14 @@ def test_bench_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
     assert bench.main(["--smoke", "--shapes", "tiny-mixtral", "--tokens", "6", "--results-dir", str(tmp_path)]) == 0
     table = pd.read_csv(tmp_path / "ep.csv")
-    assert list(table["series"]) == ["a2a_grouped_mm", "ours", "ours_fused n_comm=1", "ours_fused n_comm=2",
-                                     "comm_only", "compute_only"]
-    assert (table["status"] == "ok").all() and (table["ms"] > 0).all()
-    assert table["rel_err"].iloc[:4].notna().all() and table["comm_hidden"].iloc[1:4].notna().all()
+    assert list(table["series"]) == ["a2a_grouped_mm", "megatron_alltoall", "ours", "ours_auto", "ours_fused n_comm=1",
+                                     "ours_fused n_comm=2", "comm_only", "compute_only"]
+    assert table["status"].tolist() == ["ok"] + ["missing"] + ["ok"] * 6  # Megatron's dispatcher needs CUDA
+    ran = table[table["status"] == "ok"]
+    assert (ran["ms"] > 0).all() and ran["rel_err"].iloc[:5].notna().all()
+    ours = table[table["impl"].isin(["ours", "ours_auto", "ours_fused"])]
+    assert ours["comm_hidden"].notna().all() and ours["speedup_vs_a2a_grouped_mm"].notna().all()
+    assert ours["n_comm"].tolist() == [0, 0, 1, 2]  # auto: unfused off a GPU
     assert (tmp_path / "out" / "ep.csv").is_file()
 
 
@@ -301,8 +311,12 @@ def test_argument_errors():
     cfg = comet.MoEConfig(hidden_size=H, ffn_size=F, num_experts=E, top_k=2)
     local = _local(_full_weights(0, cfg, "cpu"), 0, 2, torch.float32)
     x, ids, weights = torch.randn(5, H), torch.zeros(5, 2, dtype=torch.long), torch.ones(5, 2)
-    with pytest.raises(ValueError, match="n_comm: expected a non-negative int"):
+    with pytest.raises(ValueError, match="n_comm: expected a non-negative int or 'auto'"):
         ep_experts(x, ids, weights, local, cfg, max_tokens=8, n_comm=-1)
+    with pytest.raises(ValueError, match="n_comm: expected a non-negative int or 'auto', got 'fast'"):
+        ep_experts(x, ids, weights, local, cfg, max_tokens=8, n_comm="fast")
+    with pytest.raises(ValueError, match="column_chunks: expected a positive int or None"):
+        ep_experts(x, ids, weights, local, cfg, max_tokens=8, column_chunks=0)
     with pytest.raises(ValueError, match="max_tokens: expected a positive int"):
         ep_experts(x, ids, weights, local, cfg, max_tokens=0)
     with pytest.raises(ValueError, match="5 tokens exceed max_tokens=4"):
@@ -331,9 +345,10 @@ def _compile_ep_kernels() -> list:
                     hist_ptr="*i32", alpha="fp32", limit="fp32")
     gemm = dict(NUM_EXPERTS=16, NUM_BINS=32, TOP_K=8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8,
                 NUM_PROGRAMS=100, GATHER_A=True, GATED=True, INTERLEAVED=False, ACTIVATION=0, HAS_BIAS=False,
-                ROW_WEIGHT=0, SCATTER_OUT=False, EVEN_K=True, DOT_PRECISION="tf32", UPCAST_DOT=False, WEIGHT_EXPERTS=8)
+                ROW_WEIGHT=0, SCATTER_OUT=False, EVEN_K=True, DOT_PRECISION="tf32", UPCAST_DOT=False, B_DESC=1,
+                WEIGHT_EXPERTS=8)
     comm = dict(WORLD=2, TOP_K=8, CHUNK=16, BLOCK_H=512, BLOCK_K=8, META_BLOCK=128, NUM_PROGRAMS=132,
-                META_KIND=2, CHUNK_KIND=3, WAIT_KIND=3, COMM_PROGRAMS=16, BLOCK_T=16)
+                META_KIND=2, CHUNK_KIND=3, WAIT_KIND=3, COMM_PROGRAMS=16, BLOCK_T=16, WAIT_BLOCK=64)
     cases = [
         (ep_dispatch._dispatch_push_kernel, dict(comm, PUSH_ROWS=True)),
         (ep_dispatch._dispatch_push_kernel, dict(comm, PUSH_ROWS=False)),
@@ -367,3 +382,95 @@ def test_kernels_compile_for_hopper(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("True") == 8, done.stdout
+
+
+def test_split_table_then_model(tmp_path, monkeypatch):
+    """The tuned table's nearest token bucket wins; without an entry, the cost model; off a GPU, unfused."""
+    monkeypatch.setattr(ep_split, "TABLE_DIR", tmp_path)
+    ep_split.load_table.cache_clear()
+    mixtral = ep_split.ep_shape(4096, 4096, 14336, 8, 2, 2, torch.bfloat16)
+    assert ep_split.table_split(ep_split.load_table("h"), mixtral) is None
+    ep_split.write_table_entry("h", mixtral._replace(tokens=1024), ep_split.EpSplit(16, 4))
+    ep_split.write_table_entry("h", mixtral._replace(tokens=16384), ep_split.EpSplit(0, 1))
+    table = ep_split.load_table("h")
+    assert list(table) == ["E8_H4096_F14336_K2_W2_B2"] and set(table["E8_H4096_F14336_K2_W2_B2"]) == {"1024", "16384"}
+    assert ep_split.table_split(table, mixtral._replace(tokens=1500)) == (16, 4)  # bucket 2048: nearest 1024
+    assert ep_split.table_split(table, mixtral._replace(tokens=8000)) == (0, 1)  # bucket 8192: nearest 16384
+    assert ep_split.table_split(table, mixtral._replace(world=4)) is None
+    assert ep_split.choose_split(mixtral, torch.device("cpu")) == (0, 1)
+    ep_split.load_table.cache_clear()
+
+
+def test_split_cost_model():
+    # Bandwidth: the probe's points, linear between them, per program below them, capped above.
+    for programs, gbps in ep_split.PUSH_GBPS.items():
+        assert ep_split.push_bytes_per_s(programs) == pytest.approx(gbps * 1e9)
+    assert ep_split.push_bytes_per_s(2) == pytest.approx(ep_split.PUSH_GBPS[4] / 2 * 1e9)
+    assert ep_split.push_bytes_per_s(24) == pytest.approx((ep_split.PUSH_GBPS[16] + ep_split.PUSH_GBPS[32]) / 2 * 1e9)
+    assert ep_split.push_bytes_per_s(500) == pytest.approx(ep_split.PUSH_GBPS[132] * 1e9)
+    assert ep_split.push_bytes_per_s(66, sms=66) == pytest.approx(ep_split.PUSH_GBPS[132] / 2 * 1e9)
+    # A token reaches a rank when one of its K distinct experts lives there.
+    shape = ep_split.ep_shape(8192, 4096, 14336, 8, 2, 2, torch.bfloat16)
+    assert ep_split.share_per_rank(shape) == pytest.approx(1 - 6 / 28)
+    assert ep_split.share_per_rank(shape._replace(world=1)) == 1.0
+    assert ep_split.share_per_rank(shape._replace(num_experts=4, top_k=3)) == 1.0
+    # Mixtral on 2 GPUs: the GEMMs dominate, fewer compute SMs cost more than the hidden pushes.
+    assert ep_split.model_split(shape) == (0, 1)
+    for n in (8, 16, 32):
+        assert ep_split.fused_seconds(shape, n, 1) > ep_split.unfused_seconds(shape)
+    assert ep_split.fused_seconds(shape, 132, 1) == float("inf")
+    # Qwen3-30B-A3B: the model predicts ~15% for 16 pushing programs, under the 20% margin asked.
+    qwen = ep_split.ep_shape(8192, 2048, 768, 128, 8, 2, torch.bfloat16)
+    assert ep_split.model_split(qwen) == (0, 1)
+    gain = 1 - ep_split.fused_seconds(qwen, 16, 4) / ep_split.unfused_seconds(qwen)
+    assert 0.1 < gain < ep_split.FUSED_MARGIN
+    assert ep_split.model_split(qwen._replace(tokens=0)) == (0, 1)
+
+
+def test_split_model_picks_the_fastest_fused(monkeypatch):
+    monkeypatch.setattr(ep_split, "FUSED_MARGIN", 0.0)
+    qwen = ep_split.ep_shape(8192, 2048, 768, 128, 8, 2, torch.bfloat16)
+    n_comm, chunks = ep_split.model_split(qwen)
+    assert n_comm in ep_split.N_COMM_CANDIDATES and chunks in ep_split.COLUMN_CHUNK_CANDIDATES
+    best = min(ep_split.fused_seconds(qwen, n, c) for n in ep_split.N_COMM_CANDIDATES
+               for c in ep_split.COLUMN_CHUNK_CANDIDATES if c * 128 <= qwen.hidden)
+    assert ep_split.fused_seconds(qwen, n_comm, chunks) == pytest.approx(best)
+    # Column chunks: never more than one per 128 columns.
+    assert ep_split.best_column_chunks(qwen._replace(hidden=128), 16) == 1
+
+
+def _megatron_baseline(seed: int) -> float:
+    """bench/ep.py's Megatron-Core baseline (allgather dispatcher here: alltoall needs CUDA) on
+    this rank's experts and the benchmark's routing, against the fp32 reference."""
+    from megatron.core.transformer.moe import moe_utils
+
+    from bench import ep as bench
+    from bench.common import relative_error
+    from bench.shapes import model_shape
+    from bench.single_gpu import make_inputs, make_weights, reference_output
+
+    torch.cuda.current_device = lambda: torch.device("cpu")  # Megatron's router asks for it on every call
+    if not hasattr(moe_utils, "te_general_gemm"):  # megatron-core 0.16 without Transformer Engine
+        moe_utils.te_general_gemm = None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    bench.init_megatron(world)
+    cfg = model_shape("tiny-mixtral").cfg
+    torch.manual_seed(seed)
+    full = make_weights(model_shape("tiny-mixtral"), torch.float32, torch.device("cpu"))
+    layer = bench.megatron_layer(cfg, _local(full, rank, world, torch.float32), torch.float32, torch.device("cpu"),
+                                 dispatcher="allgather")
+    torch.manual_seed(seed + 1 + rank)
+    s = make_inputs(cfg, 9, torch.float32, torch.device("cpu"), torch.zeros(cfg.num_experts))
+    probs, routing_map = bench.megatron_routing(s, cfg.num_experts)
+    layer.route = lambda hidden_states, padding_mask=None: (probs, routing_map)
+    with torch.inference_mode():
+        out = layer(s.x.unsqueeze(1))[0].squeeze(1)
+    return relative_error(out, reference_output(s, full, cfg, 9))
+
+
+def test_bench_megatron_baseline(monkeypatch):
+    pytest.importorskip("megatron.core")
+    root = str(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    seed = int(torch.randint(1 << 30, ()))
+    assert all(err < 1e-5 for err in _launch(_megatron_baseline, 2, seed, backend="gloo"))
