@@ -9,6 +9,11 @@ DeepSeek-V2/V3, GPT-OSS, Phi-3.5-MoE) get a "comet" experts implementation, regi
 all stay the library's own. Llama4, whose experts module does not use the interface, has each MoE
 block replaced by `CometLlama4Block`, which keeps the block's own router, experts and shared-expert
 modules (same parameters, same state-dict keys) and only swaps the computation.
+
+Expert parallelism (`apply(model, process_group=g)`): attention, router and shared experts stay
+replicated and data-parallel (each rank runs its own batch); each experts module keeps only this
+rank's E/W experts (the others are dropped) and runs through `comet.ep.ep_experts` on the
+router's global expert ids.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from torch import nn
 from comet.backends import check_backend_name
 from comet.config import MoEConfig
 from comet.hf_families import config_from_hf, experts_from_hf_layout, find_moe_blocks
-from comet.integrations.common import check_process_group, run_experts
+from comet.integrations.common import run_experts
 
 try:
     from transformers.integrations.moe import ExpertsInterface
@@ -37,7 +42,8 @@ class _ExpertsState:
     family: str
     config: MoEConfig  # the experts' shapes: num_experts is the number held by this module
     backend: str = "auto"
-    process_group: object = None
+    process_group: object = None  # expert parallelism: config holds all E experts, the module E/W
+    max_tokens_per_rank: int = 0
 
 
 def _experts_config(family_cfg: MoEConfig, num_local_experts: int) -> MoEConfig:
@@ -68,6 +74,11 @@ def comet_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.
         state.family, self.gate_up_proj, self.down_proj,
         getattr(self, "gate_up_proj_bias", None), getattr(self, "down_proj_bias", None),
     )
+    if state.process_group is not None:
+        from comet.ep import ep_experts  # lazily: the kernels load on first use
+
+        return ep_experts(hidden_states, top_k_index, top_k_weights, weights, state.config, state.process_group,
+                          max_tokens=state.max_tokens_per_rank)
     # HF's expert parallelism passes experts held by other ranks as ids >= E with weight 0. Point
     # them at a held expert with weight 0 (backends need ids in range). transformers < 5.17 has no
     # flag telling whether the module is sharded, so there this is always done (two tiny ops).
@@ -116,6 +127,7 @@ class _Patch:
     previous_implementation: object = None  # str or dict; None when no experts implementation was switched
     experts: list = field(default_factory=list)
     replaced: list = field(default_factory=list)  # (parent, attribute, original block)
+    expert_parallel: bool = False  # other ranks' experts were dropped: no way back
 
 
 def _uses_experts_interface(experts: nn.Module) -> bool:
@@ -128,16 +140,42 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
-def apply(model: nn.Module, process_group=None, backend: str = "auto") -> nn.Module:
+def _check_expert_parallel(process_group, backend: str, max_tokens_per_rank: int):
+    if not isinstance(process_group, torch.distributed.ProcessGroup):
+        raise TypeError(f"process_group: expected a torch.distributed.ProcessGroup, got {type(process_group).__name__}")
+    if backend not in ("auto", "triton"):
+        raise ValueError(f"backend: expert parallelism runs the Triton kernels ('auto' or 'triton'), got {backend!r}")
+    if not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1:
+        raise ValueError(f"max_tokens_per_rank: expected a positive int, got {max_tokens_per_rank!r}")
+
+
+def _keep_rank_experts(experts: nn.Module, process_group):
+    """Replace the experts module's parameters by this rank's E/W experts (copies: the full ones go)."""
+    world, rank = torch.distributed.get_world_size(process_group), torch.distributed.get_rank(process_group)
+    per_rank = experts.gate_up_proj.shape[0] // world
+    part = slice(rank * per_rank, (rank + 1) * per_rank)
+    for attr in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+        p = getattr(experts, attr, None)
+        if p is not None:
+            setattr(experts, attr, nn.Parameter(p.detach()[part].clone(), requires_grad=p.requires_grad))
+    if hasattr(experts, "num_experts"):
+        experts.num_experts = per_rank
+
+
+def apply(model: nn.Module, process_group=None, backend: str = "auto", max_tokens_per_rank: int = 4096) -> nn.Module:
     """Run the routed experts of every MoE block of `model` (a transformers model of a supported
     family) through comet's `backend`. Returns `model`, patched in place; `revert(model)` undoes
     it. Applying again re-applies with the new arguments.
 
-    process_group: expert parallelism across its ranks (needs the "ep" backend; until it exists,
-    anything but None raises NotImplementedError).
+    process_group: expert parallelism over its W ranks (`comet.ep`): every rank builds the same
+    model and calls apply; each experts module then keeps only this rank's experts
+    [r*E/W, (r+1)*E/W), so such a model cannot be reverted. Each rank runs its own batches
+    (at most `max_tokens_per_rank` tokens per forward), every rank of the group calling forward
+    together; forward only (under torch.no_grad()). Not for Llama4.
     """
     check_backend_name(backend)
-    check_process_group(process_group)
+    if process_group is not None:
+        _check_expert_parallel(process_group, backend, max_tokens_per_rank)
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
     blocks = find_moe_blocks(model)  # ValueError naming the supported families otherwise
@@ -147,17 +185,23 @@ def apply(model: nn.Module, process_group=None, backend: str = "auto") -> nn.Mod
         revert(model)
 
     family_cfg = config_from_hf(model.config)
+    world = 1 if process_group is None else torch.distributed.get_world_size(process_group)
     interface_blocks, replaced_blocks = [], []
     for name, block in blocks:  # check everything before changing anything
         experts = block.experts
+        if experts.gate_up_proj.shape[0] % world:
+            raise ValueError(f"{name}.experts: {experts.gate_up_proj.shape[0]} experts do not split evenly over the "
+                             f"{world} ranks of process_group")
         if _uses_experts_interface(experts):
             if not experts.has_gate or getattr(experts, "has_post_expert_norm", False):
                 raise NotImplementedError(
                     f"{name}.experts: experts without a gate projection or with a post-expert norm are not supported"
                 )
-            interface_blocks.append(block)
-        elif family_cfg.family == "llama4":
+            interface_blocks.append((name, block))
+        elif family_cfg.family == "llama4" and process_group is None:
             replaced_blocks.append((name, block))
+        elif family_cfg.family == "llama4":
+            raise NotImplementedError(f"{name}: expert parallelism is not supported for Llama4 blocks")
         else:
             raise NotImplementedError(
                 f"{name}: the {family_cfg.family} experts module {type(experts).__name__} does not use "
@@ -166,10 +210,15 @@ def apply(model: nn.Module, process_group=None, backend: str = "auto") -> nn.Mod
 
     patch = _Patch()
     model._comet_patch = patch
-    for block in interface_blocks:
+    patch.expert_parallel = process_group is not None
+    for _, block in interface_blocks:
         experts = block.experts
-        local_cfg = _experts_config(family_cfg, experts.gate_up_proj.shape[0])
-        experts._comet = _ExpertsState(family_cfg.family, local_cfg, backend, process_group)
+        if process_group is None:
+            local_cfg = _experts_config(family_cfg, experts.gate_up_proj.shape[0])
+            experts._comet = _ExpertsState(family_cfg.family, local_cfg, backend)
+        else:
+            _keep_rank_experts(experts, process_group)
+            experts._comet = _ExpertsState(family_cfg.family, family_cfg, backend, process_group, max_tokens_per_rank)
         patch.experts.append(experts)
     for name, block in replaced_blocks:
         parent, attr = _parent(model, name)
@@ -196,6 +245,9 @@ def revert(model: nn.Module) -> nn.Module:
     patch = model.__dict__.get("_comet_patch")
     if patch is None:
         raise ValueError("model: not patched by comet.integrations.hf.apply")
+    if patch.expert_parallel:
+        raise ValueError("model: applied with a process_group, which dropped the other ranks' experts; it cannot "
+                         "be reverted or re-applied (build or load the model again)")
     if patch.experts:
         model.set_experts_implementation(patch.previous_implementation)
     for experts in patch.experts:

@@ -10,6 +10,8 @@ from comet.hf_families import FAMILIES, find_moe_blocks  # noqa: E402
 from comet.integrations import common  # noqa: E402
 from comet.integrations import hf as comet_hf  # noqa: E402
 from comet.tiny_models import build_tiny_model  # noqa: E402
+from conftest import needs_interpreter_loops  # noqa: E402
+from test_comm import _launch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -169,7 +171,7 @@ def test_reapply_and_bad_arguments():
         comet_hf.revert(model)
     with pytest.raises(ValueError, match="backend"):
         comet_hf.apply(model, backend="nope")
-    with pytest.raises(NotImplementedError, match="'ep' backend"):
+    with pytest.raises(TypeError, match="process_group: expected a torch.distributed.ProcessGroup"):
         comet_hf.apply(model, process_group=object())
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -177,3 +179,36 @@ def test_reapply_and_bad_arguments():
         vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
     with pytest.raises(ValueError, match="not a supported MoE family"):
         comet_hf.apply(dense)
+
+
+def _expert_parallel_logits(seed: int, num_tokens: list) -> float:
+    """One rank of `test_expert_parallel_model`: the unpatched model's logits on this rank's batch,
+    then the same model applied with the group (data-parallel attention, this rank's experts)."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = build_tiny_model("mixtral", seed=seed)  # the same weights on every rank
+    gen = torch.Generator().manual_seed(seed + 1 + rank)
+    ids = torch.randint(3, model.config.vocab_size, (1, num_tokens[rank]), generator=gen)
+    expected = forward(model, ids).logits
+    blocks = find_moe_blocks(model)
+    full = [block.experts.gate_up_proj.detach().clone() for _, block in blocks]
+    comet_hf.apply(model, process_group=dist.group.WORLD, max_tokens_per_rank=max(num_tokens))
+    per_rank = full[0].shape[0] // world
+    for (_, block), weights in zip(blocks, full):  # this rank's experts only
+        assert torch.equal(block.experts.gate_up_proj, weights[rank * per_rank:(rank + 1) * per_rank])
+    actual = forward(model, ids).logits
+    with pytest.raises(ValueError, match="cannot be reverted"):
+        comet_hf.revert(model)
+    from comet.ep import release_workspace
+
+    release_workspace()
+    return rel_err(actual, expected)
+
+
+@needs_interpreter_loops
+def test_expert_parallel_model():
+    """apply(model, process_group=g) on 2 gloo ranks (kernels interpreted): each rank's logits
+    match the unpatched model's on its own batch (different sizes per rank)."""
+    seed = int(torch.randint(1 << 30, ()))
+    assert all(err <= 1e-5 for err in _launch(_expert_parallel_logits, 2, seed, [7, 4], backend="gloo"))
