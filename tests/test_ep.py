@@ -474,3 +474,29 @@ def test_bench_megatron_baseline(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     seed = int(torch.randint(1 << 30, ()))
     assert all(err < 1e-5 for err in _launch(_megatron_baseline, 2, seed, backend="gloo"))
+
+
+def test_bench_write_table(tmp_path, monkeypatch):
+    """--write-table: per (shape, tokens) the fastest checked of ours and ours_fused goes to the table."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        monkeypatch.syspath_prepend(root)
+    from bench import ep as bench
+
+    monkeypatch.setattr(ep_split, "TABLE_DIR", tmp_path)
+    ep_split.load_table.cache_clear()
+    base = dict(shape="tiny-mixtral", world_size=2, status="ok")
+    rows = [dict(base, tokens_per_rank=8, impl="ours", n_comm=0, column_chunks=1, ms=2.0),
+            dict(base, tokens_per_rank=8, impl="ours_fused", n_comm=2, column_chunks=2, ms=1.5),
+            dict(base, tokens_per_rank=8, impl="ours_fused", n_comm=4, column_chunks=1, ms=1.0, status="mismatch"),
+            dict(base, tokens_per_rank=8, impl="a2a_grouped_mm", n_comm=None, column_chunks=None, ms=0.5),
+            dict(base, tokens_per_rank=64, impl="ours", n_comm=0, column_chunks=1, ms=3.0),
+            dict(base, tokens_per_rank=64, impl="ours_fused", n_comm=2, column_chunks=2, ms=3.5)]
+    path = bench.write_table(rows, torch.device("cpu"), torch.float32)
+    assert path == tmp_path / "ep_interpreter.json"
+    cfg = bench.model_shape("tiny-mixtral").cfg
+    shape = ep_split.ep_shape(8, cfg.hidden_size, cfg.ffn_size, cfg.num_experts, cfg.top_k, 2, torch.float32)
+    table = ep_split.load_table("interpreter")
+    assert ep_split.table_split(table, shape) == (2, 2)  # the mismatching row does not count
+    assert ep_split.table_split(table, shape._replace(tokens=64)) == (0, 1)
+    ep_split.load_table.cache_clear()
