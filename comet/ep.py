@@ -32,14 +32,17 @@ read from the kernels, with sizes estimated from the shapes (not profiled):
   ~25 chunks of 16 tokens (Mixtral) to ~128 (Qwen3's 64 local experts), and every item (each N
   block of a tile) polls again: at the probe's 0.21 us per poll, ~0.7 ms (Mixtral) to ~0.9 ms
   (Qwen3) per program. Fixed: a tile polls 64 flags per atomic vector (`wait_flags_ge`).
+- The sum of each token's K slot rows and the push back (Qwen3: ~340 MB of traffic) ran on the
+  n_comm programs only, the last column block's after GEMM2 had ended. Changed: they take work
+  units from a counter, and computing programs out of tiles take the units left of finished
+  chunks (never waiting on a chunk still being computed).
 - Left as they are (a cost model term or a note, not fixed): SMs - n_comm programs compute, so
-  the GEMMs stretch by SMs / (SMs - n_comm) (6% at 8, 32% at 32: why 32 was slowest on
-  Mixtral); n_comm programs push ~8 GB/s each, the rank's own rows included (a local copy the
-  unfused path does with every SM); in arrival order each local expert's weights are walked
-  once per source (Qwen3: ~0.6 GB more reads); the sum of each token's K slot rows and the push
-  back run on the n_comm programs only (Qwen3: ~340 MB of traffic), the last column chunk's
-  exposed. Register pressure is not one: both halves of a fused kernel run one program per SM
-  and take the GEMM's warps; the push code's [16, 512] tiles are small next to the GEMM's.
+  the GEMMs stretch by SMs / (SMs - n_comm) (6% at 8, 32% at 32, consistent with 32 being the
+  slowest on Mixtral); n_comm programs push ~8 GB/s each, the rank's own rows included (a local
+  copy the unfused path does with every SM); in arrival order each local expert's weights are
+  walked once per source (Qwen3: ~0.6 GB more reads). Register pressure should not matter
+  (reasoning, not measured): both halves of a fused kernel run one program per SM with the
+  GEMM's warps, and the push code's [16, 512] tiles are small next to the GEMM's.
 So `n_comm="auto"` stays unfused unless the tuned table (bench/ep.py --write-table) or a clear
 predicted win says otherwise.
 """

@@ -73,11 +73,62 @@ def _combine_push_kernel(
             signal_set(flags + c, epoch)
 
 
+@triton.jit
+def _sum_push_unit(unit, column_chunk, chunk_n, num_n, recv_ids_ptr, recv_counts_ptr, chunk_done_ptr, partials_table,
+                   flags_table, out_ptr, stride_om, rank, epoch, capacity, n_chunks, N, COLUMN_CHUNKS,
+                   NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, WORLD: tl.constexpr,
+                   CHUNK: tl.constexpr):
+    """One unit of the combine push: token chunk `unit % n_chunks` of the `unit // n_chunks`-th
+    source (sources rotated by rank, as in the dispatch) over one column chunk: sum each token's
+    K slot rows, store the partial rows into the source's buffer. Whoever pushes a token chunk's
+    last column chunk raises its flag there."""
+    src = (rank + unit // n_chunks) % WORLD
+    c = unit % n_chunks
+    count = tl.load(recv_counts_ptr + src)
+    if c * CHUNK < count:  # chunks past the count are empty: nothing to send, no flag
+        parity = epoch % 2
+        slots = c * CHUNK + tl.arange(0, CHUNK)
+        s_mask = slots < count
+        tokens = tl.cast(src, tl.int64) * capacity + slots
+        dst_rows = peer_ptr(partials_table, src, out_ptr) + tl.cast(parity * WORLD + rank, tl.int64) * capacity * N
+        for n_block in range(column_chunk * chunk_n, tl.minimum((column_chunk + 1) * chunk_n, num_n)):
+            offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+            acc = tl.zeros((CHUNK, BLOCK_N), dtype=tl.float32)
+            for k in tl.static_range(TOP_K):
+                row = tokens * TOP_K + k
+                expert = tl.load(recv_ids_ptr + row, mask=s_mask, other=-1)
+                routed = s_mask & (expert >= 0) & (expert < NUM_EXPERTS)  # others wrote no row
+                acc += tl.load(out_ptr + row[:, None] * stride_om + offs_n[None, :],
+                               mask=routed[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+            tl.store(dst_rows + slots.to(tl.int64)[:, None] * N + offs_n[None, :],
+                     acc.to(out_ptr.dtype.element_ty), mask=s_mask[:, None] & n_mask[None, :])
+        tl.debug_barrier()  # every thread's stores before the count
+        if tl.atomic_add(chunk_done_ptr + src * n_chunks + c, 1, sem="acq_rel", scope="sys") == COLUMN_CHUNKS - 1:
+            signal_set(peer_ptr(flags_table, src, flags_table) + (parity * WORLD + rank) * n_chunks + c, epoch)
+
+
+@triton.jit
+def _claim_units(column_chunk, claims_ptr, chunk_n, num_n, recv_ids_ptr, recv_counts_ptr, chunk_done_ptr,
+                 partials_table, flags_table, out_ptr, stride_om, rank, epoch, capacity, n_chunks, N, COLUMN_CHUNKS,
+                 NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, WORLD: tl.constexpr,
+                 CHUNK: tl.constexpr):
+    """Take the units of a finished column chunk one at a time until none is left."""
+    unit = tl.atomic_add(claims_ptr + column_chunk, 1, sem="relaxed", scope="gpu")
+    while unit < WORLD * n_chunks:
+        _sum_push_unit(unit, column_chunk, chunk_n, num_n, recv_ids_ptr, recv_counts_ptr, chunk_done_ptr,
+                       partials_table, flags_table, out_ptr, stride_om, rank, epoch, capacity, n_chunks, N,
+                       COLUMN_CHUNKS, NUM_EXPERTS, TOP_K, BLOCK_N, WORLD, CHUNK)
+        unit = tl.atomic_add(claims_ptr + column_chunk, 1, sem="relaxed", scope="gpu")
+
+
 # Program and chunk counts are plain arguments here: a new split must not compile a new kernel.
 @triton.jit(do_not_specialize=["rank", "epoch", "max_spins", "NUM_PROGRAMS", "COMM_PROGRAMS", "COLUMN_CHUNKS"])
 def _down_combine_kernel(
     recv_ids_ptr, recv_counts_ptr,  # local: int32 [W*C, K] received routing (local ids), int32 [W]
-    column_done_ptr,  # local int64 [COLUMN_CHUNKS], zeroed: GEMM2 work items finished per column chunk
+    # local, zeroed: int64 [COLUMN_CHUNKS] GEMM2 work items finished and push units taken per
+    # column chunk; int64 [W, n_chunks] column chunks pushed per token chunk
+    column_done_ptr, claims_ptr, chunk_done_ptr,
     partials_table, flags_table, error_ptr,
     rank, epoch, capacity, n_chunks, max_spins,
     # expert_gemm.gemm_args of GEMM2
@@ -96,9 +147,10 @@ def _down_combine_kernel(
     # The first NUM_PROGRAMS programs run GEMM2 column chunk by column chunk (every M tile of chunk
     # 0, then of chunk 1, ...; inside a chunk, GROUP_M tiles x the chunk's N blocks at a time, so
     # those tiles' input rows are read from HBM once per chunk, not once per N block), counting
-    # finished items per chunk. The last COMM_PROGRAMS programs, which wait only on those (lower
-    # ids) and never on other ranks, sum each received token's K slot rows of a finished chunk and
-    # store the partial row into its source's buffer.
+    # finished items per chunk. The last COMM_PROGRAMS programs wait for each chunk in turn (only
+    # on lower ids, never on other ranks) and take its push units (`_claim_units`); computing
+    # programs out of tiles take what is left of the chunks already finished, so the pushes of
+    # a chunk finished late are shared by every program free by then.
     pid = tl.program_id(0)
     row_start, counts, tile_start, tile_end, num_tiles = expert_segments(hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -121,40 +173,20 @@ def _down_combine_kernel(
                     ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC)
             tl.debug_barrier()  # every thread's stores before the count
             tl.atomic_add(column_done_ptr + column_chunk, 1, sem="release", scope="gpu")
+        # Out of tiles: take the units of finished chunks that no one has taken yet, without
+        # waiting (a chunk still being computed is left to the pushing programs).
+        for column_chunk in range(COLUMN_CHUNKS):
+            if tl.atomic_add(column_done_ptr + column_chunk, 0, sem="acquire", scope="gpu") >= chunk_items:
+                _claim_units(column_chunk, claims_ptr, chunk_n, num_n, recv_ids_ptr, recv_counts_ptr, chunk_done_ptr,
+                             partials_table, flags_table, out_ptr, stride_om, rank, epoch, capacity, n_chunks, N,
+                             COLUMN_CHUNKS, NUM_EXPERTS, TOP_K, BLOCK_N, WORLD, CHUNK)
     else:
-        q = pid - NUM_PROGRAMS
-        parity = epoch % 2
-        offs_c = tl.arange(0, CHUNK)
         for column_chunk in range(COLUMN_CHUNKS):
             wait_flag_ge(column_done_ptr + column_chunk, chunk_items, max_spins, error_ptr, WAIT_KIND, rank,
                          column_chunk)
-            for n_block in range(column_chunk * chunk_n, tl.minimum((column_chunk + 1) * chunk_n, num_n)):
-                offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-                n_mask = offs_n < N
-                for j in range(WORLD):  # sources rotated by rank, as in the dispatch
-                    src = (rank + j) % WORLD
-                    count = tl.load(recv_counts_ptr + src)
-                    dst_rows = (peer_ptr(partials_table, src, out_ptr)
-                                + tl.cast(parity * WORLD + rank, tl.int64) * capacity * N)
-                    for c in range(q, tl.cdiv(count, CHUNK), COMM_PROGRAMS):
-                        slots = c * CHUNK + offs_c
-                        s_mask = slots < count
-                        tokens = tl.cast(src, tl.int64) * capacity + slots
-                        acc = tl.zeros((CHUNK, BLOCK_N), dtype=tl.float32)
-                        for k in tl.static_range(TOP_K):
-                            row = tokens * TOP_K + k
-                            expert = tl.load(recv_ids_ptr + row, mask=s_mask, other=-1)
-                            routed = s_mask & (expert >= 0) & (expert < NUM_EXPERTS)  # others wrote no row
-                            acc += tl.load(out_ptr + row[:, None] * stride_om + offs_n[None, :],
-                                           mask=routed[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-                        tl.store(dst_rows + slots.to(tl.int64)[:, None] * N + offs_n[None, :],
-                                 acc.to(out_ptr.dtype.element_ty), mask=s_mask[:, None] & n_mask[None, :])
-        # Every column of these chunks is out: raise their flags.
-        for j in range(WORLD):
-            src = (rank + j) % WORLD
-            flags = peer_ptr(flags_table, src, flags_table) + (parity * WORLD + rank) * n_chunks
-            for c in range(q, tl.cdiv(tl.load(recv_counts_ptr + src), CHUNK), COMM_PROGRAMS):
-                signal_set(flags + c, epoch)
+            _claim_units(column_chunk, claims_ptr, chunk_n, num_n, recv_ids_ptr, recv_counts_ptr, chunk_done_ptr,
+                         partials_table, flags_table, out_ptr, stride_om, rank, epoch, capacity, n_chunks, N,
+                         COLUMN_CHUNKS, NUM_EXPERTS, TOP_K, BLOCK_N, WORLD, CHUNK)
 
 
 @triton.jit(do_not_specialize=["rank", "epoch", "num_tokens", "max_spins"])
@@ -212,8 +244,9 @@ def down_combine(ws: CommWorkspace, bufs: CombineBuffers, epoch: int, gemm: tupl
     expert_gemm.down_gemm_args(...))` over the received tokens: its output holds the weighted slot
     rows) runs in the first programs, in `column_chunks` column chunks (at most one per N block)
     one after another; the last `n_comm` programs sum each received token's slots of a
-    finished column block (recv_ids [W*C, K], the first recv_counts[s] tokens of each source s)
-    and push the sums to the sources' combine buffers, as `combine_push` does."""
+    finished column chunk (recv_ids [W*C, K], the first recv_counts[s] tokens of each source s)
+    and push the sums to the sources' combine buffers, as `combine_push` does; computing programs
+    out of tiles help with finished chunks."""
     args, max_items = gemm
     if n_comm < 1:
         raise ValueError(f"n_comm: expected >= 1 pushing programs, got {n_comm}")
@@ -229,10 +262,12 @@ def down_combine(ws: CommWorkspace, bufs: CombineBuffers, epoch: int, gemm: tupl
     if column_chunks < 1:
         raise ValueError(f"column_chunks: expected >= 1, got {column_chunks}")
     column_chunks = min(column_chunks, triton.cdiv(args["N"], args["BLOCK_N"]))  # at most one per N block
-    column_done = torch.zeros(column_chunks, dtype=torch.int64, device=device)
+    n_chunks = triton.cdiv(bufs.capacity, bufs.chunk)
+    counters = torch.zeros(2 * column_chunks + ws.world_size * n_chunks, dtype=torch.int64, device=device)
     _down_combine_kernel[(compute + n_comm,)](
-        recv_ids, recv_counts, column_done, ws.ptr_table(bufs.partials), ws.ptr_table(bufs.flags), ws.errors,
-        ws.rank, epoch, bufs.capacity, triton.cdiv(bufs.capacity, bufs.chunk), ws.max_spins,
+        recv_ids, recv_counts, counters, counters[column_chunks:], counters[2 * column_chunks:],
+        ws.ptr_table(bufs.partials), ws.ptr_table(bufs.flags), ws.errors,
+        ws.rank, epoch, bufs.capacity, n_chunks, ws.max_spins,
         **args, NUM_PROGRAMS=compute, COMM_PROGRAMS=n_comm, COLUMN_CHUNKS=column_chunks, WORLD=ws.world_size,
         CHUNK=bufs.chunk, WAIT_KIND=int(WaitKind.COMBINE_CHUNK),
     )
