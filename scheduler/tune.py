@@ -29,14 +29,6 @@ DOWN_CANDIDATES = [
     (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 128, 128, 4, 4), (64, 128, 64, 4, 4),
     (64, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
 ]
-# name: (experts, hidden, ffn, top_k) of the models the project benchmarks
-DEFAULT_SHAPES = {
-    "mixtral-8x7b": (8, 4096, 14336, 2),
-    "qwen3-30b-a3b": (128, 2048, 768, 8),
-    "olmoe-1b-7b": (64, 2048, 1024, 8),
-    "deepseek-v3": (256, 7168, 2048, 8),
-    "gpt-oss-20b": (32, 2880, 2880, 4),
-}
 DEFAULT_TOKENS = (128, 1024, 4096, 16384)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -94,6 +86,15 @@ def tune_shape(experts: int, hidden: int, ffn: int, top_k: int, tokens: int, dty
     return best[0][0], best[1][0], best[0][1], best[1][1]
 
 
+def model_shape(name: str) -> tuple[int, int, int, int]:
+    """(experts, hidden, ffn, top_k) of a `comet.model_shapes` model (its published config)."""
+    from comet.config import MoEConfig
+    from comet.model_shapes import shape_config
+
+    cfg = MoEConfig.from_hf(shape_config(name))
+    return cfg.num_experts, cfg.hidden_size, cfg.ffn_size, cfg.top_k
+
+
 def run(shapes: dict, token_counts, dtype: torch.dtype, device: torch.device, write: bool = True) -> dict:
     from tqdm import tqdm
 
@@ -116,7 +117,9 @@ def run(shapes: dict, token_counts, dtype: torch.dtype, device: torch.device, wr
 
 
 def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), choices=list(DEFAULT_SHAPES),
+    from comet.model_shapes import SHAPES
+
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES),
                         help="model shapes to tune (default: all)")
     parser.add_argument("--tokens", nargs="+", type=int, default=list(DEFAULT_TOKENS),
                         help="token counts; each gives a rows-per-expert bucket (default: %(default)s)")
@@ -128,7 +131,7 @@ def main(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("comet tune: needs a CUDA GPU (it times compiled kernels)")
         return 2
-    run({name: DEFAULT_SHAPES[name] for name in args.shapes}, args.tokens, DTYPES[args.dtype],
+    run({name: model_shape(name) for name in args.shapes}, args.tokens, DTYPES[args.dtype],
         torch.device("cuda"), write=not args.dry_run)
     return 0
 
