@@ -127,7 +127,7 @@ class _Patch:
     previous_implementation: object = None  # str or dict; None when no experts implementation was switched
     experts: list = field(default_factory=list)
     replaced: list = field(default_factory=list)  # (parent, attribute, original block)
-    expert_parallel: bool = False  # other ranks' experts were dropped: no way back
+    process_group: object = None  # expert parallel: the other ranks' experts were dropped
 
 
 def _uses_experts_interface(experts: nn.Module) -> bool:
@@ -149,17 +149,33 @@ def _check_expert_parallel(process_group, backend: str, max_tokens_per_rank: int
         raise ValueError(f"max_tokens_per_rank: expected a positive int, got {max_tokens_per_rank!r}")
 
 
+_EXPERT_PARAMETERS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+
+
 def _keep_rank_experts(experts: nn.Module, process_group):
     """Replace the experts module's parameters by this rank's E/W experts (copies: the full ones go)."""
     world, rank = torch.distributed.get_world_size(process_group), torch.distributed.get_rank(process_group)
     per_rank = experts.gate_up_proj.shape[0] // world
     part = slice(rank * per_rank, (rank + 1) * per_rank)
-    for attr in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+    for attr in _EXPERT_PARAMETERS:
         p = getattr(experts, attr, None)
         if p is not None:
             setattr(experts, attr, nn.Parameter(p.detach()[part].clone(), requires_grad=p.requires_grad))
     if hasattr(experts, "num_experts"):
         experts.num_experts = per_rank
+
+
+def _gather_experts(experts: nn.Module, process_group):
+    """Undo `_keep_rank_experts` (collective): every rank's experts, gathered in rank order."""
+    world = torch.distributed.get_world_size(process_group)
+    for attr in _EXPERT_PARAMETERS:
+        p = getattr(experts, attr, None)
+        if p is not None:
+            parts = [torch.empty_like(p) for _ in range(world)]
+            torch.distributed.all_gather(parts, p.detach().contiguous(), group=process_group)
+            setattr(experts, attr, nn.Parameter(torch.cat(parts), requires_grad=p.requires_grad))
+    if hasattr(experts, "num_experts"):
+        experts.num_experts *= world
 
 
 def apply(model: nn.Module, process_group=None, backend: str = "auto", max_tokens_per_rank: int = 4096) -> nn.Module:
@@ -169,7 +185,7 @@ def apply(model: nn.Module, process_group=None, backend: str = "auto", max_token
 
     process_group: expert parallelism over its W ranks (`comet.ep`): every rank builds the same
     model and calls apply; each experts module then keeps only this rank's experts
-    [r*E/W, (r+1)*E/W), so such a model cannot be reverted. Each rank runs its own batches
+    [r*E/W, (r+1)*E/W) (`revert` gathers them back: collective too). Each rank runs its own batches
     (at most `max_tokens_per_rank` tokens per forward), every rank of the group calling forward
     together; forward only (under torch.no_grad()). Not for Llama4.
     """
@@ -210,7 +226,7 @@ def apply(model: nn.Module, process_group=None, backend: str = "auto", max_token
 
     patch = _Patch()
     model._comet_patch = patch
-    patch.expert_parallel = process_group is not None
+    patch.process_group = process_group
     for _, block in interface_blocks:
         experts = block.experts
         if process_group is None:
@@ -241,17 +257,17 @@ def _get_implementation(model: nn.Module):
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Undo `apply`: the original experts implementation and MoE blocks. Returns `model`."""
+    """Undo `apply`: the original experts implementation and MoE blocks (after an expert-parallel
+    apply, the experts gathered back from every rank: collective). Returns `model`."""
     patch = model.__dict__.get("_comet_patch")
     if patch is None:
         raise ValueError("model: not patched by comet.integrations.hf.apply")
-    if patch.expert_parallel:
-        raise ValueError("model: applied with a process_group, which dropped the other ranks' experts; it cannot "
-                         "be reverted or re-applied (build or load the model again)")
     if patch.experts:
         model.set_experts_implementation(patch.previous_implementation)
     for experts in patch.experts:
         del experts._comet
+        if patch.process_group is not None:
+            _gather_experts(experts, patch.process_group)
     for parent, attr, block in patch.replaced:
         setattr(parent, attr, block)
     del model._comet_patch

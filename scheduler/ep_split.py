@@ -25,7 +25,8 @@ Cost model (H200 constants; other GPUs scale GEMM rate and bandwidths by their S
 - fused: max(GEMM1, dispatch on n_comm programs) + max(GEMM2 + GEMM2's input re-read once per
   extra column chunk, (C-1)/C of the combine on n_comm programs) + the last chunk's combine.
 What it leaves out (so the tuned table wins where it exists): the chunk waits, weights read once
-per source in arrival order, routing skew, launch latencies.
+per source in arrival order, routing skew, launch latencies, and that small batches are bound by
+reading the expert weights, not by FLOPs.
 """
 from __future__ import annotations
 

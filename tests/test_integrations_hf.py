@@ -183,7 +183,8 @@ def test_reapply_and_bad_arguments():
 
 def _expert_parallel_logits(seed: int, num_tokens: list) -> float:
     """One rank of `test_expert_parallel_model`: the unpatched model's logits on this rank's batch,
-    then the same model applied with the group (data-parallel attention, this rank's experts)."""
+    then the same model applied with the group (data-parallel attention, this rank's experts),
+    then reverted (the full experts again)."""
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -198,8 +199,10 @@ def _expert_parallel_logits(seed: int, num_tokens: list) -> float:
     for (_, block), weights in zip(blocks, full):  # this rank's experts only
         assert torch.equal(block.experts.gate_up_proj, weights[rank * per_rank:(rank + 1) * per_rank])
     actual = forward(model, ids).logits
-    with pytest.raises(ValueError, match="cannot be reverted"):
-        comet_hf.revert(model)
+    comet_hf.revert(model)  # collective: the experts gathered back from every rank
+    for (_, block), weights in zip(blocks, full):
+        assert torch.equal(block.experts.gate_up_proj, weights)
+    assert torch.equal(forward(model, ids).logits, expected)
     from comet.ep import release_workspace
 
     release_workspace()

@@ -101,8 +101,8 @@ def test_cli_in_process(capsys):
 
 
 def test_cli_expert_parallel_path(monkeypatch, capsys):
-    """Under torchrun (here: a one-rank world from the environment) `--ep` reaches the adapter,
-    which says clearly that expert parallelism is not available yet."""
+    """Under torchrun (here: a one-rank world from the environment) `--ep` runs the experts
+    expert-parallel through the adapter (apply, time, revert) and matches the original model."""
     import socket
 
     import torch.distributed as dist
@@ -114,11 +114,15 @@ def test_cli_expert_parallel_path(monkeypatch, capsys):
                            MASTER_PORT=str(port)).items():
         monkeypatch.setenv(key, value)
     try:
-        assert main(["profile", "--model", "mixtral-tiny", "--tokens", "4", "--ep", "1", "--dtype", "fp32"]) == 2
+        assert main(["profile", "--model", "mixtral-tiny", "--tokens", "4", "--ep", "1", "--dtype", "fp32"]) == 0
     finally:
         if dist.is_initialized():
+            from comet.ep import release_workspace
+
+            release_workspace()
             dist.destroy_process_group()
-    assert "'ep' backend" in capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "model.layers.1.mlp" in out and "max rel diff" in out
 
 
 def run_cli(*args, cwd):
