@@ -1,0 +1,49 @@
+"""Tile-config selection: tuned table first (nearest bucket), else the heuristic; shared memory fits."""
+import json
+
+import torch
+
+from comet.kernels.expert_gemm import GemmConfig
+from comet.scheduler import configs
+
+
+def test_rows_bucket_is_mean_rows_per_expert_rounded_up_to_a_power_of_two():
+    assert configs.rows_bucket(1024, 128) == 8
+    assert configs.rows_bucket(1025, 128) == 16
+    assert configs.rows_bucket(3, 8) == 1
+
+
+def test_fit_shared_memory_cuts_stages_not_tiles():
+    cfg = GemmConfig(128, 128, 64, num_stages=4)
+    assert configs.fit_shared_memory(cfg, 2, 2).num_stages == 4  # bf16: 48 KiB a stage
+    fp32 = configs.fit_shared_memory(cfg, 4, 2)  # 96 KiB a stage
+    assert (fp32.block_m, fp32.block_n, fp32.block_k, fp32.num_stages) == (128, 128, 64, 2)
+
+
+def test_table_entry_nearest_bucket_wins_over_heuristic(tmp_path, monkeypatch):
+    key = configs.shape_key(8, 256, 128, torch.bfloat16)
+    g1 = dict(block_m=64, block_n=32, block_k=32, group_m=4, num_warps=4, num_stages=2)
+    g2 = dict(block_m=32, block_n=64, block_k=32, group_m=4, num_warps=4, num_stages=2)
+    (tmp_path / "interpreter.json").write_text(json.dumps({key: {"4": [g1, g2], "512": [g2, g1]}}))
+    monkeypatch.setattr(configs, "TABLE_DIR", tmp_path)
+    configs.load_table.cache_clear()
+    try:
+        cpu = torch.device("cpu")
+        first, second = configs.select_configs(8 * 8, 8, 256, 128, torch.bfloat16, cpu)  # bucket 8 -> "4"
+        assert (first.block_m, second.block_m) == (64, 32)
+        first, second = configs.select_configs(8 * 300, 8, 256, 128, torch.bfloat16, cpu)  # bucket 512
+        assert (first.block_m, second.block_m) == (32, 64)
+        other = configs.select_configs(64, 8, 512, 128, torch.bfloat16, cpu)  # no entry: heuristic
+        assert other == configs.heuristic_configs(8, cpu)
+    finally:
+        configs.load_table.cache_clear()
+
+
+def test_shipped_h200_table_is_well_formed():
+    table = json.loads((configs.TABLE_DIR / "nvidia_h200.json").read_text())
+    assert table
+    for buckets in table.values():
+        for bucket, pair in buckets.items():
+            assert int(bucket) & (int(bucket) - 1) == 0  # a power of two
+            for cfg in map(lambda c: GemmConfig(**c), pair):
+                assert cfg.block_m in (16, 32, 64, 128) and cfg.num_stages >= 1
