@@ -168,7 +168,8 @@ def profile(
     cfg = config_from_hf(model.config)
     baselines = _check_baselines(baselines, cfg.family)
     device = next(model.parameters()).device
-    backend_name = resolve_backend(backend, device).name
+    # With a process group the experts run expert-parallel (comet.ep: the Triton kernels).
+    backend_name = "ep (triton)" if process_group is not None else resolve_backend(backend, device).name
     on_gpu = device.type == "cuda"
     warmup = (5 if on_gpu else 1) if warmup is None else warmup
     repeats = (20 if on_gpu else 3) if repeats is None else repeats
