@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import shutil
 import statistics
 import time
@@ -22,7 +21,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from comet.profiler import git_commit
+from comet.profiler import environment as profiler_environment, package_version
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -35,23 +34,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # ----------------------------------------------------------------------------------------------
 # Environment
 # ----------------------------------------------------------------------------------------------
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def _version(module: str) -> str:
-    try:
-        return __import__(module).__version__
-    except ImportError:
-        return "absent"
-
-
 def environment(device: torch.device) -> dict[str, str]:
     """The columns that identify where and on what code a row was measured."""
-    return {"gpu": device_name(device), "torch": torch.__version__, "triton": _version("triton"),
-            "transformers": _version("transformers"), "commit": git_commit()}
+    return {**profiler_environment(device), "transformers": package_version("transformers")}
 
 
 def output_dir() -> Path | None:

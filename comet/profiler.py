@@ -28,21 +28,21 @@ ORIGINAL = "original"
 CPU_TIMING = "cpu perf_counter: interpreter/CPU timings, not representative of GPU speed"
 
 
-def environment() -> dict:
-    """Where a measurement ran: device name, torch, triton and the git commit of this checkout."""
+def package_version(module: str) -> str:
     try:
-        import triton
-
-        triton_version = triton.__version__
+        return __import__(module).__version__
     except ImportError:
-        triton_version = "absent"
-    cpu = f"cpu ({platform.processor() or platform.machine()})"
-    return {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "commit": git_commit(),
-    }
+        return "absent"
+
+
+def environment(device: torch.device | None = None) -> dict:
+    """Where a measurement ran: device name, torch, triton and the git commit of this checkout
+    (`device`: the GPU measured on; default the current GPU, else the CPU)."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = (torch.cuda.get_device_name(device) if device.type == "cuda"
+           else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    return {"gpu": gpu, "torch": torch.__version__, "triton": package_version("triton"), "commit": git_commit()}
 
 
 def git_commit() -> str:

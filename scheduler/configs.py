@@ -75,5 +75,5 @@ def select_configs(num_rows: int, num_experts: int, hidden: int, ffn: int, dtype
         gemm1, gemm2 = GemmConfig(**entries[best][0]), GemmConfig(**entries[best][1])
     else:
         gemm1, gemm2 = heuristic_configs(bucket, device)
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     return fit_shared_memory(gemm1, size, 2), fit_shared_memory(gemm2, size, 1)
