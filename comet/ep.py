@@ -192,9 +192,9 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     x = x if x.stride(-1) == 1 else x.contiguous()
     topk_ids = topk_ids.contiguous()
     topk_weights = topk_weights.float().contiguous()
-    plan = plan_sends(topk_ids, cfg.num_experts, world)
-    epoch = ws.next_epoch()
     fused = split.n_comm > 0
+    plan = plan_sends(topk_ids, cfg.num_experts, world, every_token_to=ws.rank if fused else None)
+    epoch = ws.next_epoch()
     # Fused, this launch only sends the routing: one program per destination.
     dispatch_push(ws, dispatch, epoch, x, topk_ids, topk_weights, plan.send_tokens, plan.counts,
                   experts_per_rank, world if fused else programs, push_rows=not fused)

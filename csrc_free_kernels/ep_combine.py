@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from comet.comm import CommWorkspace, WaitKind
-from comet.kernels.ep_dispatch import hidden_block
+from comet.kernels.ep_dispatch import PUSH_WARPS, hidden_block
 from comet.kernels.expert_gemm import expert_gemm_tile, locate_item
 from comet.kernels.routing import expert_segments
 from comet.kernels.signals import peer_ptr, signal_set, wait_flag_ge
@@ -140,7 +140,7 @@ def _down_combine_kernel(
     NUM_PROGRAMS,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr, A_DESC: tl.constexpr,
     WEIGHT_EXPERTS: tl.constexpr,  # the tile map's expert e uses weights e % WEIGHT_EXPERTS
     COMM_PROGRAMS, COLUMN_CHUNKS, WORLD: tl.constexpr, CHUNK: tl.constexpr, WAIT_KIND: tl.constexpr,
 ):
@@ -170,7 +170,7 @@ def _down_combine_kernel(
                     bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
                     sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
                     TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, INTERLEAVED, ACTIVATION, HAS_BIAS,
-                    ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC)
+                    ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC, A_DESC)
             tl.debug_barrier()  # every thread's stores before the count
             tl.atomic_add(column_done_ptr + column_chunk, 1, sem="release", scope="gpu")
         # Out of tiles: take the units of finished chunks that no one has taken yet, without
@@ -233,8 +233,8 @@ def combine_push(ws: CommWorkspace, bufs: CombineBuffers, epoch: int, partial: t
     _combine_push_kernel[(num_programs,)](
         partial, counts, ws.ptr_table(bufs.partials), ws.ptr_table(bufs.flags),
         ws.rank, epoch, bufs.capacity, hidden, triton.cdiv(bufs.capacity, bufs.chunk),
-        WORLD=ws.world_size, CHUNK=bufs.chunk, BLOCK_H=hidden_block(bufs.chunk, hidden),
-        NUM_PROGRAMS=num_programs, num_warps=4,
+        WORLD=ws.world_size, CHUNK=bufs.chunk, BLOCK_H=hidden_block(bufs.chunk, hidden, PUSH_WARPS),
+        NUM_PROGRAMS=num_programs, num_warps=PUSH_WARPS,
     )
 
 

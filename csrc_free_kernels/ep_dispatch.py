@@ -64,12 +64,12 @@ def dispatch_buffers(ws: CommWorkspace, capacity: int, hidden: int, top_k: int, 
 @triton.jit
 def push_rows(pid, num_programs, x_ptr, stride_x, send_tokens_ptr, send_counts_ptr, recv_x_table, chunk_table,
               rank, epoch, num_tokens, capacity, hidden, n_chunks,
-              WORLD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr):
+              WORLD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr, FIRST_DST: tl.constexpr):
     """Program `pid` of `num_programs` pushes its chunks of x rows to every destination, raising a
     flag per chunk. Chunks are dealt round-robin; destinations start with this rank and rotate by
-    rank, so that the sources spread over the targets."""
+    rank, so that the sources spread over the targets. FIRST_DST = 1 skips this rank itself."""
     parity = epoch % 2
-    for j in range(WORLD):
+    for j in range(FIRST_DST, WORLD):
         dst = (rank + j) % WORLD
         count = tl.load(send_counts_ptr + dst)
         recv_x = peer_ptr(recv_x_table, dst, x_ptr) + tl.cast(parity * WORLD + rank, tl.int64) * capacity * hidden
@@ -122,7 +122,7 @@ def _dispatch_push_kernel(
         signal_set(peer_ptr(meta_table, dst, meta_table) + parity * WORLD + rank, epoch)
     if PUSH_ROWS:
         push_rows(pid, NUM_PROGRAMS, x_ptr, stride_x, send_tokens_ptr, send_counts_ptr, recv_x_table, chunk_table,
-                  rank, epoch, num_tokens, capacity, hidden, n_chunks, WORLD, CHUNK, BLOCK_H)
+                  rank, epoch, num_tokens, capacity, hidden, n_chunks, WORLD, CHUNK, BLOCK_H, 0)
 
 
 @triton.jit(do_not_specialize=["rank", "epoch", "max_spins"])
@@ -206,39 +206,55 @@ def _dispatch_gate_up_kernel(
     NUM_PROGRAMS,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr, A_DESC: tl.constexpr,
     WEIGHT_EXPERTS: tl.constexpr,  # the tile map's expert e uses weights e % WEIGHT_EXPERTS
     COMM_PROGRAMS, WORLD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
     WAIT_KIND: tl.constexpr, WAIT_BLOCK: tl.constexpr,
 ):
-    # Programs below COMM_PROGRAMS push (they never wait); the others, which may wait on them,
-    # run GEMM1's persistent loop.
+    # Programs below COMM_PROGRAMS push to the other ranks (they never wait); the others, which
+    # may wait on them, run GEMM1's persistent loop. This rank's own tokens (virtual experts below
+    # WEIGHT_EXPERTS, first in the tile order) are read from x in place: its send slot t is token
+    # t (`plan_sends(every_token_to=rank)`), so they are neither copied nor waited for.
     pid = tl.program_id(0)
     if pid < COMM_PROGRAMS:
         push_rows(pid, COMM_PROGRAMS, x_ptr, stride_x, send_tokens_ptr, send_counts_ptr, recv_x_table, chunk_table,
-                  rank, epoch, num_tokens, capacity, hidden, n_chunks, WORLD, CHUNK, BLOCK_H)
+                  rank, epoch, num_tokens, capacity, hidden, n_chunks, WORLD, CHUNK, BLOCK_H, 1)
     else:
-        a_ptr = peer_ptr(recv_x_table, rank, b_ptr) + tl.cast(epoch % 2, tl.int64) * WORLD * capacity * hidden
+        received = peer_ptr(recv_x_table, rank, b_ptr) + tl.cast(epoch % 2, tl.int64) * WORLD * capacity * hidden
+        own = x_ptr - tl.cast(rank * capacity, tl.int64) * stride_x  # virtual token rank*C + t -> x row t
         flags = peer_ptr(chunk_table, rank, chunk_table)
         row_start, counts, tile_start, tile_end, num_tiles = expert_segments(hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
         for item in range(pid - COMM_PROGRAMS, num_tiles * num_n, NUM_PROGRAMS):
             expert, first_row, end_row, n_block = locate_item(
                 item, row_start, counts, tile_start, tile_end, num_tiles, num_n, NUM_BINS, BLOCK_M, GROUP_M)
-            _wait_tile_rows(first_row, end_row, sorted_rows_ptr, recv_counts_ptr, flags, epoch, capacity, n_chunks,
-                            max_spins, error_ptr, TOP_K, BLOCK_M, CHUNK, WORLD, WAIT_KIND, WAIT_BLOCK)
+            if expert < WEIGHT_EXPERTS:
+                a_ptr = own
+                a_stride = stride_x
+            else:
+                _wait_tile_rows(first_row, end_row, sorted_rows_ptr, recv_counts_ptr, flags, epoch, capacity,
+                                n_chunks, max_spins, error_ptr, TOP_K, BLOCK_M, CHUNK, WORLD, WAIT_KIND, WAIT_BLOCK)
+                a_ptr = received
+                a_stride = stride_am
             expert_gemm_tile(
                 expert % WEIGHT_EXPERTS, first_row, end_row, n_block,
-                a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
+                a_ptr, a_stride, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
                 bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
                 sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
                 TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, INTERLEAVED, ACTIVATION, HAS_BIAS,
-                ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC)
+                ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC, A_DESC)
 
 
-def hidden_block(chunk: int, hidden: int) -> int:
-    # About 8K elements per [CHUNK, BLOCK_H] tile: a few registers per thread.
-    return max(16, min(triton.next_power_of_2(hidden), 8192 // chunk))
+# Warps of the push-only launches. A pushing program is bound by the latency of its loads (one
+# [CHUNK, BLOCK_H] tile in flight at a time): ~8 GB/s per program with 8K-element tiles on an H200
+# (bench/results/comm_probe.csv), so tiles are as large as the registers allow.
+PUSH_WARPS = 8
+
+
+def hidden_block(chunk: int, hidden: int, num_warps: int) -> int:
+    """BLOCK_H of a [chunk, BLOCK_H] copy tile: 4K elements per warp (16 registers of 16-bit
+    values per thread), the whole row if shorter."""
+    return max(16, min(triton.next_power_of_2(hidden), 4096 * num_warps // chunk))
 
 
 def _meta_block(bufs: DispatchBuffers) -> int:
@@ -258,9 +274,9 @@ def dispatch_push(ws: CommWorkspace, bufs: DispatchBuffers, epoch: int, x: torch
         ws.ptr_table(bufs.x), ws.ptr_table(bufs.ids), ws.ptr_table(bufs.weights), ws.ptr_table(bufs.count),
         ws.ptr_table(bufs.meta_flags), ws.ptr_table(bufs.chunk_flags),
         ws.rank, epoch, num_tokens, bufs.capacity, hidden, experts_per_rank, triton.cdiv(bufs.capacity, bufs.chunk),
-        WORLD=ws.world_size, TOP_K=top_k, CHUNK=bufs.chunk, BLOCK_H=hidden_block(bufs.chunk, hidden),
+        WORLD=ws.world_size, TOP_K=top_k, CHUNK=bufs.chunk, BLOCK_H=hidden_block(bufs.chunk, hidden, PUSH_WARPS),
         BLOCK_K=triton.next_power_of_2(top_k), META_BLOCK=_meta_block(bufs), NUM_PROGRAMS=num_programs,
-        PUSH_ROWS=push_rows, num_warps=4,
+        PUSH_ROWS=push_rows, num_warps=PUSH_WARPS,
     )
 
 
@@ -325,6 +341,6 @@ def dispatch_gate_up(ws: CommWorkspace, bufs: DispatchBuffers, epoch: int, x: to
         recv_counts, ws.errors,
         ws.rank, epoch, x.shape[0], bufs.capacity, hidden, triton.cdiv(bufs.capacity, bufs.chunk), ws.max_spins,
         **args, NUM_PROGRAMS=compute, COMM_PROGRAMS=n_comm, WORLD=ws.world_size, CHUNK=bufs.chunk,
-        BLOCK_H=hidden_block(bufs.chunk, hidden), WAIT_KIND=int(WaitKind.DISPATCH_CHUNK),
+        BLOCK_H=hidden_block(bufs.chunk, hidden, args["num_warps"]), WAIT_KIND=int(WaitKind.DISPATCH_CHUNK),
         WAIT_BLOCK=WAIT_BLOCK[x.device.type],
     )

@@ -68,7 +68,7 @@ def _expert_gemm_kernel(
     NUM_PROGRAMS: tl.constexpr,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr, A_DESC: tl.constexpr,
 ):
     row_start, counts, tile_start, tile_end, num_tiles = expert_segments(
         hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK_M)
@@ -82,7 +82,7 @@ def _expert_gemm_kernel(
             bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
             sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
             TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, INTERLEAVED, ACTIVATION, HAS_BIAS,
-            ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC)
+            ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC, A_DESC)
 
 
 @triton.jit
@@ -107,7 +107,7 @@ def expert_gemm_tile(
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr, A_DESC: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] output tile: rows [first_row, end_row) of `expert` (sorted order)."""
     offs_m = first_row + tl.arange(0, BLOCK_M)
@@ -123,7 +123,13 @@ def expert_gemm_tile(
     else:
         offs_bn = offs_n % N  # in-bounds loads; the extra columns are not stored
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    if A_DESC:
+        # Contiguous A (GEMM2's expert-sorted input): one descriptor over this expert's rows, so
+        # the copy engine zero-fills past them and past K.
+        a_desc = tl.make_tensor_descriptor(a_ptr + first_row.to(tl.int64) * stride_am, shape=[end_row - first_row, K],
+                                           strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    else:
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     SECOND_B: tl.constexpr = GATED and not INTERLEAVED
     TILE_N: tl.constexpr = 2 * BLOCK_N if INTERLEAVED else BLOCK_N
     b_base = b_ptr + expert.to(tl.int64) * stride_be
@@ -152,11 +158,12 @@ def expert_gemm_tile(
     acc = tl.zeros((BLOCK_M, TILE_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
-        if EVEN_K:
+        if A_DESC:
+            a = a_desc.load([0, k])
+        elif EVEN_K:
             a = tl.load(a_ptrs)
         else:
-            k_mask = offs_k < K - k
-            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=(offs_k < K - k)[None, :], other=0.0)
         b = _load_b(b_ptrs if B_DESC == 0 else b_desc, n_block * TILE_N, k, offs_k, K, EVEN_K, B_DESC)
         if UPCAST_DOT:
             a = a.to(tl.float32)
@@ -169,7 +176,8 @@ def expert_gemm_tile(
             acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
             if B_DESC == 0:
                 b2_ptrs += BLOCK_K * stride_bk
-        a_ptrs += BLOCK_K * stride_ak
+        if not A_DESC:
+            a_ptrs += BLOCK_K * stride_ak
         if B_DESC == 0:
             b_ptrs += BLOCK_K * stride_bk
 
@@ -198,9 +206,11 @@ def expert_gemm_tile(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n < N)[None, :])
 
 
-# Weights are read through tensor descriptors (TMA on Hopper) where their layout allows; tests turn
-# this off to cover the pointer path, which GPUs without TMA and unaligned layouts take.
+# Operands are read through tensor descriptors (TMA on Hopper) where their layout allows: the
+# weights, and GEMM2's contiguous expert-sorted input. Tests turn these off to cover the pointer
+# path, which GPUs without TMA and unaligned layouts take.
 USE_WEIGHT_DESCRIPTORS = True
+USE_INPUT_DESCRIPTORS = True
 
 
 # Below this tile height (decode-sized batches, few rows per expert) pointer loads stream the
@@ -209,22 +219,33 @@ USE_WEIGHT_DESCRIPTORS = True
 DESCRIPTOR_MIN_BLOCK_M = 64
 
 
+def _descriptors_allowed(t: torch.Tensor, block_m: int) -> bool:
+    """Descriptors need compute capability 9.0 or newer (on a GPU), tiles at least
+    DESCRIPTOR_MIN_BLOCK_M tall, and a 16-byte aligned base and leading stride."""
+    if block_m < DESCRIPTOR_MIN_BLOCK_M:
+        return False
+    if t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9:
+        return False
+    return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+
+
 def weight_descriptor_mode(b: torch.Tensor, b2: torch.Tensor, block_m: int = DESCRIPTOR_MIN_BLOCK_M) -> int:
-    """0: pointer loads; 1: descriptors over K-contiguous weights; 2: over N-contiguous weights.
-    Descriptors need a unit last stride, 16-byte aligned bases and other strides, (on a GPU)
-    compute capability 9.0 or newer, and tiles at least DESCRIPTOR_MIN_BLOCK_M tall."""
-    if not USE_WEIGHT_DESCRIPTORS or block_m < DESCRIPTOR_MIN_BLOCK_M:
-        return 0
-    if b.is_cuda and torch.cuda.get_device_capability(b.device)[0] < 9:
+    """0: pointer loads; 1: descriptors over K-contiguous weights; 2: over N-contiguous weights
+    (the other of the two strides 16-byte aligned too)."""
+    if not USE_WEIGHT_DESCRIPTORS or not all(_descriptors_allowed(t, block_m) for t in (b, b2)):
         return 0
     size = b.element_size()
-    if any(t.data_ptr() % 16 or (t.stride(0) * size) % 16 for t in (b, b2)):
-        return 0
     if b.stride(2) == 1 and (b.stride(1) * size) % 16 == 0:
         return 1
     if b.stride(1) == 1 and (b.stride(2) * size) % 16 == 0:
         return 2
     return 0
+
+
+def input_descriptor_mode(a: torch.Tensor, gathered: bool, block_m: int) -> bool:
+    """Whether the kernel reads A [rows, K] through descriptors: only where its rows are not
+    gathered (a tile's rows are then contiguous) and K is contiguous."""
+    return USE_INPUT_DESCRIPTORS and not gathered and a.stride(1) == 1 and _descriptors_allowed(a, block_m)
 
 
 @functools.lru_cache(maxsize=None)
@@ -265,7 +286,7 @@ def gemm_args(a, a_rows_gathered, b, b2, bias, bias2, out, sorted_rows, row_weig
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         # The interpreter's dot mishandles 16-bit floats (it multiplies their bit patterns).
         UPCAST_DOT=a.device.type != "cuda",
-        B_DESC=weight_descriptor_mode(b, b2, cfg.block_m),
+        B_DESC=weight_descriptor_mode(b, b2, cfg.block_m), A_DESC=input_descriptor_mode(a, a_rows_gathered, cfg.block_m),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return args, max_tiles * triton.cdiv(n, cfg.block_n)

@@ -16,8 +16,12 @@ class SendPlan(NamedTuple):
     send_tokens: torch.Tensor  # int32 [W, T]: token in send slot i to rank d, for i < counts[d]
 
 
-def plan_sends(topk_ids: torch.Tensor, num_experts: int, world_size: int) -> SendPlan:
-    """The send plan of a routing `topk_ids` [T, K] with global expert ids."""
+def plan_sends(topk_ids: torch.Tensor, num_experts: int, world_size: int, every_token_to: int | None = None
+               ) -> SendPlan:
+    """The send plan of a routing `topk_ids` [T, K] with global expert ids. With `every_token_to`
+    = d, rank d gets every token, in slot t = token t (the fused path's own rank: it reads its
+    rows from x in place, so slots must be token indices; tokens none of its experts want simply
+    carry no routed row)."""
     if num_experts % world_size:
         raise ValueError(f"num_experts ({num_experts}) must be a multiple of the group size ({world_size})")
     experts_per_rank = num_experts // world_size
@@ -25,6 +29,10 @@ def plan_sends(topk_ids: torch.Tensor, num_experts: int, world_size: int) -> Sen
     owner = torch.where(in_range, topk_ids // experts_per_rank, -1)  # [T, K]
     ranks = torch.arange(world_size, device=topk_ids.device)
     mask = (owner.unsqueeze(0) == ranks[:, None, None]).any(dim=-1)  # [W, T]
+    if every_token_to is not None:
+        if not 0 <= every_token_to < world_size:
+            raise ValueError(f"every_token_to: expected a rank in [0, {world_size}), got {every_token_to}")
+        mask[every_token_to] = True
     taken = mask.to(torch.int32)
     inclusive = taken.cumsum(dim=1, dtype=torch.int32)
     # A stable sort puts each rank's tokens first, in token order: the inverse of `slot`.

@@ -346,7 +346,7 @@ def _compile_ep_kernels() -> list:
     gemm = dict(NUM_EXPERTS=16, NUM_BINS=32, TOP_K=8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8,
                 NUM_PROGRAMS=100, GATHER_A=True, GATED=True, INTERLEAVED=False, ACTIVATION=0, HAS_BIAS=False,
                 ROW_WEIGHT=0, SCATTER_OUT=False, EVEN_K=True, DOT_PRECISION="tf32", UPCAST_DOT=False, B_DESC=1,
-                WEIGHT_EXPERTS=8)
+                A_DESC=False, WEIGHT_EXPERTS=8)
     comm = dict(WORLD=2, TOP_K=8, CHUNK=16, BLOCK_H=512, BLOCK_K=8, META_BLOCK=128, NUM_PROGRAMS=132,
                 META_KIND=2, CHUNK_KIND=3, WAIT_KIND=3, COMM_PROGRAMS=16, BLOCK_T=16, WAIT_BLOCK=64)
     cases = [
@@ -356,7 +356,7 @@ def _compile_ep_kernels() -> list:
         (ep_dispatch._dispatch_receive_kernel, dict(comm, WAIT_ROWS=False, ARRIVAL_EXPERTS=8)),
         (ep_dispatch._dispatch_gate_up_kernel, dict(comm, **gemm)),
         (ep_combine._down_combine_kernel, {**comm, **gemm, "GATHER_A": False, "GATED": False, "ROW_WEIGHT": 2,
-                                           "SCATTER_OUT": True}),
+                                           "SCATTER_OUT": True, "A_DESC": True}),
         (ep_combine._combine_push_kernel, comm),
         (ep_combine._combine_reduce_kernel, dict(comm, BLOCK_H=256)),
     ]

@@ -76,10 +76,12 @@ def test_gpt_oss_transposed_interleaved_layout():
 @pytest.mark.parametrize("descriptors", [True, False], ids=["descriptor_loads", "pointer_loads"])
 @pytest.mark.parametrize("layout", ["standard", "gpt_oss", "transposed"])
 def test_weight_load_paths(monkeypatch, descriptors, layout):
-    """Weights through tensor descriptors (K- or N-contiguous) and through plain pointers agree."""
+    """Weights and GEMM2's input through tensor descriptors (weights K- or N-contiguous) and
+    through plain pointers agree."""
     import comet.kernels.expert_gemm as expert_gemm
 
     monkeypatch.setattr(expert_gemm, "USE_WEIGHT_DESCRIPTORS", descriptors)
+    monkeypatch.setattr(expert_gemm, "USE_INPUT_DESCRIPTORS", descriptors)
     monkeypatch.setattr(expert_gemm, "DESCRIPTOR_MIN_BLOCK_M", 0)  # the interpreter's tiles are small
     gpt_oss = layout == "gpt_oss"
     cfg, x, ids, weights, w = make_case(37, 8, 2, H=48, F=40, activation="clamped_swiglu" if gpt_oss else "swiglu",
@@ -89,6 +91,9 @@ def test_weight_load_paths(monkeypatch, descriptors, layout):
                        down=w.down.transpose(1, 2).contiguous().transpose(1, 2))
     expected_mode = 0 if not descriptors else (1 if layout == "standard" else 2)
     assert expert_gemm.weight_descriptor_mode(w.down, w.down, 16) == expected_mode
+    act = torch.empty(8, 40, device=DEVICE)
+    assert expert_gemm.input_descriptor_mode(act, False, 16) == descriptors
+    assert not expert_gemm.input_descriptor_mode(act, True, 16)  # gathered rows: pointers
     check(cfg, x, ids, weights, w)
 
 
