@@ -1,0 +1,68 @@
+"""bench/expert_gemms.py's logic on tiny shapes (CPU: the Triton interpreter): every GEMM checked
+against its reference and timed, ratios to grouped_mm present, a config the compiler rejects for its
+resources skipped, the kernel module's switches restored, results written."""
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import expert_gemms  # noqa: E402
+
+
+@pytest.mark.timeout(180)
+def test_smoke_profile_checks_times_skips_and_writes(tmp_path, monkeypatch, capsys):
+    from triton.runtime.errors import OutOfResources
+
+    import comet.kernels.expert_gemm as expert_gemm
+
+    def switches():
+        return {name: getattr(expert_gemm, name, None)
+                for name in (expert_gemms.WEIGHT_SWITCH, expert_gemms.INPUT_SWITCH)}
+
+    switches_before = switches()
+    real_down_gemm = expert_gemm.down_gemm
+
+    def down_gemm_too_big_at_64_rows(*args, cfg, **kwargs):  # as the compiler would reject it
+        if cfg.block_m == 64:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        return real_down_gemm(*args, cfg=cfg, **kwargs)
+
+    monkeypatch.setattr(expert_gemm, "down_gemm", down_gemm_too_big_at_64_rows)
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    seed = str(int(torch.randint(0, 2**31 - 1, ())))  # fresh per test (conftest seeds torch)
+    rc = expert_gemms.main(["--smoke", "--runs", "tiny-mixtral:8", "--configs", "64x32x32-g4w4s1",
+                            "--results-dir", str(tmp_path), "--seed", seed])
+    log = capsys.readouterr().out
+    assert rc == 0, log
+    df = pd.read_csv(tmp_path / "expert_gemms.csv")
+
+    for column in ("gpu", "torch", "triton", "commit", "shape", "tokens", "gemm", "impl", "config", "variant",
+                   "status", "rel_err", "tolerance", "ms", "tflops", "vs_grouped_mm", "b_desc"):
+        assert column in df.columns, column
+    for column in ("gpu", "torch", "triton", "commit"):
+        assert df[column].notna().all(), column
+    variants = {"gemm1": 2, "gemm2": len(expert_gemms.switch_variants("gemm2", expert_gemm))}
+    # Per GEMM: grouped_mm, then (selected + one candidate) x its switch variants.
+    assert len(df) == sum(1 + 2 * n for n in variants.values())
+    skipped = df[df["status"] == "skipped"]
+    assert len(skipped) == variants["gemm2"] and set(skipped["gemm"]) == {"gemm2"}
+    assert skipped["note"].str.contains("does not fit").all()
+    checked = df[df["status"] != "skipped"]
+    assert set(checked["status"]) == {"ok"}, checked[["gemm", "impl", "config", "variant", "status", "note"]]
+    assert (checked["rel_err"] <= checked["tolerance"]).all()
+    assert (checked["ms"] > 0).all() and (checked["tflops"] > 0).all()
+    ours = checked[checked["impl"] == "ours"]
+    assert ours["vs_grouped_mm"].notna().all() and (ours["vs_grouped_mm"] > 0).all()
+    assert ours["shipped"].sum() == 2  # one per GEMM: the selected config under the switches as found
+    # Both weight-load paths ran: pointer loads (16-row tiles) and descriptors (64-row tiles, switch on).
+    assert set(ours["b_desc"]) >= {0, 1}
+
+    assert switches() == switches_before
+    assert "ours shipped" in log and "ours best" in log
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"expert_gemms.csv", "expert_gemms.log"}
