@@ -12,8 +12,8 @@ For each (shape, tokens), on one random routing (uneven, as bench/single_gpu.py'
 Ours runs with the config `comet.scheduler.configs.select_configs` picks ("selected") and with each
 candidate config, each in every variant of the module switches of `comet.kernels.expert_gemm`:
 USE_WEIGHT_DESCRIPTORS (both GEMMs) and USE_INPUT_DESCRIPTORS (GEMM2's A operand; skipped with a
-note while the module has no such switch). Configs whose shared memory does not fit are skipped
-(the compiler's OutOfResources). The switches are restored afterwards.
+note where the module has no such switch). Configs whose shared memory does not fit are skipped (the
+compiler's OutOfResources). The switches are restored afterwards.
 
 Every output of ours is NaN-filled, computed once and checked against an fp32 torch reference of that
 GEMM (relative Frobenius error, 2e-2 for bf16) before it is timed; the grouped_mm outputs are checked
@@ -404,7 +404,8 @@ def format_table(rows: list[dict]) -> str:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", metavar="SHAPE:TOKENS",
-                   help=f"(shape, tokens) pairs; shapes: {', '.join(MODELS)} (default: {' '.join(DEFAULT_RUNS)})")
+                   help="(shape, tokens) pairs; shapes: those of bench/shapes.py with gate-first weights and no "
+                        f"expert biases, of {', '.join(MODELS)} (default: {' '.join(DEFAULT_RUNS)})")
     p.add_argument("--configs", nargs="+", metavar="CONFIG",
                    help="candidate configs besides the selected one, as BLOCK_MxBLOCK_NxBLOCK_K-g<GROUP_M>w<warps>"
                         f"s<stages> (default: {' '.join(DEFAULT_CONFIGS)})")
@@ -428,6 +429,11 @@ def parse_args(argv):
         if name.lower() not in by_key or not tokens.isdigit() or int(tokens) < 1:
             p.error(f"--runs: expected SHAPE:TOKENS with SHAPE one of {names} and TOKENS > 0, got {run!r}")
         args.pairs.append((by_key[name.lower()], int(tokens)))
+    for name in dict.fromkeys(name for name, _ in args.pairs):
+        try:
+            check_shape(model_shape(name))
+        except ValueError as exc:
+            p.error(f"--runs: {exc}")
     args.configs = args.configs or list(SMOKE_CONFIGS if args.smoke else DEFAULT_CONFIGS)
     if not all(_CONFIG_LABEL.fullmatch(label) for label in args.configs):
         p.error(f"--configs: expected labels like 128x256x64-g8w8s3, got {args.configs}")
@@ -493,7 +499,9 @@ def run(args, device: torch.device) -> int:
             append_csv(csv_path, run_rows)
             publish([csv_path])
             rows += run_rows
-            log(f"{shape.name} T={tokens}: {time.perf_counter() - started:.1f} s")
+            first_calls = sum(r.get("first_call_s", 0.0) for r in run_rows if r["impl"] == "ours")
+            log(f"{shape.name} T={tokens}: {time.perf_counter() - started:.1f} s, of which {first_calls:.1f} s "
+                "in ours' first calls (compilation)")
             del problem
             if device.type == "cuda":
                 torch.cuda.empty_cache()
