@@ -19,9 +19,10 @@ A mismatch prints the call's parameters; `--seed S --replay I` (with the run's o
 runs that call alone through a fresh workspace; `--seed S --calls I+1` repeats the run up to it
 (the same calls, so a fault that needs the workspace's earlier state comes back too).
 
-Rank 0 shows a progress bar, prints a summary (calls, calls per n_comm, mismatches, worst errors,
-elapsed), appends a row to bench/results/ep_stress.csv (copied to $OUT when set) and exits
-non-zero on any mismatch or communication error.
+Rank 0 shows a progress bar (a log line per check when not on a terminal), prints a summary
+(calls, calls per n_comm, mismatches, worst errors, elapsed), appends a row to
+bench/results/ep_stress.csv (copied to $OUT when set) and exits non-zero on any mismatch or
+communication error.
 
     torchrun --nproc-per-node 2 bench/ep_stress.py                          # Qwen3-30B-A3B, 1000 calls, <= 4096 tokens/rank
     torchrun --nproc-per-node 2 bench/ep_stress.py --shape Mixtral-8x7B --calls 300
@@ -253,14 +254,17 @@ def run(args) -> dict | None:
                 if _comm_failed(failure, device):
                     failure = failure or "another rank's communication timed out"
                     break
-            if bar:
+            if bar is not None:
                 bar.update()
                 if done % args.check_every == 0:
                     mine = pd.DataFrame(records)
-                    bar.set_postfix_str(f"rank 0: {int((~mine['ok']).sum())} mismatches, worst rel err "
-                                        f"{mine['rel_err'].max():.2g}")
+                    status = (f"rank 0: {int((~mine['ok']).sum())} mismatches, worst rel err "
+                              f"{mine['rel_err'].max():.2g}")
+                    if bar.disable:  # not a terminal (a log): a line per check instead
+                        log(f"{done}/{len(indices)} calls, {time.perf_counter() - start:.0f} s, {status}")
+                    bar.set_postfix_str(status)
     elapsed = time.perf_counter() - start
-    if bar:
+    if bar is not None:
         bar.close()
     if failure is None:
         release_workspace()  # collective, needs every rank alive and in step
