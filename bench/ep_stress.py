@@ -213,7 +213,7 @@ def run(args) -> dict | None:
         raise ValueError(f"--shape {args.shape}: {cfg.num_experts} experts do not split over {world} ranks")
     log = RunLog("ep_stress") if rank == 0 else None
     env = environment(device)
-    if log:
+    if log is not None:
         log(" ".join(f"{k}={v}" for k, v in env.items()) + f" world_size={world}")
         log(f"ep stress: {args.shape} (E{cfg.num_experts} K{cfg.top_k} H{cfg.hidden_size} F{cfg.ffn_size}) "
             f"{args.dtype}, <= {args.max_tokens} tokens/rank, n_comm from {args.n_comm}, seed {seed}")
@@ -228,7 +228,7 @@ def run(args) -> dict | None:
     del full
 
     indices = [args.replay] if args.replay is not None else list(range(args.calls))
-    bar = progress(len(indices), "ep stress") if log else None
+    bar = progress(len(indices), "ep stress") if log is not None else None
     records, failure, start = [], None, time.perf_counter()
     with torch.inference_mode():
         for done, index in enumerate(indices, 1):
@@ -251,8 +251,7 @@ def run(args) -> dict | None:
                 except CommTimeoutError as exc:
                     failure = f"rank {rank}: {exc}"
                     print(f"!!! {failure}", flush=True)
-                if _comm_failed(failure, device):
-                    failure = failure or "another rank's communication timed out"
+                if _comm_failed(failure, device):  # this rank's or another's: all stop here
                     break
             if bar is not None:
                 bar.update()
@@ -266,14 +265,14 @@ def run(args) -> dict | None:
     elapsed = time.perf_counter() - start
     if bar is not None:
         bar.close()
-    if failure is None:
-        release_workspace()  # collective, needs every rank alive and in step
+    if len(records) == len(indices):  # every rank finished, so all are in step for this collective
+        release_workspace()
     gathered = [None] * world if rank == 0 else None
     dist.gather_object((records, failure), gathered, dst=0)
     if rank != 0:
         return None
     log.close()
-    failures = [f for _, f in gathered if f and not f.startswith("another rank")]
+    failures = [f for _, f in gathered if f is not None]
     table = pd.DataFrame([r for rs, _ in gathered for r in rs])
     return dict(env=env, world=world, cfg=cfg, seed=seed, table=table, failures=failures, elapsed_s=elapsed,
                 params={i: call_params(seed, i, world, args.max_tokens, args.n_comm, cfg) for i in indices})
