@@ -14,10 +14,12 @@ What a kernel gets from it:
   rank's tensor. `ptr_table(name)`: int64 [W] on the workspace's device, rank p's address of it.
 - `flags(name, shape)`: an int64 buffer of flags (this workspace's own, not the symmetric-memory
   signal pad). A flag holds the epoch of the last call that raised it, so it is never reset.
-- `next_epoch()`: the epoch of a new collective call, 1, 2, 3, ... The same on every rank as long as
-  every rank makes the same calls. A writer raises a flag to the epoch, a reader waits for
-  flag >= epoch (`comet.kernels.signals`). Buffers reused across calls are double-buffered: a
-  leading dimension 2 indexed by `epoch % 2`. This is safe without any host barrier when, in each
+- `next_epoch()`: the epoch of a new collective call, 1, 2, 3, ..., kept on the device (int64 [1],
+  incremented by a launch on the current stream, read by the kernels), so that a captured CUDA
+  graph advances it on every replay. The same on every rank as long as every rank makes the same
+  calls. A writer raises a flag to the epoch, a reader waits for flag >= epoch
+  (`comet.kernels.signals`). Buffers reused across calls are double-buffered: a leading dimension
+  2 indexed by the kernels with `epoch % 2`. This is safe without any host barrier when, in each
   call, every rank waits on data from every rank it writes to (as an all-to-all does): a rank
   cannot then be two calls ahead of a peer that is still reading.
 - `errors` and `max_spins`: every wait gives up after `max_spins` polls and leaves a record in
@@ -25,12 +27,12 @@ What a kernel gets from it:
   `CommTimeoutError` naming this rank, the peer and what was waited for.
 
 Setup-time calls (`create`, `buffer`, `flags`, `barrier`, `close`) are collective: every rank of
-the group makes them in the same order. Nothing here is on a hot path except `next_epoch`.
+the group makes them in the same order (so make them before capturing a CUDA graph: run one call
+first). Nothing here is on a hot path except `next_epoch`.
 
 Kernels reach workspace buffers through the pointer tables, never as tensor arguments: the Triton
 interpreter copies tensor arguments back after a launch, which could undo a peer's concurrent
-writes. The epoch is a host integer passed as a kernel argument, so a captured CUDA graph would
-replay a stale one: graph capture needs a device-side epoch (not built yet).
+writes.
 """
 from __future__ import annotations
 
@@ -99,7 +101,7 @@ class CommWorkspace:
         if max_spins < 1:
             raise ValueError(f"max_spins: expected >= 1, got {max_spins}")
         self.max_spins = max_spins
-        self.epoch = 0
+        self.epoch = torch.zeros(1, dtype=torch.int64, device=device)  # see next_epoch
         # Local only: each rank's kernels record their own timeouts here.
         self.errors = torch.zeros(len(ERROR_FIELDS), dtype=torch.int64, device=device)
         self._buffers: dict[str, _Buffer] = {}
@@ -170,9 +172,10 @@ class CommWorkspace:
     # ------------------------------------------------------------------------------------------
     # Calls, errors, lifetime
     # ------------------------------------------------------------------------------------------
-    def next_epoch(self) -> int:
-        """The epoch of a new collective call (1, 2, ...): the flag value its writers raise."""
-        self.epoch += 1
+    def next_epoch(self) -> torch.Tensor:
+        """Advance to a new collective call's epoch (1, 2, ...: the flag value its writers raise)
+        on the device, in stream order; returns the int64 [1] tensor the kernels read it from."""
+        self.epoch.add_(1)
         return self.epoch
 
     def check_errors(self):
@@ -230,7 +233,7 @@ class CommWorkspace:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size}, device={self.device}, "
-                f"buffers={list(self._buffers)}, epoch={self.epoch})")
+                f"buffers={list(self._buffers)})")
 
 
 class SharedMemoryWorkspace(CommWorkspace):

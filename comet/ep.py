@@ -201,7 +201,7 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     # Fused, GEMM1 runs tiles in the order their rows can arrive: see dispatch_receive.
     recv_ids, recv_weights, recv_counts = dispatch_receive(ws, dispatch, epoch, top_k, wait_rows=not fused,
                                                            arrival_experts=experts_per_rank if fused else 0)
-    recv_x = ws.buffer(dispatch.x, (2, world, max_tokens, hidden), x.dtype)[epoch % 2].view(-1, hidden)
+    recv_x = ws.buffer(dispatch.x, (world, max_tokens, hidden), x.dtype).view(-1, hidden)
     recv_ids, recv_weights = recv_ids.view(-1, top_k), recv_weights.view(-1, top_k)
     w = local_weights
     if fused:

@@ -7,6 +7,8 @@ epochs. Used by the multi-rank tests (CPU, interpreter) and `bench/comm_probe.py
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -14,8 +16,10 @@ import triton.language as tl
 from comet.comm import CommWorkspace, WaitKind
 from comet.kernels.signals import peer_ptr, signal_set, wait_flag_ge
 
+_PROBE_CALLS: "weakref.WeakKeyDictionary[CommWorkspace, int]" = weakref.WeakKeyDictionary()
 
-@triton.jit(do_not_specialize=["rank", "epoch", "max_spins"])
+
+@triton.jit(do_not_specialize=["rank", "parity", "max_spins"])
 def _comm_probe_kernel(
     send_ptr,  # [n] this rank's data
     recv_table,  # int64 [W]: every rank's receive buffer [2, W, n] (parity, source rank, element)
@@ -23,7 +27,8 @@ def _comm_probe_kernel(
     error_ptr,  # this workspace's error record
     rank,
     world_size,
-    epoch,
+    epoch_ptr,  # int64 [1]: this call's epoch (CommWorkspace.next_epoch)
+    parity,  # which half of the double buffers: alternates between the probe's calls
     n,
     chunk,  # elements per chunk, a multiple of BLOCK
     n_chunks,
@@ -32,8 +37,8 @@ def _comm_probe_kernel(
     BLOCK: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,  # a constexpr, not tl.num_programs: Triton 3.6's interpreter can't loop on that
 ):
+    epoch = tl.load(epoch_ptr)
     pid = tl.program_id(0)
-    parity = epoch % 2
     # Chunks are dealt round-robin to the programs; each program pushes its chunks to every rank,
     # starting with the next rank so that no two sources hit one destination at once (self last).
     for c in range(pid, n_chunks, NUM_PROGRAMS):
@@ -103,12 +108,16 @@ def comm_probe(
     recv = ws.buffer(recv_name, (2, w, n), data.dtype)
     ws.flags(flags_name, (2, w, n_chunks))
     epoch = ws.next_epoch()
+    # The probe's buffers are its own: alternating their halves between its calls is what makes
+    # reusing them safe, whatever other kernels ran in between. A host count suffices: it is
+    # never captured in a CUDA graph.
+    parity = _PROBE_CALLS[ws] = (_PROBE_CALLS.get(ws, 1) + 1) % 2
     grid = min(num_programs, n_chunks)
     _comm_probe_kernel[(grid,)](
         data, ws.ptr_table(recv_name), ws.ptr_table(flags_name), ws.errors,
-        ws.rank, w, epoch, n, chunk, n_chunks, ws.max_spins,
+        ws.rank, w, epoch, parity, n, chunk, n_chunks, ws.max_spins,
         WAIT_KIND=int(WaitKind.PROBE_CHUNK), BLOCK=block, NUM_PROGRAMS=grid, num_warps=num_warps,
     )
     if check:
         ws.check_errors()
-    return recv[epoch % 2]
+    return recv[parity]

@@ -44,14 +44,15 @@ def combine_buffers(ws: CommWorkspace, capacity: int, hidden: int, dtype: torch.
     return names
 
 
-@triton.jit(do_not_specialize=["rank", "epoch"])
+@triton.jit(do_not_specialize=["rank"])
 def _combine_push_kernel(
     partial_ptr,  # local [W * C, H]: row s*C + i = received token i of source s, this rank's experts summed
     counts_ptr,  # local int32 [W]: tokens received from each source
     partials_table, flags_table,
-    rank, epoch, capacity, hidden, n_chunks,
+    rank, epoch_ptr, capacity, hidden, n_chunks,
     WORLD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
 ):
+    epoch = tl.load(epoch_ptr)
     pid = tl.program_id(0)
     parity = epoch % 2
     for j in range(WORLD):
@@ -123,14 +124,14 @@ def _claim_units(column_chunk, claims_ptr, chunk_n, num_n, recv_ids_ptr, recv_co
 
 
 # Program and chunk counts are plain arguments here: a new split must not compile a new kernel.
-@triton.jit(do_not_specialize=["rank", "epoch", "max_spins", "NUM_PROGRAMS", "COMM_PROGRAMS", "COLUMN_CHUNKS"])
+@triton.jit(do_not_specialize=["rank", "max_spins", "NUM_PROGRAMS", "COMM_PROGRAMS", "COLUMN_CHUNKS"])
 def _down_combine_kernel(
     recv_ids_ptr, recv_counts_ptr,  # local: int32 [W*C, K] received routing (local ids), int32 [W]
     # local, zeroed: int64 [COLUMN_CHUNKS] GEMM2 work items finished and push units taken per
     # column chunk; int64 [W, n_chunks] column chunks pushed per token chunk
     column_done_ptr, claims_ptr, chunk_done_ptr,
     partials_table, flags_table, error_ptr,
-    rank, epoch, capacity, n_chunks, max_spins,
+    rank, epoch_ptr, capacity, n_chunks, max_spins,
     # expert_gemm.gemm_args of GEMM2
     a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
     bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
@@ -144,6 +145,7 @@ def _down_combine_kernel(
     WEIGHT_EXPERTS: tl.constexpr,  # the tile map's expert e uses weights e % WEIGHT_EXPERTS
     COMM_PROGRAMS, COLUMN_CHUNKS, WORLD: tl.constexpr, CHUNK: tl.constexpr, WAIT_KIND: tl.constexpr,
 ):
+    epoch = tl.load(epoch_ptr)
     # The first NUM_PROGRAMS programs run GEMM2 column chunk by column chunk (every M tile of chunk
     # 0, then of chunk 1, ...; inside a chunk, GROUP_M tiles x the chunk's N blocks at a time, so
     # those tiles' input rows are read from HBM once per chunk, not once per N block), counting
@@ -189,14 +191,15 @@ def _down_combine_kernel(
                          COLUMN_CHUNKS, NUM_EXPERTS, TOP_K, BLOCK_N, WORLD, CHUNK)
 
 
-@triton.jit(do_not_specialize=["rank", "epoch", "num_tokens", "max_spins"])
+@triton.jit(do_not_specialize=["rank", "num_tokens", "max_spins"])
 def _combine_reduce_kernel(
     out_ptr, mask_ptr, slot_ptr,  # out [T, H]; the send plan's mask (bool) and slot (int32) [W, T]
     partials_table, flags_table, error_ptr,
-    rank, epoch, num_tokens, capacity, hidden, n_chunks, max_spins,
+    rank, epoch_ptr, num_tokens, capacity, hidden, n_chunks, max_spins,
     WORLD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
     WAIT_KIND: tl.constexpr,
 ):
+    epoch = tl.load(epoch_ptr)
     parity = epoch % 2
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < num_tokens
@@ -225,7 +228,7 @@ def _combine_reduce_kernel(
                  acc.to(out_ptr.dtype.element_ty), mask=t_mask[:, None] & h_mask[None, :])
 
 
-def combine_push(ws: CommWorkspace, bufs: CombineBuffers, epoch: int, partial: torch.Tensor, counts: torch.Tensor,
+def combine_push(ws: CommWorkspace, bufs: CombineBuffers, epoch: torch.Tensor, partial: torch.Tensor, counts: torch.Tensor,
                  num_programs: int):
     """Send partial rows (partial [W*C, H], row s*C + i for received token i of source s; the
     first counts[s] of each source are sent) to their sources' combine buffers."""
@@ -238,7 +241,7 @@ def combine_push(ws: CommWorkspace, bufs: CombineBuffers, epoch: int, partial: t
     )
 
 
-def down_combine(ws: CommWorkspace, bufs: CombineBuffers, epoch: int, gemm: tuple[dict, int],
+def down_combine(ws: CommWorkspace, bufs: CombineBuffers, epoch: torch.Tensor, gemm: tuple[dict, int],
                  recv_ids: torch.Tensor, recv_counts: torch.Tensor, n_comm: int, column_chunks: int):
     """GEMM2 fused with the combine's push: `gemm` (`ep_dispatch.over_virtual_experts(
     expert_gemm.down_gemm_args(...))` over the received tokens: its output holds the weighted slot
@@ -273,7 +276,7 @@ def down_combine(ws: CommWorkspace, bufs: CombineBuffers, epoch: int, gemm: tupl
     )
 
 
-def combine_reduce(ws: CommWorkspace, bufs: CombineBuffers, epoch: int, mask: torch.Tensor, slot: torch.Tensor,
+def combine_reduce(ws: CommWorkspace, bufs: CombineBuffers, epoch: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor,
                    out: torch.Tensor) -> torch.Tensor:
     """out[t] = sum over ranks d in order, where mask[d, t], of rank d's partial row at slot[d, t]."""
     num_tokens, hidden = out.shape

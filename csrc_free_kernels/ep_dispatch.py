@@ -2,10 +2,13 @@
 that hold their experts, then each rank waits for what it receives.
 
 Receive buffers on every rank (leading 2 = epoch parity, then source rank, then receive slot):
-`x` [2, W, C, H], `ids` int32 [2, W, C, K] (the expert's local id on the receiver, -1 where that
+`x` [W, C, H], `ids` int32 [2, W, C, K] (the expert's local id on the receiver, -1 where that
 expert lives elsewhere), `weights` fp32 [2, W, C, K], `count` int32 [2, W]. Flags: `meta` [2, W]
 (the count and routing have arrived) and `chunk` [2, W, ceil(C / CHUNK)] (x rows of slots
-[c*CHUNK, (c+1)*CHUNK) have).
+[c*CHUNK, (c+1)*CHUNK) have). The rows need no second half, so the host never picks one (a CUDA
+graph replays whatever it picked): a source that sent the receiver any rows in a call cannot
+send the next call's before the receiver's partial rows of them came back, which the receiver
+pushes after its GEMM1 has read them; a source that sent none has no rows there to overwrite.
 
 Unfused: `dispatch_push` (routing, then rows; no waits) and `dispatch_receive` (waits for both,
 then copies the received routing into local tensors with unused slots marked -1). Fused
@@ -52,7 +55,7 @@ def dispatch_buffers(ws: CommWorkspace, capacity: int, hidden: int, top_k: int, 
         f"ep.recv_x.{tag}.C{capacity}.H{hidden}", f"ep.recv_ids.C{capacity}.K{top_k}",
         f"ep.recv_weights.C{capacity}.K{top_k}", "ep.recv_count", "ep.dispatch_meta_flags",
         f"ep.dispatch_chunk_flags.{n_chunks}", capacity, chunk)
-    ws.buffer(names.x, (2, w, capacity, hidden), dtype)
+    ws.buffer(names.x, (w, capacity, hidden), dtype)
     ws.buffer(names.ids, (2, w, capacity, top_k), torch.int32)
     ws.buffer(names.weights, (2, w, capacity, top_k), torch.float32)
     ws.buffer(names.count, (2, w), torch.int32)
@@ -72,7 +75,7 @@ def push_rows(pid, num_programs, x_ptr, stride_x, send_tokens_ptr, send_counts_p
     for j in range(FIRST_DST, WORLD):
         dst = (rank + j) % WORLD
         count = tl.load(send_counts_ptr + dst)
-        recv_x = peer_ptr(recv_x_table, dst, x_ptr) + tl.cast(parity * WORLD + rank, tl.int64) * capacity * hidden
+        recv_x = peer_ptr(recv_x_table, dst, x_ptr) + tl.cast(rank, tl.int64) * capacity * hidden
         flags = peer_ptr(chunk_table, dst, chunk_table) + (parity * WORLD + rank) * n_chunks
         for c in range(pid, tl.cdiv(count, CHUNK), num_programs):
             slots = c * CHUNK + tl.arange(0, CHUNK)
@@ -86,15 +89,16 @@ def push_rows(pid, num_programs, x_ptr, stride_x, send_tokens_ptr, send_counts_p
             signal_set(flags + c, epoch)
 
 
-@triton.jit(do_not_specialize=["rank", "epoch", "num_tokens"])
+@triton.jit(do_not_specialize=["rank", "num_tokens"])
 def _dispatch_push_kernel(
     x_ptr, stride_x, topk_ids_ptr, topk_weights_ptr,
     send_tokens_ptr, send_counts_ptr,  # the send plan: int32 [W, T], int32 [W]
     recv_x_table, recv_ids_table, recv_weights_table, recv_count_table, meta_table, chunk_table,
-    rank, epoch, num_tokens, capacity, hidden, experts_per_rank, n_chunks,
+    rank, epoch_ptr, num_tokens, capacity, hidden, experts_per_rank, n_chunks,
     WORLD: tl.constexpr, TOP_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr, META_BLOCK: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PUSH_ROWS: tl.constexpr,
 ):
+    epoch = tl.load(epoch_ptr)
     pid = tl.program_id(0)
     parity = epoch % 2
     offs_k = tl.arange(0, BLOCK_K)
@@ -125,14 +129,15 @@ def _dispatch_push_kernel(
                   rank, epoch, num_tokens, capacity, hidden, n_chunks, WORLD, CHUNK, BLOCK_H, 0)
 
 
-@triton.jit(do_not_specialize=["rank", "epoch", "max_spins"])
+@triton.jit(do_not_specialize=["rank", "max_spins"])
 def _dispatch_receive_kernel(
     recv_ids_table, recv_weights_table, recv_count_table, meta_table, chunk_table, error_ptr,
     ids_out_ptr, weights_out_ptr, counts_out_ptr,  # local: int32 [W, C, K], fp32 [W, C, K], int32 [W]
-    rank, epoch, capacity, n_chunks, max_spins,
+    rank, epoch_ptr, capacity, n_chunks, max_spins,
     WORLD: tl.constexpr, TOP_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, META_BLOCK: tl.constexpr,
     META_KIND: tl.constexpr, CHUNK_KIND: tl.constexpr, WAIT_ROWS: tl.constexpr, ARRIVAL_EXPERTS: tl.constexpr,
 ):
+    epoch = tl.load(epoch_ptr)
     # Program j receives from source (rank - j) mod W: this rank itself first.
     src = (rank - tl.program_id(0) + WORLD) % WORLD
     parity = epoch % 2
@@ -192,11 +197,11 @@ def _wait_tile_rows(first_row, end_row, sorted_rows_ptr, recv_counts_ptr, flags_
 
 
 # Program counts are plain arguments here: a new n_comm or grid must not compile a new kernel.
-@triton.jit(do_not_specialize=["rank", "epoch", "num_tokens", "max_spins", "NUM_PROGRAMS", "COMM_PROGRAMS"])
+@triton.jit(do_not_specialize=["rank", "num_tokens", "max_spins", "NUM_PROGRAMS", "COMM_PROGRAMS"])
 def _dispatch_gate_up_kernel(
     x_ptr, stride_x, send_tokens_ptr, send_counts_ptr, recv_x_table, chunk_table,
     recv_counts_ptr, error_ptr,  # local: int32 [W] tokens from each source (dispatch_receive's)
-    rank, epoch, num_tokens, capacity, hidden, n_chunks, max_spins,
+    rank, epoch_ptr, num_tokens, capacity, hidden, n_chunks, max_spins,
     # expert_gemm.gemm_args of GEMM1, with this rank's receive buffer as A
     stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
     bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
@@ -211,6 +216,7 @@ def _dispatch_gate_up_kernel(
     COMM_PROGRAMS, WORLD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
     WAIT_KIND: tl.constexpr, WAIT_BLOCK: tl.constexpr,
 ):
+    epoch = tl.load(epoch_ptr)
     # Programs below COMM_PROGRAMS push to the other ranks (they never wait); the others, which
     # may wait on them, run GEMM1's persistent loop. This rank's own tokens (virtual experts below
     # WEIGHT_EXPERTS, first in the tile order) are read from x in place: its send slot t is token
@@ -220,7 +226,7 @@ def _dispatch_gate_up_kernel(
         push_rows(pid, COMM_PROGRAMS, x_ptr, stride_x, send_tokens_ptr, send_counts_ptr, recv_x_table, chunk_table,
                   rank, epoch, num_tokens, capacity, hidden, n_chunks, WORLD, CHUNK, BLOCK_H, 1)
     else:
-        received = peer_ptr(recv_x_table, rank, b_ptr) + tl.cast(epoch % 2, tl.int64) * WORLD * capacity * hidden
+        received = peer_ptr(recv_x_table, rank, b_ptr)
         own = x_ptr - tl.cast(rank * capacity, tl.int64) * stride_x  # virtual token rank*C + t -> x row t
         flags = peer_ptr(chunk_table, rank, chunk_table)
         row_start, counts, tile_start, tile_end, num_tiles = expert_segments(hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK_M)
@@ -261,7 +267,7 @@ def _meta_block(bufs: DispatchBuffers) -> int:
     return 8 * bufs.chunk  # receive slots per step of the routing copies
 
 
-def dispatch_push(ws: CommWorkspace, bufs: DispatchBuffers, epoch: int, x: torch.Tensor, topk_ids: torch.Tensor,
+def dispatch_push(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor,
                   topk_weights: torch.Tensor, send_tokens: torch.Tensor, send_counts: torch.Tensor,
                   experts_per_rank: int, num_programs: int, push_rows: bool = True):
     """Push this rank's tokens (x [T, H], routing [T, K] with global ids; the send plan of
@@ -280,7 +286,7 @@ def dispatch_push(ws: CommWorkspace, bufs: DispatchBuffers, epoch: int, x: torch
     )
 
 
-def dispatch_receive(ws: CommWorkspace, bufs: DispatchBuffers, epoch: int, top_k: int, wait_rows: bool = True,
+def dispatch_receive(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tensor, top_k: int, wait_rows: bool = True,
                      arrival_experts: int = 0):
     """Wait for every source's tokens of call `epoch` (without `wait_rows`, only for their
     routing); return the received routing as local tensors: ids int32 [W, C, K] (local expert
@@ -317,7 +323,7 @@ def over_virtual_experts(gemm: tuple[dict, int], virtual_experts: int) -> tuple[
             "WEIGHT_EXPERTS": args["NUM_EXPERTS"]}, max_items
 
 
-def dispatch_gate_up(ws: CommWorkspace, bufs: DispatchBuffers, epoch: int, x: torch.Tensor, send_tokens: torch.Tensor,
+def dispatch_gate_up(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tensor, x: torch.Tensor, send_tokens: torch.Tensor,
                      send_counts: torch.Tensor, recv_counts: torch.Tensor, gemm: tuple[dict, int], n_comm: int):
     """Dispatch fused with GEMM1: the first `n_comm` programs push this rank's x rows (after
     `dispatch_push(push_rows=False)` and `dispatch_receive(wait_rows=False)` moved the routing),

@@ -112,8 +112,9 @@ def expert_gemm_tile(
     """One [BLOCK_M, BLOCK_N] output tile: rows [first_row, end_row) of `expert` (sorted order)."""
     offs_m = first_row + tl.arange(0, BLOCK_M)
     m_mask = offs_m < end_row
-    # Row ids are token * TOP_K + slot; rows past the expert's end read row 0 and are not stored.
-    rows = tl.load(sorted_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    # Row ids are token * TOP_K + slot. Rows past the expert's end repeat its last row (always a
+    # valid address, whatever A's base; the fused EP kernel's may lie before its rows) and are not stored.
+    rows = tl.load(sorted_rows_ptr + tl.minimum(offs_m, end_row - 1)).to(tl.int64)
     a_rows = rows // TOP_K if GATHER_A else tl.where(m_mask, offs_m, 0).to(tl.int64)
     offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     # B columns of this block: with INTERLEAVED gate/up (gate at even rows of one [2N, K]

@@ -55,7 +55,7 @@ def _exchange(seed: int, calls) -> dict:
         for src in range(w):
             want = _rank_data(seed, call, src, n, dtype)
             assert torch.equal(got[src], want), f"rank {ws.rank}, call {call}: wrong data from rank {src}"
-    epoch = ws.epoch
+    epoch = int(ws.epoch.item())
     ws.close()
     return {"epoch": epoch}
 

@@ -130,10 +130,69 @@ def test_four_ranks_against_reference(backend):
         assert len(errors) == len(calls)
 
 
+def _graph_replays(seed: int, n_comm, replays: int) -> list:
+    """Three layer calls captured in one CUDA graph (an odd count: a replay's first call follows
+    the previous replay's last with the other buffer half only if the epoch lives on the device),
+    replayed with new tokens and routings copied into the captured inputs."""
+    from comet.ep import check_errors, ep_experts, release_workspace
+
+    rank, world, device = dist.get_rank(), dist.get_world_size(), _device()
+    tokens, top_k, layers = 40, 2, 3
+    cfg = comet.MoEConfig(hidden_size=H, ffn_size=F, num_experts=E, top_k=top_k)
+    full = [_full_weights(seed + i, cfg, device) for i in range(layers)]
+    local = [_local(w, rank, world, torch.bfloat16) for w in full]
+    xs = [torch.zeros(tokens, H, device=device, dtype=torch.bfloat16) for _ in range(layers)]
+    ids = [torch.zeros(tokens, top_k, device=device, dtype=torch.int64) for _ in range(layers)]
+    weights = [torch.zeros(tokens, top_k, device=device) for _ in range(layers)]
+
+    def new_inputs(step: int):
+        gen = torch.Generator().manual_seed(seed * 31 + step * 7 + rank)
+        for x, i, w in zip(xs, ids, weights):
+            x.copy_(torch.randn(tokens, H, generator=gen))
+            routing = _routing(gen, tokens, top_k, "random")
+            i.copy_(routing[0])
+            w.copy_(routing[1])
+
+    def forward():
+        return [ep_experts(x, i, w, lw, cfg, max_tokens=tokens, n_comm=n_comm)
+                for x, i, w, lw in zip(xs, ids, weights, local)]
+
+    errors = []
+    with torch.no_grad():
+        new_inputs(0)
+        forward()  # makes the workspace's buffers and compiles, outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = forward()
+        for step in range(1, replays + 1):
+            new_inputs(step)
+            graph.replay()
+            for out, x, i, w, wf in zip(outs, xs, ids, weights, full):
+                ref = experts_reference(x.float(), i, w, *wf[:4], activation=cfg.activation)
+                errors.append(((out.float() - ref).norm() / ref.norm()).item())
+                assert errors[-1] <= TOL[torch.bfloat16], (step, errors[-1])
+    check_errors()
+    release_workspace()
+    return errors
+
+
+@pytest.mark.parametrize("n_comm", [0, 4])
+def test_cuda_graph_replays(n_comm):
+    """Captured expert-parallel calls replay correctly with new inputs (the epoch lives on the device)."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    seed = int(torch.randint(1 << 30, ()))
+    for errors in _launch(_graph_replays, 2, seed, n_comm, 5, backend="nccl"):
+        assert len(errors) == 15
+
+
 def _dispatch_rounds(seed: int, token_counts: list) -> int:
     """Dispatch alone, call after call with new token counts: every source's tokens arrive at
     their slots, and the slots past each count are marked unused (not last-but-one call's). Every
-    other call numbers the experts in arrival order (the fused path's)."""
+    other call numbers the experts in arrival order (the fused path's). The received rows are
+    single-buffered and a full call's combine is what keeps the next call's rows from
+    overwriting them: without one, each round ends with a barrier."""
     from comet.ep import group_workspace, release_workspace
     from comet.kernels.ep_dispatch import dispatch_buffers, dispatch_push, dispatch_receive
 
@@ -157,7 +216,7 @@ def _dispatch_rounds(seed: int, token_counts: list) -> int:
         got_ids, got_weights, got_counts = dispatch_receive(ws, bufs, epoch, top_k,
                                                             arrival_experts=per_rank if arrival else 0)
         ws.check_errors()
-        recv_x = ws.buffer(bufs.x, (2, world, capacity, H), torch.float32)[epoch % 2]
+        recv_x = ws.buffer(bufs.x, (world, capacity, H), torch.float32)
         for src in range(world):
             x, ids, weights = sent_by(src, call)
             local = ids - rank * per_rank
@@ -171,6 +230,7 @@ def _dispatch_rounds(seed: int, token_counts: list) -> int:
             assert torch.equal(got_ids[src, :n], torch.where(mine, place * per_rank + local, -1)[tokens].int())
             assert torch.equal(got_weights[src, :n], weights[tokens])
             assert (got_ids[src, n:] == -1).all() and (got_weights[src, n:] == 0).all(), (call, src)
+        ws.barrier()
     release_workspace()
     return len(token_counts)
 
@@ -212,7 +272,7 @@ def _layer_matches_full_layer(seed: int) -> list:
             assert out.shape == x.shape
             errors.append(((out - ref).norm() / ref.norm().clamp_min(1e-30)).item() if x.numel() else 0.0)
             assert errors[-1] <= TOL[torch.float32], (call, errors)
-    assert group_workspace().epoch == 10
+    assert group_workspace().epoch.item() == 10
     with pytest.raises(ValueError, match="expected a full layer"):
         comet.MoELayer.expert_parallel_from(layer, dist.group.WORLD)
     with pytest.raises(ValueError, match="max_tokens=16"):
@@ -336,7 +396,7 @@ def _compile_ep_kernels() -> list:
 
     tables = {name: "*i64" for name in ("recv_x_table", "recv_ids_table", "recv_weights_table", "recv_count_table",
                                         "meta_table", "chunk_table", "partials_table", "flags_table", "error_ptr",
-                                        "column_done_ptr", "claims_ptr", "chunk_done_ptr")}
+                                        "column_done_ptr", "claims_ptr", "chunk_done_ptr", "epoch_ptr")}
     pointers = dict(tables, x_ptr="*bf16", topk_ids_ptr="*i64", topk_weights_ptr="*fp32", send_tokens_ptr="*i32",
                     send_counts_ptr="*i32", ids_out_ptr="*i32", weights_out_ptr="*fp32", counts_out_ptr="*i32",
                     recv_counts_ptr="*i32", recv_ids_ptr="*i32", partial_ptr="*bf16", counts_ptr="*i32",
