@@ -31,7 +31,7 @@ Each output is checked against the fp32 reference of the full layer on the rank'
 `--check-rows` tokens before timing. Times are CUDA events per call with a fixed repeat count (every
 rank makes the same collective calls); a row reports the slowest rank's median. The log prints
 each of ours' speedups over each baseline and the share of communication hidden. Appends
-bench/results/ep.csv and writes ep.png (copied to $OUT when set). `--write-table` records the
+bench/results/ep<W>.csv and writes ep<W>.png for W ranks (copied to $OUT when set). `--write-table` records the
 fastest of ours and ours_fused per shape and token count in scheduler/tables/ep_<gpu>.json, the
 table `n_comm="auto"` reads first (also copied to $OUT).
 
@@ -101,7 +101,9 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="2 CPU ranks, kernels interpreted, tiny shapes, temp dir")
     p.add_argument("--write-table", action="store_true", help="record the fastest split per shape and token "
                    "count in scheduler/tables/ep_<gpu>.json (GPU runs)")
-    p.add_argument("--results-dir", type=Path, help="where ep.csv and ep.png go (default bench/results)")
+    p.add_argument("--impls", nargs="+", choices=BASELINES + OURS + DIAGNOSTICS,
+                   help="rows to run (default: all; comm_hidden needs both diagnostics)")
+    p.add_argument("--results-dir", type=Path, help="where ep<W>.csv and ep<W>.png go (default bench/results)")
     args = p.parse_args(argv)
     names = list(SMOKE_MODELS) if args.smoke else list(SHAPES)
     args.shapes = args.shapes or names
@@ -110,6 +112,7 @@ def parse_args(argv=None):
         p.error(f"--shapes: unknown {unknown}; choose from {names}")
     args.tokens = args.tokens or list(SMOKE_TOKENS if args.smoke else TOKENS)
     args.n_comm = args.n_comm or ([1, 2] if args.smoke else [8, 16, 32])
+    args.impls = set(args.impls or BASELINES + OURS + DIAGNOSTICS)
     if min(args.n_comm) < 1:
         p.error("--n-comm: expected positive program counts")
     args.timing = TIMINGS["smoke" if args.smoke else "quick" if args.quick else "default"]
@@ -314,6 +317,7 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
                   ("ours_auto", "auto", ours("auto"))]
                  + [("ours_fused", n, ours(n)) for n in args.n_comm]
                  + [("comm_only", 0, ours(0, experts=False)), ("compute_only", None, compute_only)])
+        impls = [impl for impl in impls if impl[0] in args.impls]
         first = len(rows)
         split_shape = ep_shape(tokens, cfg.hidden_size, cfg.ffn_size, cfg.num_experts, cfg.top_k, world, dtype)
         for impl, n_comm, call in impls:
@@ -364,6 +368,10 @@ def add_comm_hidden(rows: list[dict]):
                 r[f"speedup_vs_{baseline}"] = ms[baseline] / r["ms"]
 
 
+def results_name(world_size: int, suffix: str) -> str:
+    return f"ep{world_size}{suffix}"  # one table per group size: their rows do not compare
+
+
 def run(args) -> list[dict]:
     """One rank's part (the process group is up); rank 0 returns the rows."""
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -377,7 +385,7 @@ def run(args) -> list[dict]:
             shape_rows = run_shape(args, name, device, env)
             rows += shape_rows
             if dist.get_rank() == 0:  # shape by shape: a run cut short keeps what it measured
-                append_csv(args.results_dir / "ep.csv", shape_rows)
+                append_csv(args.results_dir / results_name(dist.get_world_size(), ".csv"), shape_rows)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows if dist.get_rank() == 0 else []
@@ -404,7 +412,7 @@ def write_table(rows: list[dict], device: torch.device, dtype: torch.dtype) -> P
 
 def report(rows: list[dict], results_dir: Path, table: Path | None = None):
     df = pd.DataFrame(rows)
-    csv, png = results_dir / "ep.csv", results_dir / "ep.png"
+    csv, png = (results_dir / results_name(rows[0]["world_size"], suffix) for suffix in (".csv", ".png"))
     timed = df[(df["status"] != "missing")]
     if not timed.empty:
         print(timed.pivot_table(index=["shape", "tokens_per_rank"], columns="series", values="ms").to_string(

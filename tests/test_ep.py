@@ -352,7 +352,7 @@ def test_bench_smoke(tmp_path, monkeypatch):
 
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
     assert bench.main(["--smoke", "--shapes", "tiny-mixtral", "--tokens", "6", "--results-dir", str(tmp_path)]) == 0
-    table = pd.read_csv(tmp_path / "ep.csv")
+    table = pd.read_csv(tmp_path / "ep2.csv")
     assert list(table["series"]) == ["a2a_grouped_mm", "megatron_alltoall", "ours", "ours_auto", "ours_fused n_comm=1",
                                      "ours_fused n_comm=2", "comm_only", "compute_only"]
     assert table["status"].tolist() == ["ok"] + ["missing"] + ["ok"] * 6  # Megatron's dispatcher needs CUDA
@@ -361,7 +361,7 @@ def test_bench_smoke(tmp_path, monkeypatch):
     ours = table[table["impl"].isin(["ours", "ours_auto", "ours_fused"])]
     assert ours["comm_hidden"].notna().all() and ours["speedup_vs_a2a_grouped_mm"].notna().all()
     assert ours["n_comm"].tolist() == [0, 0, 1, 2]  # auto: unfused off a GPU
-    assert (tmp_path / "out" / "ep.csv").is_file()
+    assert (tmp_path / "out" / "ep2.csv").is_file()
 
 
 def test_argument_errors():
