@@ -28,6 +28,10 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    # Weights through tensor descriptors where the layout allows (`weight_descriptor_mode`): on an
+    # H200, faster for GEMM2 but slower for Mixtral's gated GEMM1 at 16384 tokens (12.2 vs 11.5 ms,
+    # bench/results/expert_gemms.csv), so the tuned table says per GEMM.
+    weight_descriptors: bool = True
 
 
 @triton.jit
@@ -287,7 +291,7 @@ def gemm_args(a, a_rows_gathered, b, b2, bias, bias2, out, sorted_rows, row_weig
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         # The interpreter's dot mishandles 16-bit floats (it multiplies their bit patterns).
         UPCAST_DOT=a.device.type != "cuda",
-        B_DESC=weight_descriptor_mode(b, b2, cfg.block_m), A_DESC=input_descriptor_mode(a, a_rows_gathered, cfg.block_m),
+        B_DESC=weight_descriptor_mode(b, b2, cfg.block_m) if cfg.weight_descriptors else 0, A_DESC=input_descriptor_mode(a, a_rows_gathered, cfg.block_m),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return args, max_tiles * triton.cdiv(n, cfg.block_n)

@@ -13,13 +13,14 @@ import json
 
 import torch
 
-from comet.kernels.expert_gemm import GemmConfig, down_gemm, gate_up_gemm
+from comet.kernels.expert_gemm import DESCRIPTOR_MIN_BLOCK_M, GemmConfig, down_gemm, gate_up_gemm
 from comet.scheduler.configs import (
     TABLE_DIR, fit_shared_memory, gpu_key, load_table, rows_bucket, shape_key,
 )
 from comet.scheduler.routing import analyze_routing
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); GROUP_M is fixed at 8.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); GROUP_M is fixed at 8, weight descriptors
+# are tried on and off.
 GATE_UP_CANDIDATES = [
     (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4), (64, 64, 64, 4, 4),
     (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3),
@@ -36,7 +37,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def _candidates(table, bucket: int, element_size: int, b_tiles: int) -> list[GemmConfig]:
     # A tile taller than four times the mean rows per expert is mostly padding: skip it.
     fitting = [c for c in table if c[0] <= max(16, 4 * bucket)]
-    configs = {fit_shared_memory(GemmConfig(m, n, k, 8, w, s), element_size, b_tiles) for m, n, k, w, s in fitting}
+    # Weight descriptors both ways where tiles are tall enough for them to be used at all.
+    configs = {fit_shared_memory(GemmConfig(m, n, k, 8, w, s, weight_descriptors=d), element_size, b_tiles)
+               for m, n, k, w, s in fitting for d in ((True, False) if m >= DESCRIPTOR_MIN_BLOCK_M else (True,))}
     return sorted(configs, key=lambda c: dataclasses.astuple(c))
 
 

@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Where an expert-parallel call spends its time: GPU time per kernel, from the PyTorch profiler.
+
+For each shape and each split (`--n-comm`: 0 is the unfused path; > 0 the fused kernels), the
+rank's calls of `comet.ep.ep_experts` are profiled after warm-up, and every kernel's mean time per
+call is listed, beside the wall time per call (CUDA events). Also run with one rank (torchrun
+--nproc-per-node 1): the fused kernels then have nothing to send or wait for, so what they cost
+over the unfused GEMMs is the price of their structure alone.
+
+    torchrun --nproc-per-node 2 bench/ep_kernels.py --shapes Qwen3-30B-A3B --tokens 8192 --n-comm 0 8 16
+
+Prints a table per shape (kernels x splits, us per call, rank 0); appends bench/results/ep_kernels.csv
+(GPU, torch, Triton, commit in every row; copied to $OUT when set).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast is never used
+os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from bench.common import DTYPES, RESULTS_DIR, append_csv, environment, publish  # noqa: E402
+from bench.shapes import model_shape  # noqa: E402
+from bench.single_gpu import ROUTER_SKEW_STD, make_inputs, make_weights  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=["Qwen3-30B-A3B"])
+    p.add_argument("--tokens", type=int, default=8192, help="tokens per rank (default %(default)s)")
+    p.add_argument("--n-comm", type=int, nargs="+", default=[0, 8, 16])
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--calls", type=int, default=10, help="profiled calls per split (default %(default)s)")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    return p.parse_args(argv)
+
+
+def kernel_times(call, calls: int) -> tuple[dict[str, float], float]:
+    """(kernel name -> mean GPU us per call, wall us per call) over `calls` calls."""
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    dist.barrier()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start.record()
+        for _ in range(calls):
+            call()
+        end.record()
+        torch.cuda.synchronize()
+    per_kernel: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        if us > 0 and event.key:
+            per_kernel[event.key[:60]] = per_kernel.get(event.key[:60], 0.0) + us / calls
+    return per_kernel, start.elapsed_time(end) * 1e3 / calls
+
+
+def run(args) -> list[dict]:
+    from comet.ep import ep_experts, release_workspace
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    rank, world = dist.get_rank(), dist.get_world_size()
+    env, dtype, rows = environment(device), DTYPES[args.dtype], []
+    with torch.inference_mode():
+        for name in args.shapes:
+            cfg = model_shape(name).cfg
+            per_rank = cfg.num_experts // world
+            torch.manual_seed(0)  # the same weights and router skew on every rank
+            skew = torch.randn(cfg.num_experts, device=device) * ROUTER_SKEW_STD
+            full = make_weights(model_shape(name), dtype, device)
+            local = full._replace(gate_up=full.gate_up[rank * per_rank:(rank + 1) * per_rank],
+                                  down=full.down[rank * per_rank:(rank + 1) * per_rank])
+            torch.manual_seed(1 + rank)
+            s = make_inputs(cfg, args.tokens, dtype, device, skew)
+            for n_comm in args.n_comm:
+                per_kernel, wall = kernel_times(
+                    lambda: ep_experts(s.x, s.topk_ids, s.topk_weights, local, cfg, max_tokens=args.tokens,
+                                       n_comm=n_comm), args.calls)
+                rows += [{**env, "world_size": world, "shape": name, "tokens_per_rank": args.tokens,
+                          "n_comm": n_comm, "kernel": k, "us_per_call": us} for k, us in per_kernel.items()]
+                rows.append({**env, "world_size": world, "shape": name, "tokens_per_rank": args.tokens,
+                             "n_comm": n_comm, "kernel": "(wall time per call)", "us_per_call": wall})
+            release_workspace()
+            del full, local, s
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if "LOCAL_RANK" not in os.environ or not torch.cuda.is_available():
+        sys.exit("bench/ep_kernels.py: launch it with torchrun on CUDA GPUs")
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl")
+    try:
+        rows = run(args)
+        if dist.get_rank() == 0:
+            csv = args.results_dir / "ep_kernels.csv"
+            append_csv(csv, rows)
+            publish([csv])
+            df = pd.DataFrame(rows)
+            for name, part in df.groupby("shape"):
+                table = part.pivot_table(index="kernel", columns="n_comm", values="us_per_call", aggfunc="sum")
+                print(f"\n{name}, {args.tokens} tokens per rank, {dist.get_world_size()} ranks: us per call (rank 0)")
+                print(table.sort_values(table.columns[-1], ascending=False).to_string(float_format=lambda v: f"{v:.0f}"))
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
