@@ -71,6 +71,11 @@ from comet.validation import check_hidden, check_routing
 # Tokens per flag. The interpreter gets small chunks and few programs per push launch so that tiny
 # test shapes still cross several of each; on a GPU the push launches (which never wait) use every SM.
 CHUNK_TOKENS = {"cpu": 4, "cuda": 16}
+# The combine's flag chunks are larger on a GPU: in the fused GEMM2 each (chunk, column chunk) unit
+# of the push pays a claim and a system-scope counter (microseconds each), and with 16-token units
+# those made the pushing programs fall behind GEMM2 (bench/results/ep_kernels.csv: the fused
+# GEMM2 + combine took 895 us on Qwen3-30B-A3B where GEMM2, slot sum and push took 666 us apart).
+COMBINE_CHUNK_TOKENS = {"cpu": 4, "cuda": 64}
 INTERPRETER_PUSH_PROGRAMS = 2
 
 _WORKSPACES: dict = {}
@@ -187,7 +192,7 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
                 else INTERPRETER_PUSH_PROGRAMS)
     programs = min(programs, triton.cdiv(max_tokens, chunk))
     dispatch = dispatch_buffers(ws, max_tokens, hidden, top_k, x.dtype, chunk)
-    combine = combine_buffers(ws, max_tokens, hidden, x.dtype, chunk)
+    combine = combine_buffers(ws, max_tokens, hidden, x.dtype, COMBINE_CHUNK_TOKENS[device.type])
 
     x = x if x.stride(-1) == 1 else x.contiguous()
     topk_ids = topk_ids.contiguous()
