@@ -21,30 +21,21 @@ every rank). Each call is one epoch; nothing waits on the host. A peer that stop
 the waits give up after the workspace's `max_spins`; `check_errors(group)` (a host sync) then raises
 `CommTimeoutError`. Forward only: the kernels build no autograd graph.
 
-Why the fused path lost on 2 x H200 at 8192 tokens per rank (measured: Mixtral-8x7B 10.9 ms
-unfused vs 15.0-16.5 fused, Qwen3-30B-A3B 2.1 vs 4.8-5.9, n_comm 8-32). The causes below are
-read from the kernels, with sizes estimated from the shapes (not profiled):
-- GEMM2 ran column block by column block over every M tile, so its input (the activations,
-  Mixtral 16384 x 14336 bf16 = 470 MB) was read from HBM once per 128-column block, 32 times
-  (up to ~3.7 ms at 4 TB/s, part of it caught by L2). Fixed: GEMM2 now runs in a few column
-  chunks (`column_chunks`, chosen by `comet.scheduler.ep_split`), GROUP_M-grouped inside each.
-- Every GEMM1 work item waited on each chunk flag of its rows one by one; a 128-row tile spans
-  ~25 chunks of 16 tokens (Mixtral) to ~128 (Qwen3's 64 local experts), and every item (each N
-  block of a tile) polls again: at the probe's 0.21 us per poll, ~0.7 ms (Mixtral) to ~0.9 ms
-  (Qwen3) per program. Fixed: a tile polls 64 flags per atomic vector (`wait_flags_ge`).
-- The sum of each token's K slot rows and the push back (Qwen3: ~340 MB of traffic) ran on the
-  n_comm programs only, the last column block's after GEMM2 had ended. Changed: they take work
-  units from a counter, and computing programs out of tiles take the units left of finished
-  chunks (never waiting on a chunk still being computed).
-- Left as they are (a cost model term or a note, not fixed): SMs - n_comm programs compute, so
-  the GEMMs stretch by SMs / (SMs - n_comm) (6% at 8, 32% at 32, consistent with 32 being the
-  slowest on Mixtral); n_comm programs push ~8 GB/s each, the rank's own rows included (a local
-  copy the unfused path does with every SM); in arrival order each local expert's weights are
-  walked once per source (Qwen3: ~0.6 GB more reads). Register pressure should not matter
-  (reasoning, not measured): both halves of a fused kernel run one program per SM with the
-  GEMM's warps, and the push code's [16, 512] tiles are small next to the GEMM's.
-So `n_comm="auto"` stays unfused unless the tuned table (bench/ep.py --write-table) or a clear
-predicted win says otherwise.
+What the fused path costs, measured (bench/ep_kernels.py, GPU time per kernel, Qwen3-30B-A3B, 8192
+tokens per rank, commit a7a3fe7). On one rank (nothing to send) the fused GEMM1 and GEMM2 + combine
+took 872 + 632 us against 1311 us for both GEMMs + 91 us for the slot sum unfused: their structure
+costs ~7%. On 2 x H200 they took 1132 + 895 us (n_comm = 8): each ~260 us more than alone. For
+GEMM1 the likely share is reading each local expert's weights once per source (arrival order:
+~400 MB more for Qwen3) and the tiles of the other rank's tokens waiting for them; for GEMM2 the
+pushing programs fell behind: each 16-token unit paid a claim and a system-scope counter, so the
+sums and pushes left over after GEMM2 ended were shared by every program. Combine chunks are now
+64 tokens on a GPU (`COMBINE_CHUNK_TOKENS`); after that the fused path came within ~2% of the
+unfused one on 2 GPUs and ahead of it for OLMoE on 4 (bench/results/ep2.csv, ep4.csv), but still
+hides at most about half of the communication. Earlier fixes: GEMM2 in a few column chunks (its
+input read once per chunk, not once per 128-column block), tiles polling 64 chunk flags per atomic,
+and this rank's own tokens read from x in place (never copied, never waited for).
+So `n_comm="auto"` takes the tuned table's measured best (bench/ep.py --write-table), and without
+an entry stays unfused unless the cost model predicts a clear gain.
 """
 from __future__ import annotations
 
