@@ -111,6 +111,32 @@ def time_calls(call: Callable[[int], object], num_sets: int, device: torch.devic
     return _timed_calls(call, len(warm), reps, num_sets, device)
 
 
+def graph_replays(call: Callable[[object], torch.Tensor], sets: list, device: torch.device
+                  ) -> Callable[[object], torch.Tensor]:
+    """`call` captured in one CUDA graph per input set, as a call that replays the set's graph and
+    returns its output: the GPU's time without the host's launch overhead (what a model run under
+    CUDA graphs sees). Each set is called once eagerly first (compiles kernels, makes buffers; a
+    collective `call` pairs these calls across ranks). CUDA only."""
+    if device.type != "cuda":
+        raise RuntimeError("CUDA graph replay needs a CUDA device")
+    for s in sets:
+        call(s)
+    torch.cuda.synchronize(device)
+    graphs = {}
+    for s in sets:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = call(s)
+        graphs[id(s)] = (graph, out)
+
+    def replay(s) -> torch.Tensor:
+        graph, out = graphs[id(s)]
+        graph.replay()
+        return out
+
+    return replay
+
+
 def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) -> float:
     """Device-memory copy bandwidth in bytes/s, counting bytes read and written (median of `reps`)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)

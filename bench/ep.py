@@ -15,6 +15,8 @@
                   destination rank), the persistent expert GEMMs, combine kernel; no host sync
   ours_auto       the same with n_comm="auto" (the layer's default): `comet.scheduler.ep_split`'s
                   choice, noted in the row
+  ours_graph      ours_auto captured in a CUDA graph per input set and replayed (GPU only): the
+                  time without the host's launch overhead
   ours_fused      the same with n_comm > 0 (--n-comm, one row each): routing first, then the token
                   rows pushed by the first n_comm programs of GEMM1's launch while the others compute,
                   and the partial rows pushed by the last n_comm programs of GEMM2's launch
@@ -65,8 +67,8 @@ import torch.distributed as dist  # noqa: E402
 import comet  # noqa: E402
 from bench.baselines import grouped_mm_experts, grouped_mm_missing  # noqa: E402
 from bench.common import (  # noqa: E402
-    DTYPES, RESULTS_DIR, TOLERANCE, append_csv, environment, plot_panels, publish, relative_error, time_calls,
-    within_tolerance,
+    DTYPES, RESULTS_DIR, TOLERANCE, append_csv, environment, graph_replays, plot_panels, publish, relative_error,
+    time_calls, within_tolerance,
 )
 from bench.shapes import SMOKE_MODELS, model_shape  # noqa: E402
 from comet.ops import routed_experts  # noqa: E402
@@ -82,7 +84,7 @@ TOKENS = (4096, 16384)  # full default run: 4 shapes x 2 token counts x 10 rows 
 SMOKE_TOKENS = (8, 12)
 DIAGNOSTICS = ("comm_only", "compute_only")  # timed only, for comm_hidden
 BASELINES = ("a2a_grouped_mm", "megatron_alltoall")
-OURS = ("ours", "ours_auto", "ours_fused")
+OURS = ("ours", "ours_auto", "ours_graph", "ours_fused")
 # (warm-up calls, timed calls): fixed, so that every rank makes the same collective calls.
 TIMINGS = {"default": (3, 20), "quick": (2, 8), "smoke": (1, 2)}
 
@@ -280,7 +282,8 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
     local = full._replace(**{k: getattr(full, k)[part] for k in ("gate_up", "down", "gate_up_bias", "down_bias")
                              if getattr(full, k) is not None})
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else H200_SMS
-    missing_baselines = {"a2a_grouped_mm": grouped_mm_missing(), "megatron_alltoall": megatron_missing(device)}
+    missing_baselines = {"a2a_grouped_mm": grouped_mm_missing(), "megatron_alltoall": megatron_missing(device),
+                         "ours_graph": None if device.type == "cuda" else "CUDA graphs need a CUDA device"}
     mcore = None
     if not missing_baselines["megatron_alltoall"]:
         try:  # the same on every rank (shapes, not data)
@@ -313,8 +316,17 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
                                   local.interleaved, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit,
                                   cfg.weight_on_input)
 
+        def ours_graph():
+            replays = []  # captured at the first call (the check), after the eager rows
+
+            def call(s):
+                if not replays:
+                    replays.append(graph_replays(ours("auto"), sets, device))
+                return replays[0](s)
+            return call
+
         impls = ([("a2a_grouped_mm", None, baseline), ("megatron_alltoall", None, megatron), ("ours", 0, ours(0)),
-                  ("ours_auto", "auto", ours("auto"))]
+                  ("ours_auto", "auto", ours("auto")), ("ours_graph", "auto", ours_graph())]
                  + [("ours_fused", n, ours(n)) for n in args.n_comm]
                  + [("comm_only", 0, ours(0, experts=False)), ("compute_only", None, compute_only)])
         impls = [impl for impl in impls if impl[0] in args.impls]
@@ -334,7 +346,7 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
             if not missing:
                 try:
                     row.update(measure(call, sets, None if impl in DIAGNOSTICS else ref, dtype, device, args.timing))
-                    if impl == "ours_auto":
+                    if impl in ("ours_auto", "ours_graph"):
                         row["note"] = f"auto: n_comm={split.n_comm}, column_chunks={split.column_chunks}"
                     if impl not in DIAGNOSTICS:
                         row["tflops_per_rank"] = expert_flops(cfg, tokens) / (row["ms"] * 1e-3) / 1e12

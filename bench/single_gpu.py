@@ -5,6 +5,8 @@
               weighted un-permute), no host sync
   hf          transformers' experts module with its "grouped_mm" experts implementation
   ours        `comet.moe_experts(..., backend=--backend)` (default "triton")
+  ours_graph  the same captured in a CUDA graph and replayed (GPU only): the kernels' time without
+              the host's launch overhead, which bounds small batches otherwise
 
 Each output is checked against the fp32 reference on its first `--check-rows` tokens before it is
 timed. Writes bench/results/single_gpu.csv (appended) and single_gpu.png; with $OUT set, also the
@@ -35,14 +37,14 @@ import torch
 import comet
 from bench.baselines import grouped_mm_experts, grouped_mm_missing, hf_experts_module
 from bench.common import (
-    DTYPES, RESULTS_DIR, TOLERANCE, RunLog, append_csv, environment, measure_copy_bandwidth,
+    DTYPES, RESULTS_DIR, TOLERANCE, RunLog, append_csv, environment, graph_replays, measure_copy_bandwidth,
     plot_panels, progress, publish, relative_error, time_calls, within_tolerance,
 )
 from bench.shapes import MODELS, SMOKE_MODELS, SMOKE_TOKEN_COUNTS, TOKEN_COUNTS, ModelShape, model_shape
 from comet.backends import backend_status
 from comet.reference import experts_reference, route
 
-IMPLS = ("grouped_mm", "hf", "ours")
+IMPLS = ("grouped_mm", "hf", "ours", "ours_graph")
 H200_PEAK_BYTES_PER_S = 4.8e12  # HBM3e, datasheet
 BANDWIDTH_TOKENS = 128  # up to here the experts stream their weights: report that bandwidth
 # Router logits are N(0, 1) per token plus a fixed per-expert skew N(0, ROUTER_SKEW_STD^2), so the
@@ -171,6 +173,12 @@ def build_impls(shape: ModelShape, w: comet.ExpertWeights, backend: str, backend
         calls["ours"] = lambda s: comet.moe_experts(s.x, s.topk_ids, s.topk_weights, w, cfg,
                                                     backend=backend, check_values=False)
         detail["ours"] = f"comet backend {backend!r}"
+    if "ours" in skipped:
+        skipped["ours_graph"] = skipped["ours"]
+    elif w.gate_up.device.type != "cuda":
+        skipped["ours_graph"] = ("missing", "CUDA graphs need a CUDA device")
+    else:
+        detail["ours_graph"] = f"comet backend {backend!r}, CUDA graph replay"
     return calls, skipped, detail
 
 
@@ -265,9 +273,10 @@ def run_shape(session: Session, shape: ModelShape, dtype_name: str) -> list[dict
                    "tolerance": TOLERANCE[dtype], **stats, "weight_bytes": weight_bytes,
                    "copy_bw_tbps": session.copy_bw / 1e12}
             row["status"], row["note"] = skipped.get(impl, ("ok", ""))
-            if impl in calls:
+            if impl in calls or impl == "ours_graph" and impl not in skipped:
                 try:
-                    row.update(measure(session, what, calls[impl], sets, ref, dtype))
+                    call = calls[impl] if impl in calls else graph_replays(calls["ours"], sets, device)
+                    row.update(measure(session, what, call, sets, ref, dtype))
                     bytes_per_s = weight_bytes / (row["ms"] * 1e-3)
                     row.update(tflops=flops / (row["ms"] * 1e-3) / 1e12, weight_tbps=bytes_per_s / 1e12,
                                pct_h200_peak_bw=100 * bytes_per_s / H200_PEAK_BYTES_PER_S,
@@ -296,9 +305,11 @@ def add_speedups(rows: list[dict]):
 def format_table(rows: list[dict]) -> str:
     """One line per (shape, dtype, tokens): ms of each implementation ('!' mismatch, 'x' error,
     '-' missing), ours' TFLOP/s and speedups, and up to BANDWIDTH_TOKENS tokens ours' weight-streaming
-    bandwidth (TB/s, % of the H200's 4.8 TB/s, % of the measured copy bandwidth)."""
+    bandwidth (TB/s, % of the H200's 4.8 TB/s, % of the measured copy bandwidth), also replayed in
+    a CUDA graph (% of 4.8 TB/s)."""
     columns = [("shape", 17), ("dtype", 6), ("tokens", 7), ("grouped_mm ms", 14), ("hf ms", 10), ("ours ms", 10),
-               ("ours TF/s", 10), ("x gmm", 7), ("x hf", 7), ("wt TB/s", 8), ("%4.8TB/s", 9), ("%copy", 7)]
+               ("graph ms", 9), ("ours TF/s", 10), ("x gmm", 7), ("x hf", 7), ("wt TB/s", 8), ("%4.8TB/s", 9),
+               ("%copy", 7), ("graph %4.8", 11)]
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         by_key.setdefault((r["shape"], r["dtype"], r["tokens"]), {})[r["impl"]] = r
@@ -313,11 +324,12 @@ def format_table(rows: list[dict]) -> str:
 
     lines = []
     for (shape, dtype, tokens), impls in by_key.items():
-        ours = impls["ours"]
-        cells = [shape, dtype, tokens, ms(impls["grouped_mm"]), ms(impls["hf"]), ms(ours), num(ours, "tflops", 1),
-                 num(ours, "speedup_vs_grouped_mm", 2), num(ours, "speedup_vs_hf", 2)]
+        ours, graph = impls["ours"], impls["ours_graph"]
+        cells = [shape, dtype, tokens, ms(impls["grouped_mm"]), ms(impls["hf"]), ms(ours), ms(graph),
+                 num(ours, "tflops", 1), num(ours, "speedup_vs_grouped_mm", 2), num(ours, "speedup_vs_hf", 2)]
         if tokens <= BANDWIDTH_TOKENS:
-            cells += [num(ours, "weight_tbps", 2), num(ours, "pct_h200_peak_bw", 1), num(ours, "pct_copy_bw", 1)]
+            cells += [num(ours, "weight_tbps", 2), num(ours, "pct_h200_peak_bw", 1), num(ours, "pct_copy_bw", 1),
+                      num(graph, "pct_h200_peak_bw", 1)]
         lines.append(cells)
     head = [name for name, _ in columns]
     rule = ["-" * (width - 1) for _, width in columns]

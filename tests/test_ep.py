@@ -336,6 +336,14 @@ def test_send_plan():
         assert plan.counts[d].item() == len(tokens)
         assert plan.send_tokens[d, :len(tokens)].tolist() == tokens
         assert plan.slot[d, tokens].tolist() == list(range(len(tokens)))
+    # The fused path's own rank gets every token, slot t = token t; the others' plans are unchanged.
+    everything = plan_sends(ids, E, world, every_token_to=1)
+    assert everything.mask[1].all() and everything.counts[1].item() == num_tokens
+    assert everything.slot[1].tolist() == everything.send_tokens[1].tolist() == list(range(num_tokens))
+    for d in (0, 2, 3):
+        assert torch.equal(everything.mask[d], plan.mask[d]) and torch.equal(everything.counts[d], plan.counts[d])
+    with pytest.raises(ValueError, match="every_token_to"):
+        plan_sends(ids, E, world, every_token_to=world)
     empty = plan_sends(ids[:0], E, world)
     assert empty.counts.tolist() == [0] * world and empty.mask.shape == (world, 0)
     with pytest.raises(ValueError, match="multiple of the group size"):
@@ -353,9 +361,10 @@ def test_bench_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
     assert bench.main(["--smoke", "--shapes", "tiny-mixtral", "--tokens", "6", "--results-dir", str(tmp_path)]) == 0
     table = pd.read_csv(tmp_path / "ep2.csv")
-    assert list(table["series"]) == ["a2a_grouped_mm", "megatron_alltoall", "ours", "ours_auto", "ours_fused n_comm=1",
-                                     "ours_fused n_comm=2", "comm_only", "compute_only"]
-    assert table["status"].tolist() == ["ok"] + ["missing"] + ["ok"] * 6  # Megatron's dispatcher needs CUDA
+    assert list(table["series"]) == ["a2a_grouped_mm", "megatron_alltoall", "ours", "ours_auto", "ours_graph",
+                                     "ours_fused n_comm=1", "ours_fused n_comm=2", "comm_only", "compute_only"]
+    # Megatron's dispatcher and CUDA graphs need CUDA
+    assert table["status"].tolist() == ["ok", "missing", "ok", "ok", "missing"] + ["ok"] * 4
     ran = table[table["status"] == "ok"]
     assert (ran["ms"] > 0).all() and ran["rel_err"].iloc[:5].notna().all()
     ours = table[table["impl"].isin(["ours", "ours_auto", "ours_fused"])]
