@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import statistics
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -76,6 +77,37 @@ class RunLog:
 
 def progress(total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, dynamic_ncols=True, disable=None)  # no bar when not a TTY
+
+
+# ----------------------------------------------------------------------------------------------
+# Where a run goes
+# ----------------------------------------------------------------------------------------------
+def run_on_cpu(run: Callable[[torch.device], int]) -> int:
+    """`run(cpu)` for a script's --smoke mode: kernels interpreted (set before they are imported;
+    never on a GPU machine, where it would switch every later kernel import of the process), one
+    thread (tiny CPU ops on a busy machine otherwise spin in OpenMP, up to 100x slower)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def init_torchrun_rank(script: str, cpu_option: str | None = None):
+    """Join the NCCL process group of a torchrun launch on this rank's GPU, or exit saying how to
+    launch `script` (`cpu_option`: the option that runs it on CPU ranks instead, if any)."""
+    import torch.distributed as dist
+
+    instead = f" (or use {cpu_option} for a CPU run)" if cpu_option else ""
+    if "LOCAL_RANK" not in os.environ:
+        sys.exit(f"{script}: launch it with torchrun, e.g. torchrun --nproc-per-node 2 {script}{instead}")
+    if not torch.cuda.is_available():
+        sys.exit(f"{script}: needs CUDA GPUs{instead}")
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -67,8 +67,8 @@ import torch.distributed as dist  # noqa: E402
 import comet  # noqa: E402
 from bench.baselines import grouped_mm_experts, grouped_mm_missing  # noqa: E402
 from bench.common import (  # noqa: E402
-    DTYPES, RESULTS_DIR, TOLERANCE, append_csv, environment, graph_replays, plot_panels, publish, relative_error,
-    time_calls, within_tolerance,
+    DTYPES, RESULTS_DIR, TOLERANCE, append_csv, environment, graph_replays, init_torchrun_rank, plot_panels, publish,
+    relative_error, time_calls, within_tolerance,
 )
 from bench.shapes import SMOKE_MODELS, model_shape  # noqa: E402
 from comet.ops import routed_experts  # noqa: E402
@@ -361,8 +361,6 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
                     + (f"{row['ms']:.3f} ms" if "ms" in row else f"({row['note']})"))
         add_comm_hidden(rows[first:])
         release_workspace()  # buffers are sized by this token count
-        del sets, batches, routings
-    del mcore
     return rows
 
 
@@ -469,13 +467,7 @@ def main(argv=None) -> int:
 
         rows = run_ranks(_smoke_rank, 2, args, env={"TRITON_INTERPRET": "1"}, timeout=600)[0]
         return report(rows, args.results_dir)
-    if "LOCAL_RANK" not in os.environ:
-        sys.exit("bench/ep.py: launch it with torchrun, e.g. torchrun --nproc-per-node 2 bench/ep.py "
-                 "(or add --smoke for a CPU run)")
-    if not torch.cuda.is_available():
-        sys.exit("bench/ep.py: needs CUDA GPUs (or --smoke)")
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl")
+    init_torchrun_rank("bench/ep.py", "--smoke")
     try:
         rows = run(args)
         if dist.get_rank() != 0:

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench.common import DTYPES, RESULTS_DIR, append_csv, environment, publish  # noqa: E402
+from bench.common import DTYPES, RESULTS_DIR, append_csv, environment, init_torchrun_rank, publish  # noqa: E402
 from bench.shapes import model_shape  # noqa: E402
 from bench.single_gpu import ROUTER_SKEW_STD, make_inputs, make_weights  # noqa: E402
 
@@ -94,16 +94,12 @@ def run(args) -> list[dict]:
                 rows.append({**env, "world_size": world, "shape": name, "tokens_per_rank": args.tokens,
                              "n_comm": n_comm, "kernel": "(wall time per call)", "us_per_call": wall})
             release_workspace()
-            del full, local, s
     return rows
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if "LOCAL_RANK" not in os.environ or not torch.cuda.is_available():
-        sys.exit("bench/ep_kernels.py: launch it with torchrun on CUDA GPUs")
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl")
+    init_torchrun_rank("bench/ep_kernels.py")
     try:
         rows = run(args)
         if dist.get_rank() == 0:

@@ -53,8 +53,8 @@ import torch.distributed as dist  # noqa: E402
 
 import comet  # noqa: E402
 from bench.common import (  # noqa: E402
-    DTYPES, RESULTS_DIR, TOLERANCE, RunLog, append_csv, environment, progress, publish, relative_error,
-    within_tolerance,
+    DTYPES, RESULTS_DIR, TOLERANCE, RunLog, append_csv, environment, init_torchrun_rank, progress, publish,
+    relative_error, within_tolerance,
 )
 from bench.shapes import MODELS, SMOKE_MODELS, model_shape  # noqa: E402
 from bench.single_gpu import make_weights  # noqa: E402
@@ -337,13 +337,7 @@ def main(argv=None) -> int:
 
         summary = run_ranks(_cpu_rank, args.cpu_ranks, args, env={"TRITON_INTERPRET": "1"}, timeout=3600)[0]
         return report(summary, args)
-    if "LOCAL_RANK" not in os.environ:
-        sys.exit("bench/ep_stress.py: launch it with torchrun, e.g. torchrun --nproc-per-node 2 bench/ep_stress.py "
-                 "(or use --cpu-ranks 2 for a CPU run)")
-    if not torch.cuda.is_available():
-        sys.exit("bench/ep_stress.py: needs CUDA GPUs (or --cpu-ranks)")
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl")
+    init_torchrun_rank("bench/ep_stress.py", "--cpu-ranks 2")
     try:
         summary = run(args)
         return report(summary, args) if summary is not None else 0

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
 import re
 import statistics
 import sys
@@ -52,7 +51,7 @@ import torch
 from bench.baselines import grouped_mm_missing
 from bench.common import (
     DTYPES, RESULTS_DIR, TOLERANCE, RunLog, append_csv, environment, progress, publish, relative_error,
-    time_calls, within_tolerance,
+    run_on_cpu, time_calls, within_tolerance,
 )
 from bench.shapes import MODELS, SMOKE_MODELS, ModelShape, model_shape
 from bench.single_gpu import ROUTER_SKEW_STD, TIMINGS, Inputs, make_inputs, make_weights, routing_stats
@@ -452,15 +451,7 @@ def main(argv=None) -> int:
     if not args.smoke:
         print("expert_gemms.py: no CUDA device; use --smoke to test this script on CPU", file=sys.stderr)
         return 2
-    # Kernels run interpreted only if this is set before they are imported (they are imported lazily).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    # Tiny CPU ops: one thread avoids OpenMP spin contention on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run(args, torch.device("cpu"))
-    finally:
-        torch.set_num_threads(threads)
+    return run_on_cpu(lambda device: run(args, device))  # kernels are imported lazily: interpreted
 
 
 def run(args, device: torch.device) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -37,7 +36,7 @@ import torch
 import comet
 from bench.baselines import grouped_mm_experts, grouped_mm_missing, hf_experts_module
 from bench.common import (
-    DTYPES, RESULTS_DIR, TOLERANCE, RunLog, append_csv, environment, graph_replays, measure_copy_bandwidth,
+    DTYPES, RESULTS_DIR, TOLERANCE, RunLog, append_csv, environment, graph_replays, measure_copy_bandwidth, run_on_cpu,
     plot_panels, progress, publish, relative_error, time_calls, within_tolerance,
 )
 from bench.shapes import MODELS, SMOKE_MODELS, SMOKE_TOKEN_COUNTS, TOKEN_COUNTS, ModelShape, model_shape
@@ -345,17 +344,7 @@ def main(argv=None) -> int:
             print("single_gpu.py: no CUDA device; use --smoke to test this script on CPU", file=sys.stderr)
             return 2
         return run(args, torch.device("cuda"))
-    # Without a GPU, Triton kernels only run interpreted, chosen before they are imported. (Not on
-    # a GPU machine: it would switch every later kernel import of this process to the interpreter.)
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    # Tiny CPU ops: one thread avoids OpenMP spin contention on a busy machine (100x slower otherwise).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run(args, torch.device("cpu"))
-    finally:
-        torch.set_num_threads(threads)
+    return run_on_cpu(lambda device: run(args, device))
 
 
 def run(args, device: torch.device) -> int:
