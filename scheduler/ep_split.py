@@ -17,16 +17,21 @@ Cost model (H200 constants; other GPUs scale GEMM rate and bandwidths by their S
 - GEMM time = expert FLOPs of the rank's expected (balanced) rows / `GEMM_FLOPS`; a fused kernel
   computes on SMs - n_comm programs, so its GEMMs take SMs / (SMs - n_comm) as long;
 - push time = bytes / bandwidth of the programs pushing, interpolated from `PUSH_GBPS` (measured
-  on 2 x H200, bench/results/comm_probe.csv, 256 MiB per peer: ~8 GB/s per program at 4-16
-  programs, flattening to ~290 GB/s at 132). A token goes once to every rank holding one of its
-  experts: with uniform routing of K distinct experts over E, a rank gets a token with
-  probability 1 - C(E - E/W, K) / C(E, K); a rank pushes W such shares (its own included);
+  on 2 x H200, bench/results/comm_probe.csv, 64 MiB per peer in 32K-element stores, commit b50d2d9:
+  ~21 GB/s per program at 8 programs, flattening to ~300 GB/s at 132). A token goes once to every
+  rank holding one of its experts: with uniform routing of K distinct experts over E, a rank gets a
+  token with probability 1 - C(E - E/W, K) / C(E, K); a rank pushes W - 1 such shares to the
+  others, and unfused also copies its own share to itself;
 - unfused: GEMM1 + GEMM2 + dispatch + combine at every SM's bandwidth + the slot sum (HBM);
-- fused: max(GEMM1, dispatch on n_comm programs) + max(GEMM2 + GEMM2's input re-read once per
-  extra column chunk, (C-1)/C of the combine on n_comm programs) + the last chunk's combine.
-What it leaves out (so the tuned table wins where it exists): the chunk waits, weights read once
-per source in arrival order, routing skew, launch latencies, and that small batches are bound by
-reading the expert weights, not by FLOPs.
+- fused: max(GEMM1, dispatch to the others on n_comm programs) + max(GEMM2 + GEMM2's input
+  re-read once per extra column chunk, (C-1)/C of the combine on n_comm programs) + the last
+  chunk's combine (its own tokens' partial rows included: every token has a slot there).
+  Plus the fused kernels' own costs, measured: their structure (tile waits, counters, the sums
+  done by few programs) adds `FUSED_STRUCTURE` of the GEMM time (bench/ep_kernels.py on one rank,
+  Qwen3-30B-A3B: 1504 vs 1402 us), and GEMM1 in arrival order reads each local expert's weights
+  once per source.
+What it leaves out (so the tuned table wins where it exists): routing skew, launch latencies, and
+that small batches are bound by reading the expert weights, not by FLOPs.
 """
 from __future__ import annotations
 
@@ -45,7 +50,8 @@ from comet.scheduler.configs import TABLE_DIR, gpu_key
 H200_SMS = 132
 GEMM_FLOPS = {2: 600e12, 4: 300e12}  # by element size: bf16/fp16 tensor cores, fp32 as TF32
 HBM_BYTES_PER_S = 4.0e12
-PUSH_GBPS = {4: 33.6, 8: 66.1, 16: 127.5, 32: 176.4, 64: 243.7, 132: 291.7}  # programs -> GB/s
+PUSH_GBPS = {8: 171.7, 16: 223.7, 32: 264.6, 132: 303.0}  # programs -> GB/s
+FUSED_STRUCTURE = 0.07
 N_COMM_CANDIDATES = (4, 8, 16, 24, 32, 48, 64)
 COLUMN_CHUNK_CANDIDATES = (1, 2, 4, 8)
 # The model leaves out the fused path's own costs (see the docstring); before the column-chunk and
@@ -75,7 +81,7 @@ class EpSplit(NamedTuple):
 
 def ep_shape(tokens: int, hidden: int, ffn: int, num_experts: int, top_k: int, world: int,
              dtype: torch.dtype) -> EpShape:
-    return EpShape(tokens, hidden, ffn, num_experts, top_k, world, torch.empty((), dtype=dtype).element_size())
+    return EpShape(tokens, hidden, ffn, num_experts, top_k, world, dtype.itemsize)
 
 
 def table_key(shape: EpShape) -> str:
@@ -146,30 +152,36 @@ def _parts(shape: EpShape, sms: int) -> dict:
     """Seconds of each part of a call at full GPU width."""
     rows = shape.tokens * shape.top_k  # balanced: every rank computes its own tokens' share of rows
     flops = GEMM_FLOPS.get(shape.element_size, GEMM_FLOPS[4]) * sms / H200_SMS
-    pushed = shape.world * share_per_rank(shape) * shape.tokens * shape.hidden * shape.element_size
+    row_bytes = shape.tokens * shape.hidden * shape.element_size
     return {
         "gemm1": 2 * rows * 2 * shape.ffn * shape.hidden / flops,
         "gemm2": 2 * rows * shape.ffn * shape.hidden / flops,
-        "pushed_bytes": pushed,
+        "remote_bytes": (shape.world - 1) * share_per_rank(shape) * row_bytes,  # to the other ranks
+        "own_bytes": share_per_rank(shape) * row_bytes,  # unfused: this rank's own share, copied
         "gemm2_input_s": rows * shape.ffn * shape.element_size / HBM_BYTES_PER_S,
         "slot_sum": 2 * rows * shape.hidden * shape.element_size / HBM_BYTES_PER_S,
+        # GEMM1's weights of this rank's experts, read again for every other source
+        "weights_reread_s": (shape.world - 1) * shape.num_experts // shape.world * 2 * shape.ffn * shape.hidden
+        * shape.element_size / HBM_BYTES_PER_S,
     }
 
 
 def unfused_seconds(shape: EpShape, sms: int = H200_SMS) -> float:
     p = _parts(shape, sms)
-    return p["gemm1"] + p["gemm2"] + p["slot_sum"] + 2 * p["pushed_bytes"] / push_bytes_per_s(sms, sms)
+    pushed = p["remote_bytes"] + p["own_bytes"]
+    return p["gemm1"] + p["gemm2"] + p["slot_sum"] + 2 * pushed / push_bytes_per_s(sms, sms)
 
 
 def fused_seconds(shape: EpShape, n_comm: int, column_chunks: int, sms: int = H200_SMS) -> float:
     if n_comm >= sms:
         return math.inf  # no program left to compute
     p = _parts(shape, sms)
-    stretch = sms / (sms - n_comm)
-    push = p["pushed_bytes"] / push_bytes_per_s(n_comm, sms)
-    layer0 = max(p["gemm1"] * stretch, push)
+    stretch = sms / (sms - n_comm) * (1 + FUSED_STRUCTURE)
+    rate = push_bytes_per_s(n_comm, sms)
+    layer0 = max(p["gemm1"] * stretch + p["weights_reread_s"], p["remote_bytes"] / rate)
+    combine = (p["remote_bytes"] + shape.tokens * shape.hidden * shape.element_size) / rate
     gemm2 = p["gemm2"] * stretch + (column_chunks - 1) * p["gemm2_input_s"]
-    layer1 = max(gemm2, push * (column_chunks - 1) / column_chunks) + push / column_chunks
+    layer1 = max(gemm2, combine * (column_chunks - 1) / column_chunks) + combine / column_chunks
     return layer0 + layer1
 
 

@@ -470,11 +470,12 @@ def test_split_table_then_model(tmp_path, monkeypatch):
     ep_split.load_table.cache_clear()
 
 
-def test_split_cost_model():
+def test_split_cost_model(monkeypatch):
     # Bandwidth: the probe's points, linear between them, per program below them, capped above.
     for programs, gbps in ep_split.PUSH_GBPS.items():
         assert ep_split.push_bytes_per_s(programs) == pytest.approx(gbps * 1e9)
-    assert ep_split.push_bytes_per_s(2) == pytest.approx(ep_split.PUSH_GBPS[4] / 2 * 1e9)
+    fewest = min(ep_split.PUSH_GBPS)
+    assert ep_split.push_bytes_per_s(fewest / 2) == pytest.approx(ep_split.PUSH_GBPS[fewest] / 2 * 1e9)
     assert ep_split.push_bytes_per_s(24) == pytest.approx((ep_split.PUSH_GBPS[16] + ep_split.PUSH_GBPS[32]) / 2 * 1e9)
     assert ep_split.push_bytes_per_s(500) == pytest.approx(ep_split.PUSH_GBPS[132] * 1e9)
     assert ep_split.push_bytes_per_s(66, sms=66) == pytest.approx(ep_split.PUSH_GBPS[132] / 2 * 1e9)
@@ -488,11 +489,14 @@ def test_split_cost_model():
     for n in (8, 16, 32):
         assert ep_split.fused_seconds(shape, n, 1) > ep_split.unfused_seconds(shape)
     assert ep_split.fused_seconds(shape, 132, 1) == float("inf")
-    # Qwen3-30B-A3B: the model predicts ~15% for 16 pushing programs, under the 20% margin asked.
+    # Qwen3-30B-A3B: the model predicts ~10% for 8 pushing programs, under the 20% margin asked
+    # (measured: no gain, bench/results/ep2.csv); without the fused kernels' measured costs, more.
     qwen = ep_split.ep_shape(8192, 2048, 768, 128, 8, 2, torch.bfloat16)
     assert ep_split.model_split(qwen) == (0, 1)
-    gain = 1 - ep_split.fused_seconds(qwen, 16, 4) / ep_split.unfused_seconds(qwen)
-    assert 0.1 < gain < ep_split.FUSED_MARGIN
+    gain = 1 - ep_split.fused_seconds(qwen, 8, 4) / ep_split.unfused_seconds(qwen)
+    assert 0.05 < gain < ep_split.FUSED_MARGIN
+    monkeypatch.setattr(ep_split, "FUSED_STRUCTURE", 0.0)
+    assert 1 - ep_split.fused_seconds(qwen, 8, 4) / ep_split.unfused_seconds(qwen) > gain
     assert ep_split.model_split(qwen._replace(tokens=0)) == (0, 1)
 
 
