@@ -31,7 +31,8 @@ of the communication hidden behind computation, 1 - (t - t_compute_only) / t_com
 Every rank makes the same full expert weights (one seed) and keeps its slice; its tokens differ.
 Each output is checked against the fp32 reference of the full layer on the rank's first
 `--check-rows` tokens before timing. Times are CUDA events per call with a fixed repeat count (every
-rank makes the same collective calls); a row reports the slowest rank's median. The log prints
+rank makes the same collective calls), spread over a few round-robin rounds of all rows (a drift of
+the machine then spreads over every row); a row reports the slowest rank's median. The log prints
 each of ours' speedups over each baseline and the share of communication hidden. Appends
 bench/results/ep<W>.csv and writes ep<W>.png for W ranks (copied to $OUT when set). `--write-table` records the
 fastest of ours and ours_fused per shape and token count in scheduler/tables/ep_<gpu>.json, the
@@ -87,6 +88,7 @@ BASELINES = ("a2a_grouped_mm", "megatron_alltoall")
 OURS = ("ours", "ours_auto", "ours_graph", "ours_fused")
 # (warm-up calls, timed calls): fixed, so that every rank makes the same collective calls.
 TIMINGS = {"default": (3, 20), "quick": (2, 8), "smoke": (1, 2)}
+ROUNDS = 4  # the timed calls of every row are spread over this many round-robin rounds
 
 
 def parse_args(argv=None):
@@ -251,21 +253,33 @@ def slowest(value: float) -> float:
     return t.item()
 
 
-def measure(call, sets, ref, dtype, device, timing) -> dict:
-    """Check against the reference (unless `ref` is None), then time: the slowest rank's error
-    and median."""
-    error = slowest(relative_error(call(sets[0])[: ref.shape[0]], ref)) if ref is not None else math.nan
+def check(call, sets, ref, dtype) -> dict:
+    """The slowest rank's error against the reference (None: a diagnostic row, not checked)."""
     if ref is None:
-        return {"status": "ok", "note": "diagnostic", "rel_err": error, "ms": _timed(call, sets, device, timing)}
-    return {"status": "ok" if within_tolerance(error, dtype) else "mismatch", "note": "", "rel_err": error,
-            "ms": _timed(call, sets, device, timing)}
+        call(sets[0])
+        return {"status": "ok", "note": "diagnostic", "rel_err": math.nan}
+    error = slowest(relative_error(call(sets[0])[: ref.shape[0]], ref))
+    return {"status": "ok" if within_tolerance(error, dtype) else "mismatch", "note": "", "rel_err": error}
 
 
-def _timed(call, sets, device, timing) -> float:
+def time_round_robin(calls: dict, sets, device, timing) -> dict:
+    """Median ms per call of each of `calls` (name -> call), the slowest rank's: timed in ROUNDS
+    rounds, each timing every call in turn, so that a drift of the machine (clocks, a neighbour)
+    spreads over all of them instead of landing on one. A call that raises is left out (its
+    name maps to the exception)."""
     warmup, reps = timing
-    times = time_calls(lambda i: call(sets[i]), len(sets), device, warmup=warmup, min_reps=reps, max_reps=reps,
-                       budget_s=0.0)
-    return slowest(statistics.median(times))
+    times = {name: [] for name in calls}
+    for r in range(ROUNDS):
+        for name, call in calls.items():
+            if isinstance(times[name], Exception):
+                continue
+            try:
+                times[name] += time_calls(lambda i: call(sets[i]), len(sets), device, warmup=warmup if r == 0 else 1,
+                                          min_reps=max(1, reps // ROUNDS), max_reps=max(1, reps // ROUNDS),
+                                          budget_s=0.0)
+            except Exception as exc:  # the same on every rank (shapes, not data), so no rank hangs
+                times[name] = exc
+    return {name: t if isinstance(t, Exception) else slowest(statistics.median(t)) for name, t in times.items()}
 
 
 def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
@@ -330,9 +344,9 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
                  + [("ours_fused", n, ours(n)) for n in args.n_comm]
                  + [("comm_only", 0, ours(0, experts=False)), ("compute_only", None, compute_only)])
         impls = [impl for impl in impls if impl[0] in args.impls]
-        first = len(rows)
+        first, timed = len(rows), {}
         split_shape = ep_shape(tokens, cfg.hidden_size, cfg.ffn_size, cfg.num_experts, cfg.top_k, world, dtype)
-        for impl, n_comm, call in impls:
+        for impl, n_comm, call in impls:  # check each, then time them all together
             missing = missing_baselines.get(impl)
             split = (choose_split(split_shape, device) if n_comm == "auto"
                      else EpSplit(n_comm, best_column_chunks(split_shape, n_comm, sms) if n_comm else 1)
@@ -345,14 +359,22 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
                    "status": "missing" if missing else "ok", "note": missing or ""}
             if not missing:
                 try:
-                    row.update(measure(call, sets, None if impl in DIAGNOSTICS else ref, dtype, device, args.timing))
+                    row.update(check(call, sets, None if impl in DIAGNOSTICS else ref, dtype))
                     if impl in ("ours_auto", "ours_graph"):
                         row["note"] = f"auto: n_comm={split.n_comm}, column_chunks={split.column_chunks}"
-                    if impl not in DIAGNOSTICS:
-                        row["tflops_per_rank"] = expert_flops(cfg, tokens) / (row["ms"] * 1e-3) / 1e12
+                    timed[len(rows)] = call
                 except Exception as exc:  # the same on every rank (shapes, not data), so no rank hangs
                     row.update(status="error", note=f"{type(exc).__name__}: {exc}"[:300])
             rows.append(row)
+        for i, ms in time_round_robin(timed, sets, device, args.timing).items():
+            row = rows[i]
+            if isinstance(ms, Exception):
+                row.update(status="error", note=f"{type(ms).__name__}: {ms}"[:300])
+                continue
+            row["ms"] = ms
+            if row["impl"] not in DIAGNOSTICS:
+                row["tflops_per_rank"] = expert_flops(cfg, tokens) / (ms * 1e-3) / 1e12
+        for row in rows[first:]:
             if "tflops_per_rank" in row:
                 log(f"{name} T/rank={tokens} {row['series']}: {row['status']} {row['ms']:.3f} ms, "
                     f"{row['tflops_per_rank']:.1f} TFLOP/s per rank, rel err {row['rel_err']:.2g}")
