@@ -169,15 +169,6 @@ def graph_replays(call: Callable[[object], torch.Tensor], sets: list, device: to
     return replay
 
 
-def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) -> float:
-    """Device-memory copy bandwidth in bytes/s, counting bytes read and written (median of `reps`)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    times = time_calls(lambda i: dst.copy_(src), 1, device, warmup=3, min_reps=reps, max_reps=reps,
-                       budget_s=0.0)
-    return 2 * nbytes / (statistics.median(times) * 1e-3)
-
-
 # ----------------------------------------------------------------------------------------------
 # Accuracy
 # ----------------------------------------------------------------------------------------------

@@ -75,9 +75,7 @@ from bench.shapes import SMOKE_MODELS, model_shape  # noqa: E402
 from comet.ops import routed_experts  # noqa: E402
 from comet.scheduler.configs import gpu_key  # noqa: E402
 from comet.scheduler.ep_plan import plan_sends  # noqa: E402
-from comet.scheduler.ep_split import (  # noqa: E402
-    H200_SMS, EpSplit, best_column_chunks, choose_split, ep_shape, write_table_entry,
-)
+from comet.scheduler.ep_split import EpSplit, ep_shape, write_table_entry  # noqa: E402
 from bench.single_gpu import ROUTER_SKEW_STD, expert_flops, make_inputs, make_weights, reference_output  # noqa: E402
 
 SHAPES = ("Mixtral-8x7B", "Qwen3-30B-A3B", "OLMoE-1B-7B", "DeepSeek-V3")
@@ -283,7 +281,7 @@ def time_round_robin(calls: dict, sets, device, timing) -> dict:
 
 
 def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
-    from comet.ep import ep_experts, release_workspace
+    from comet.ep import call_split, ep_experts, group_workspace, release_workspace
 
     shape = model_shape(name)
     cfg, dtype = shape.cfg, DTYPES[args.dtype]
@@ -295,7 +293,6 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
     part = slice(rank * per_rank, (rank + 1) * per_rank)
     local = full._replace(**{k: getattr(full, k)[part] for k in ("gate_up", "down", "gate_up_bias", "down_bias")
                              if getattr(full, k) is not None})
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else H200_SMS
     missing_baselines = {"a2a_grouped_mm": grouped_mm_missing(), "megatron_alltoall": megatron_missing(device),
                          "ours_graph": None if device.type == "cuda" else "CUDA graphs need a CUDA device"}
     mcore = None
@@ -348,9 +345,7 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
         split_shape = ep_shape(tokens, cfg.hidden_size, cfg.ffn_size, cfg.num_experts, cfg.top_k, world, dtype)
         for impl, n_comm, call in impls:  # check each, then time them all together
             missing = missing_baselines.get(impl)
-            split = (choose_split(split_shape, device) if n_comm == "auto"
-                     else EpSplit(n_comm, best_column_chunks(split_shape, n_comm, sms) if n_comm else 1)
-                     if n_comm is not None else None)
+            split = call_split(group_workspace(), split_shape, n_comm) if n_comm is not None else None
             row = {**env, "world_size": world, "shape": name, "E": cfg.num_experts, "K": cfg.top_k,
                    "H": cfg.hidden_size, "F": cfg.ffn_size, "dtype": args.dtype, "tokens_per_rank": tokens,
                    "impl": impl, "n_comm": split.n_comm if split else None,

@@ -36,7 +36,7 @@ import torch
 import comet
 from bench.baselines import grouped_mm_experts, grouped_mm_missing, hf_experts_module
 from bench.common import (
-    DTYPES, RESULTS_DIR, TOLERANCE, RunLog, append_csv, environment, graph_replays, measure_copy_bandwidth, run_on_cpu,
+    DTYPES, RESULTS_DIR, TOLERANCE, RunLog, append_csv, environment, graph_replays, run_on_cpu,
     plot_panels, progress, publish, relative_error, time_calls, within_tolerance,
 )
 from bench.shapes import MODELS, SMOKE_MODELS, SMOKE_TOKEN_COUNTS, TOKEN_COUNTS, ModelShape, model_shape
@@ -348,6 +348,8 @@ def main(argv=None) -> int:
 
 
 def run(args, device: torch.device) -> int:
+    from comet.scheduler.ep_calibrate import copy_bandwidth  # imports the kernels: after run_on_cpu's setting
+
     log = RunLog("single_gpu")
     env = environment(device)
     log(" ".join(f"{k}={v}" for k, v in env.items()))
@@ -357,7 +359,7 @@ def run(args, device: torch.device) -> int:
     if backends.get(args.backend, "absent") is not None:
         log(f"!!! backend {args.backend!r} is MISSING on {device}: 'ours' is skipped, baselines still run")
 
-    copy_bw = measure_copy_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (16 << 20))
+    copy_bw = copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (16 << 20), repeats=10)
     log(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (bytes read + written)")
 
     # Rows are appended and published shape by shape, so a run cut short keeps what it measured.

@@ -26,7 +26,7 @@ What a kernel gets from it:
   `errors`; `check_errors()` (a host sync: call it where one is acceptable) raises
   `CommTimeoutError` naming this rank, the peer and what was waited for.
 
-Setup-time calls (`create`, `buffer`, `flags`, `barrier`, `close`) are collective: every rank of
+Setup-time calls (`create`, `buffer`, `flags`, `free`, `barrier`, `close`) are collective: every rank of
 the group makes them in the same order (so make them before capturing a CUDA graph: run one call
 first). Nothing here is on a hot path except `next_epoch`.
 
@@ -200,6 +200,12 @@ class CommWorkspace:
         dist.barrier(group=self.group)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def free(self, name: str):
+        """Collective: free the named buffer once no rank can still write into it."""
+        self._get(name)
+        self.barrier()
+        del self._buffers[name]
 
     def close(self):
         """Collective: wait until no rank can still write into this one's buffers, then free them."""

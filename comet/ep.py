@@ -55,7 +55,8 @@ from comet.kernels.expert_gemm import down_gemm_args, gate_up_gemm_args
 from comet.ops import routed_experts
 from comet.scheduler.configs import select_configs
 from comet.scheduler.ep_plan import plan_sends
-from comet.scheduler.ep_split import EpSplit, best_column_chunks, choose_split, ep_shape
+from comet.scheduler.ep_calibrate import group_rates
+from comet.scheduler.ep_split import H200_RATES, EpShape, EpSplit, best_column_chunks, choose_split, ep_shape
 from comet.scheduler.routing import analyze_routing
 from comet.validation import check_hidden, check_routing
 
@@ -168,14 +169,7 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     experts_per_rank = cfg.num_experts // world
     _check_local_weights(local_weights, experts_per_rank, cfg, x)
     shape = ep_shape(max_tokens, cfg.hidden_size, cfg.ffn_size, cfg.num_experts, top_k, world, x.dtype)
-    if not experts:
-        split = EpSplit(0, 1)
-    elif n_comm == "auto":
-        split = choose_split(shape, x.device)
-    else:
-        split = EpSplit(n_comm, best_column_chunks(shape, n_comm) if n_comm else 1)
-    if column_chunks is not None:
-        split = split._replace(column_chunks=column_chunks)
+    split = call_split(ws, shape, n_comm if experts else 0, column_chunks)
 
     hidden, device = cfg.hidden_size, x.device
     chunk = CHUNK_TOKENS[device.type]
@@ -213,6 +207,22 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
             cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit, cfg.weight_on_input)
         combine_push(ws, combine, epoch, partial, recv_counts, programs)
     return combine_reduce(ws, combine, epoch, plan.mask, plan.slot, torch.empty_like(x))
+
+
+def call_split(ws: CommWorkspace, shape: EpShape, n_comm: int | str, column_chunks: int | None = None) -> EpSplit:
+    """The split a call of `shape` runs with: "auto" asks `comet.scheduler.ep_split` (tuned table,
+    else the cost model fed the group's measured rates: measured on the first such call, a
+    collective); an explicit n_comm gets the model's column chunks for it (H200 rates scaled to
+    this GPU: no measurement); `column_chunks` overrides."""
+    if n_comm == "auto":
+        split = choose_split(shape, ws.device, lambda: group_rates(ws))
+    elif n_comm == 0:
+        split = EpSplit(0, 1)
+    else:
+        sms = (torch.cuda.get_device_properties(ws.device).multi_processor_count if ws.device.type == "cuda"
+               else H200_RATES.sms)
+        split = EpSplit(n_comm, best_column_chunks(shape, n_comm, H200_RATES.scaled(sms)))
+    return split if column_chunks is None else split._replace(column_chunks=column_chunks)
 
 
 def _fused_experts(ws, dispatch, combine, epoch, x, plan, recv_x, recv_ids, recv_weights, recv_counts,

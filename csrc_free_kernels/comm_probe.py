@@ -70,15 +70,17 @@ def comm_probe(
     block: int = 1024,
     num_warps: int = 4,
     check: bool = True,
+    keep_buffers: bool = True,
 ) -> torch.Tensor:
     """Send `data` [n] to every rank of `ws` (itself included); return what arrived, [W, n]
     (row s = rank s's data). `num_programs` programs push `chunk_elems`-element chunks (default:
     one chunk per program), `block` elements per store.
 
     Collective: every rank calls it with data of the same size and dtype. The result is a view of
-    the workspace's receive buffer, valid until the call after next. `check` reads the workspace's
-    error record back (a host sync) and raises `CommTimeoutError` if a wait timed out; without it,
-    call `ws.check_errors()` later.
+    the workspace's receive buffer, valid until the call after next (without `keep_buffers`: a
+    copy, and the probe's buffers of this size are freed, collectively). `check` reads the
+    workspace's error record back (a host sync) and raises `CommTimeoutError` if a wait timed out;
+    without it, call `ws.check_errors()` later.
     """
     if not isinstance(data, torch.Tensor) or data.dim() != 1 or not data.is_contiguous():
         raise ValueError(f"data: expected a contiguous 1-D tensor, got {getattr(data, 'shape', type(data))}")
@@ -120,4 +122,9 @@ def comm_probe(
     )
     if check:
         ws.check_errors()
-    return recv[parity]
+    if keep_buffers:
+        return recv[parity]
+    received = recv[parity].clone()
+    for name in (recv_name, flags_name):
+        ws.free(name)
+    return received

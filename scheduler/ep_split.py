@@ -1,6 +1,6 @@
 """The comm/compute split of the expert-parallel layer, chosen per call from the shape bucket.
 
-`choose_split(shape, device)` gives `EpSplit(n_comm, column_chunks)`: how many programs of each
+`choose_split(shape, device, rates)` gives `EpSplit(n_comm, column_chunks)`: how many programs of each
 fused kernel push (0: the unfused path, dispatch / expert GEMMs / combine as separate launches,
 every SM on each) and into how many column chunks GEMM2 is cut (`comet.kernels.ep_combine`). It
 reads only shapes (tokens per rank = the buffers' capacity, the same on every rank, so every rank
@@ -11,13 +11,15 @@ Sources, in order:
    `torchrun --nproc-per-node W bench/ep.py --write-table`: the fastest measured of the unfused path
    and each fused n_comm), entry of the nearest token bucket (log scale);
 2. else the cost model below; it picks the fused path only where it predicts a gain of more than
-   `FUSED_MARGIN` (20%).
+   `FUSED_MARGIN` (20%). It is fed `MachineRates`: measured once per process group on the machine
+   (`comet.scheduler.ep_calibrate`, what `comet.ep` passes), else the H200's (`H200_RATES`, the
+   figures below) scaled by the SM count.
 
-Cost model (H200 constants; other GPUs scale GEMM rate and bandwidths by their SM count):
-- GEMM time = expert FLOPs of the rank's expected (balanced) rows / `GEMM_FLOPS`; a fused kernel
+Cost model:
+- GEMM time = expert FLOPs of the rank's expected (balanced) rows / the GEMM rate; a fused kernel
   computes on SMs - n_comm programs, so its GEMMs take SMs / (SMs - n_comm) as long;
-- push time = bytes / bandwidth of the programs pushing, interpolated from `PUSH_GBPS` (measured
-  on 2 x H200, bench/results/comm_probe.csv, 64 MiB per peer in 32K-element stores, commit b50d2d9:
+- push time = bytes / bandwidth of the programs pushing, interpolated from the rates' push points
+  (H200: measured on 2 x H200, bench/results/comm_probe.csv, 64 MiB per peer in 32K-element stores, commit b50d2d9:
   ~21 GB/s per program at 8 programs, flattening to ~300 GB/s at 132). A token goes once to every
   rank holding one of its experts: with uniform routing of K distinct experts over E, a rank gets a
   token with probability 1 - C(E - E/W, K) / C(E, K); a rank pushes W - 1 such shares to the
@@ -40,17 +42,30 @@ import functools
 import json
 import math
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
 from comet.scheduler.configs import TABLE_DIR, gpu_key
 
-# Measured on H200 (see the module docstring); an SM count other than H200's scales them.
-H200_SMS = 132
-GEMM_FLOPS = {2: 600e12, 4: 300e12}  # by element size: bf16/fp16 tensor cores, fp32 as TF32
-HBM_BYTES_PER_S = 4.0e12
-PUSH_GBPS = {8: 171.7, 16: 223.7, 32: 264.6, 132: 303.0}  # programs -> GB/s
+class MachineRates(NamedTuple):
+    """What the cost model knows of a machine."""
+
+    sms: int
+    gemm_flops: float  # bf16/fp16 tensor-core FLOP/s of a large GEMM (fp32, as TF32: half)
+    hbm_bytes_per_s: float
+    push_gbps: tuple[tuple[int, float], ...]  # (pushing programs, GB/s to peers), increasing programs
+
+    def scaled(self, sms: int) -> "MachineRates":
+        """These rates for a GPU of `sms` SMs, per-SM rates kept (for a GPU nobody measured)."""
+        f = sms / self.sms
+        return MachineRates(sms, self.gemm_flops * f, self.hbm_bytes_per_s * f,
+                            tuple((max(1, round(p * f)), g * f) for p, g in self.push_gbps))
+
+
+# Measured on H200 (see the module docstring).
+H200_RATES = MachineRates(sms=132, gemm_flops=600e12, hbm_bytes_per_s=4.0e12,
+                          push_gbps=((8, 171.7), (16, 223.7), (32, 264.6), (132, 303.0)))
 FUSED_STRUCTURE = 0.07
 N_COMM_CANDIDATES = (4, 8, 16, 24, 32, 48, 64)
 COLUMN_CHUNK_CANDIDATES = (1, 2, 4, 8)
@@ -127,18 +142,17 @@ def write_table_entry(gpu: str, shape: EpShape, split: EpSplit) -> Path:
 # ----------------------------------------------------------------------------------------------
 # Cost model
 # ----------------------------------------------------------------------------------------------
-def push_bytes_per_s(programs: int, sms: int = H200_SMS) -> float:
-    """Bandwidth of `programs` programs storing to peer memory, interpolated from PUSH_GBPS."""
-    counts = sorted(PUSH_GBPS)
-    scale = sms / H200_SMS
-    programs = min(max(programs / scale, 1.0), counts[-1])
+def push_bytes_per_s(programs: float, rates: MachineRates = H200_RATES) -> float:
+    """Bandwidth of `programs` programs storing to peer memory, interpolated from the rates' points
+    (per program below the first, capped at the last)."""
+    counts = [p for p, _ in rates.push_gbps]
+    gbps = dict(rates.push_gbps)
+    programs = min(max(programs, 1.0), counts[-1])
     i = bisect.bisect_left(counts, programs)
     if i == 0:
-        gbps = PUSH_GBPS[counts[0]] * programs / counts[0]  # per-program rate below the probe
-    else:
-        lo, hi = counts[i - 1], counts[i]
-        gbps = PUSH_GBPS[lo] + (PUSH_GBPS[hi] - PUSH_GBPS[lo]) * (programs - lo) / (hi - lo)
-    return gbps * 1e9 * scale
+        return gbps[counts[0]] * programs / counts[0] * 1e9
+    lo, hi = counts[i - 1], counts[i]
+    return (gbps[lo] + (gbps[hi] - gbps[lo]) * (programs - lo) / (hi - lo)) * 1e9
 
 
 def share_per_rank(shape: EpShape) -> float:
@@ -148,36 +162,37 @@ def share_per_rank(shape: EpShape) -> float:
     return 1.0 - (math.comb(elsewhere, k) / math.comb(e, k) if elsewhere >= k else 0.0)
 
 
-def _parts(shape: EpShape, sms: int) -> dict:
+def _parts(shape: EpShape, rates: MachineRates) -> dict:
     """Seconds of each part of a call at full GPU width."""
     rows = shape.tokens * shape.top_k  # balanced: every rank computes its own tokens' share of rows
-    flops = GEMM_FLOPS.get(shape.element_size, GEMM_FLOPS[4]) * sms / H200_SMS
+    flops = rates.gemm_flops * (1.0 if shape.element_size <= 2 else 0.5)
+    hbm = rates.hbm_bytes_per_s
     row_bytes = shape.tokens * shape.hidden * shape.element_size
     return {
         "gemm1": 2 * rows * 2 * shape.ffn * shape.hidden / flops,
         "gemm2": 2 * rows * shape.ffn * shape.hidden / flops,
         "remote_bytes": (shape.world - 1) * share_per_rank(shape) * row_bytes,  # to the other ranks
         "own_bytes": share_per_rank(shape) * row_bytes,  # unfused: this rank's own share, copied
-        "gemm2_input_s": rows * shape.ffn * shape.element_size / HBM_BYTES_PER_S,
-        "slot_sum": 2 * rows * shape.hidden * shape.element_size / HBM_BYTES_PER_S,
+        "gemm2_input_s": rows * shape.ffn * shape.element_size / hbm,
+        "slot_sum": 2 * rows * shape.hidden * shape.element_size / hbm,
         # GEMM1's weights of this rank's experts, read again for every other source
         "weights_reread_s": (shape.world - 1) * shape.num_experts // shape.world * 2 * shape.ffn * shape.hidden
-        * shape.element_size / HBM_BYTES_PER_S,
+        * shape.element_size / hbm,
     }
 
 
-def unfused_seconds(shape: EpShape, sms: int = H200_SMS) -> float:
-    p = _parts(shape, sms)
+def unfused_seconds(shape: EpShape, rates: MachineRates = H200_RATES) -> float:
+    p = _parts(shape, rates)
     pushed = p["remote_bytes"] + p["own_bytes"]
-    return p["gemm1"] + p["gemm2"] + p["slot_sum"] + 2 * pushed / push_bytes_per_s(sms, sms)
+    return p["gemm1"] + p["gemm2"] + p["slot_sum"] + 2 * pushed / push_bytes_per_s(rates.sms, rates)
 
 
-def fused_seconds(shape: EpShape, n_comm: int, column_chunks: int, sms: int = H200_SMS) -> float:
-    if n_comm >= sms:
+def fused_seconds(shape: EpShape, n_comm: int, column_chunks: int, rates: MachineRates = H200_RATES) -> float:
+    if n_comm >= rates.sms:
         return math.inf  # no program left to compute
-    p = _parts(shape, sms)
-    stretch = sms / (sms - n_comm) * (1 + FUSED_STRUCTURE)
-    rate = push_bytes_per_s(n_comm, sms)
+    p = _parts(shape, rates)
+    stretch = rates.sms / (rates.sms - n_comm) * (1 + FUSED_STRUCTURE)
+    rate = push_bytes_per_s(n_comm, rates)
     layer0 = max(p["gemm1"] * stretch + p["weights_reread_s"], p["remote_bytes"] / rate)
     combine = (p["remote_bytes"] + shape.tokens * shape.hidden * shape.element_size) / rate
     gemm2 = p["gemm2"] * stretch + (column_chunks - 1) * p["gemm2_input_s"]
@@ -185,30 +200,33 @@ def fused_seconds(shape: EpShape, n_comm: int, column_chunks: int, sms: int = H2
     return layer0 + layer1
 
 
-def best_column_chunks(shape: EpShape, n_comm: int, sms: int = H200_SMS) -> int:
+def best_column_chunks(shape: EpShape, n_comm: int, rates: MachineRates = H200_RATES) -> int:
     """The column chunk count the model prefers for a given n_comm (at most one per 128 columns)."""
     allowed = [c for c in COLUMN_CHUNK_CANDIDATES if c * 128 <= max(shape.hidden, 128)]
-    return min(allowed, key=lambda c: fused_seconds(shape, n_comm, c, sms))
+    return min(allowed, key=lambda c: fused_seconds(shape, n_comm, c, rates))
 
 
-def model_split(shape: EpShape, sms: int = H200_SMS) -> EpSplit:
+def model_split(shape: EpShape, rates: MachineRates = H200_RATES) -> EpSplit:
     """The cost model's choice: the fastest fused split if it beats the unfused path by FUSED_MARGIN."""
-    candidates = [n for n in N_COMM_CANDIDATES if n < sms // 2]
+    candidates = [n for n in N_COMM_CANDIDATES if n < rates.sms // 2]
     if shape.tokens == 0 or not candidates:
         return EpSplit(0, 1)
-    fused = [EpSplit(n, best_column_chunks(shape, n, sms)) for n in candidates]
-    best = min(fused, key=lambda s: fused_seconds(shape, *s, sms))
-    if fused_seconds(shape, *best, sms) < (1.0 - FUSED_MARGIN) * unfused_seconds(shape, sms):
+    fused = [EpSplit(n, best_column_chunks(shape, n, rates)) for n in candidates]
+    best = min(fused, key=lambda s: fused_seconds(shape, *s, rates))
+    if fused_seconds(shape, *best, rates) < (1.0 - FUSED_MARGIN) * unfused_seconds(shape, rates):
         return best
     return EpSplit(0, 1)
 
 
-def choose_split(shape: EpShape, device: torch.device) -> EpSplit:
-    """The split of a call: the GPU's tuned table, else the cost model. Off a GPU (the Triton
-    interpreter) the unfused path: the model describes GPU rates."""
+def choose_split(shape: EpShape, device: torch.device, rates: Callable[[], MachineRates] | None = None) -> EpSplit:
+    """The split of a call: the GPU's tuned table, else the cost model fed `rates()` (called only
+    then; default: the H200's scaled to this GPU). Off a GPU (the Triton interpreter) the unfused
+    path: the model describes GPU rates."""
     if device.type != "cuda":
         return EpSplit(0, 1)
     tuned = table_split(load_table(gpu_key(device)), shape)
     if tuned is not None:
         return tuned
-    return model_split(shape, torch.cuda.get_device_properties(device).multi_processor_count)
+    if rates is None:
+        return model_split(shape, H200_RATES.scaled(torch.cuda.get_device_properties(device).multi_processor_count))
+    return model_split(shape, rates())

@@ -467,18 +467,33 @@ def test_split_table_then_model(tmp_path, monkeypatch):
     assert ep_split.table_split(table, mixtral._replace(tokens=8000)) == (0, 1)  # bucket 8192: nearest 16384
     assert ep_split.table_split(table, mixtral._replace(world=4)) is None
     assert ep_split.choose_split(mixtral, torch.device("cpu")) == (0, 1)
+    # On a GPU: the table where it has the shape, else the model fed the measured rates (asked
+    # for only then).
+    monkeypatch.setattr(ep_split, "gpu_key", lambda device: "h")
+    asked = []
+
+    def rates():
+        asked.append(1)
+        # A link that 8 programs already saturate: fused hides it, unfused pays it in full.
+        return ep_split.H200_RATES._replace(push_gbps=((8, 100.0), (132, 100.0)))
+
+    gpu = torch.device("cuda")
+    assert ep_split.choose_split(mixtral._replace(tokens=1024), gpu, rates) == (16, 4) and not asked
+    qwen = ep_split.ep_shape(8192, 2048, 768, 128, 8, 2, torch.bfloat16)
+    assert ep_split.choose_split(qwen, gpu, rates).n_comm > 0 and len(asked) == 1
+    assert ep_split.model_split(qwen) == (0, 1)  # at the H200's rates
     ep_split.load_table.cache_clear()
 
 
 def test_split_cost_model(monkeypatch):
     # Bandwidth: the probe's points, linear between them, per program below them, capped above.
-    for programs, gbps in ep_split.PUSH_GBPS.items():
+    points = dict(ep_split.H200_RATES.push_gbps)
+    for programs, gbps in points.items():
         assert ep_split.push_bytes_per_s(programs) == pytest.approx(gbps * 1e9)
-    fewest = min(ep_split.PUSH_GBPS)
-    assert ep_split.push_bytes_per_s(fewest / 2) == pytest.approx(ep_split.PUSH_GBPS[fewest] / 2 * 1e9)
-    assert ep_split.push_bytes_per_s(24) == pytest.approx((ep_split.PUSH_GBPS[16] + ep_split.PUSH_GBPS[32]) / 2 * 1e9)
-    assert ep_split.push_bytes_per_s(500) == pytest.approx(ep_split.PUSH_GBPS[132] * 1e9)
-    assert ep_split.push_bytes_per_s(66, sms=66) == pytest.approx(ep_split.PUSH_GBPS[132] / 2 * 1e9)
+    fewest = min(points)
+    assert ep_split.push_bytes_per_s(fewest / 2) == pytest.approx(points[fewest] / 2 * 1e9)
+    assert ep_split.push_bytes_per_s(24) == pytest.approx((points[16] + points[32]) / 2 * 1e9)
+    assert ep_split.push_bytes_per_s(500) == pytest.approx(points[132] * 1e9)
     # A token reaches a rank when one of its K distinct experts lives there.
     shape = ep_split.ep_shape(8192, 4096, 14336, 8, 2, 2, torch.bfloat16)
     assert ep_split.share_per_rank(shape) == pytest.approx(1 - 6 / 28)
