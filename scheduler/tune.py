@@ -19,8 +19,9 @@ from comet.scheduler.configs import (
 )
 from comet.scheduler.routing import analyze_routing
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); GROUP_M is fixed at 8, weight descriptors
-# are tried on and off.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); weight descriptors are tried on and off, and
+# 128-row tiles also with GROUP_M 16 (better for DeepSeek-V3 and Mixtral's GEMM2 on an H200,
+# bench/results/expert_gemms.csv), GROUP_M 8 otherwise.
 GATE_UP_CANDIDATES = [
     (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4), (64, 64, 64, 4, 4),
     (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3),
@@ -38,8 +39,9 @@ def _candidates(table, bucket: int, element_size: int, b_tiles: int) -> list[Gem
     # A tile taller than four times the mean rows per expert is mostly padding: skip it.
     fitting = [c for c in table if c[0] <= max(16, 4 * bucket)]
     # Weight descriptors both ways where tiles are tall enough for them to be used at all.
-    configs = {fit_shared_memory(GemmConfig(m, n, k, 8, w, s, weight_descriptors=d), element_size, b_tiles)
-               for m, n, k, w, s in fitting for d in ((True, False) if m >= DESCRIPTOR_MIN_BLOCK_M else (True,))}
+    configs = {fit_shared_memory(GemmConfig(m, n, k, g, w, s, weight_descriptors=d), element_size, b_tiles)
+               for m, n, k, w, s in fitting for d in ((True, False) if m >= DESCRIPTOR_MIN_BLOCK_M else (True,))
+               for g in ((8, 16) if m >= 128 else (8,))}
     return sorted(configs, key=lambda c: dataclasses.astuple(c))
 
 
