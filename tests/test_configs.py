@@ -47,3 +47,18 @@ def test_shipped_h200_table_is_well_formed():
             assert int(bucket) & (int(bucket) - 1) == 0  # a power of two
             for cfg in map(lambda c: GemmConfig(**c), pair):
                 assert cfg.block_m in (16, 32, 64, 128) and cfg.num_stages >= 1
+
+
+def test_tuner_candidates():
+    """The tuner tries weight descriptors on and off where tiles use them, GROUP_M 16 on 128-row
+    tiles, no tile much taller than the rows per expert, and only what fits shared memory."""
+    from comet.kernels.expert_gemm import DESCRIPTOR_MIN_BLOCK_M
+    from comet.scheduler.configs import SHARED_MEMORY_BUDGET
+    from comet.scheduler.tune import GATE_UP_CANDIDATES, _candidates
+
+    big = _candidates(GATE_UP_CANDIDATES, 4096, 2, 2)
+    assert {c.weight_descriptors for c in big if c.block_m >= DESCRIPTOR_MIN_BLOCK_M} == {True, False}
+    assert all(c.weight_descriptors for c in big if c.block_m < DESCRIPTOR_MIN_BLOCK_M)
+    assert {c.group_m for c in big if c.block_m == 128} == {8, 16} and {c.group_m for c in big if c.block_m < 128} == {8}
+    assert all((c.block_m + 2 * c.block_n) * c.block_k * 2 * c.num_stages <= SHARED_MEMORY_BUDGET for c in big)
+    assert max(c.block_m for c in _candidates(GATE_UP_CANDIDATES, 4, 2, 2)) == 16
