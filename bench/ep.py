@@ -15,14 +15,14 @@
                   destination rank), the persistent expert GEMMs, combine kernel; no host sync
   ours_auto       the same with n_comm="auto" (the layer's default): `comet.scheduler.ep_split`'s
                   choice, noted in the row
-  ours_graph      ours_auto captured in a CUDA graph per input set and replayed (GPU only): the
-                  time without the host's launch overhead
   ours_fused      the same with n_comm > 0 (--n-comm, one row each): routing first, then the token
                   rows pushed by the first n_comm programs of GEMM1's launch while the others compute,
                   and the partial rows pushed by the last n_comm programs of GEMM2's launch
 
 and two diagnostic rows (not checked, not plotted) from which each row's `comm_hidden`, the share
-of the communication hidden behind computation, 1 - (t - t_compute_only) / t_comm_only, follows:
+of the communication hidden behind computation, 1 - (t - t_compute_only) / t_comm_only, follows
+(with `--graphs`, every row of ours and both diagnostics are CUDA-graph replays: GPU time alone;
+eager, comm_only is bound by the host's launches, which overstates the communication):
 
   comm_only       ours without the expert computation (ep_experts(experts=False)): the same traffic
   compute_only    the expert computation alone on the batch this rank receives (comet.ops.routed_experts
@@ -83,7 +83,7 @@ TOKENS = (4096, 16384)  # full default run: 4 shapes x 2 token counts x 10 rows 
 SMOKE_TOKENS = (8, 12)
 DIAGNOSTICS = ("comm_only", "compute_only")  # timed only, for comm_hidden
 BASELINES = ("a2a_grouped_mm", "megatron_alltoall")
-OURS = ("ours", "ours_auto", "ours_graph", "ours_fused")
+OURS = ("ours", "ours_auto", "ours_fused")
 # (warm-up calls, timed calls): fixed, so that every rank makes the same collective calls.
 TIMINGS = {"default": (3, 20), "quick": (2, 8), "smoke": (1, 2)}
 ROUNDS = 4  # the timed calls of every row are spread over this many round-robin rounds
@@ -103,6 +103,10 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="2 CPU ranks, kernels interpreted, tiny shapes, temp dir")
     p.add_argument("--write-table", action="store_true", help="record the fastest split per shape and token "
                    "count in scheduler/tables/ep_<gpu>.json (GPU runs)")
+    p.add_argument("--graphs", action="store_true",
+                   help="time every row of ours and the diagnostics as CUDA-graph replays (GPU only): their "
+                        "GPU time without the host's launch overhead, which bounds small batches and the "
+                        "comm-only row otherwise; the baselines stay eager (they sync with the host)")
     p.add_argument("--impls", nargs="+", choices=BASELINES + OURS + DIAGNOSTICS,
                    help="rows to run (default: all; comm_hidden needs both diagnostics)")
     p.add_argument("--results-dir", type=Path, help="where ep<W>.csv and ep<W>.png go (default bench/results)")
@@ -117,6 +121,8 @@ def parse_args(argv=None):
     args.impls = set(args.impls or BASELINES + OURS + DIAGNOSTICS)
     if min(args.n_comm) < 1:
         p.error("--n-comm: expected positive program counts")
+    if args.graphs and args.smoke:
+        p.error("--graphs: CUDA graphs need GPUs, --smoke runs on CPU")
     args.timing = TIMINGS["smoke" if args.smoke else "quick" if args.quick else "default"]
     if args.results_dir is None:
         args.results_dir = Path(tempfile.mkdtemp(prefix="comet-bench-ep-")) if args.smoke else RESULTS_DIR
@@ -293,8 +299,7 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
     part = slice(rank * per_rank, (rank + 1) * per_rank)
     local = full._replace(**{k: getattr(full, k)[part] for k in ("gate_up", "down", "gate_up_bias", "down_bias")
                              if getattr(full, k) is not None})
-    missing_baselines = {"a2a_grouped_mm": grouped_mm_missing(), "megatron_alltoall": megatron_missing(device),
-                         "ours_graph": None if device.type == "cuda" else "CUDA graphs need a CUDA device"}
+    missing_baselines = {"a2a_grouped_mm": grouped_mm_missing(), "megatron_alltoall": megatron_missing(device)}
     mcore = None
     if not missing_baselines["megatron_alltoall"]:
         try:  # the same on every rank (shapes, not data)
@@ -327,20 +332,21 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
                                   local.interleaved, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit,
                                   cfg.weight_on_input)
 
-        def ours_graph():
-            replays = []  # captured at the first call (the check), after the eager rows
+        def replayed(call):
+            replays = []  # captured at the first call (the check)
 
-            def call(s):
+            def run(s):
                 if not replays:
-                    replays.append(graph_replays(ours("auto"), sets, device))
+                    replays.append(graph_replays(call, sets, device))
                 return replays[0](s)
-            return call
+            return run
 
         impls = ([("a2a_grouped_mm", None, baseline), ("megatron_alltoall", None, megatron), ("ours", 0, ours(0)),
-                  ("ours_auto", "auto", ours("auto")), ("ours_graph", "auto", ours_graph())]
+                  ("ours_auto", "auto", ours("auto"))]
                  + [("ours_fused", n, ours(n)) for n in args.n_comm]
                  + [("comm_only", 0, ours(0, experts=False)), ("compute_only", None, compute_only)])
-        impls = [impl for impl in impls if impl[0] in args.impls]
+        impls = [(impl, n_comm, replayed(call) if args.graphs and impl not in BASELINES else call)
+                 for impl, n_comm, call in impls if impl in args.impls]
         first, timed = len(rows), {}
         split_shape = ep_shape(tokens, cfg.hidden_size, cfg.ffn_size, cfg.num_experts, cfg.top_k, world, dtype)
         for impl, n_comm, call in impls:  # check each, then time them all together
@@ -351,11 +357,12 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
                    "impl": impl, "n_comm": split.n_comm if split else None,
                    "column_chunks": split.column_chunks if split else None,
                    "series": f"{impl} n_comm={n_comm}" if impl == "ours_fused" else impl,
+                   "cuda_graph": args.graphs and impl not in BASELINES,
                    "status": "missing" if missing else "ok", "note": missing or ""}
             if not missing:
                 try:
                     row.update(check(call, sets, None if impl in DIAGNOSTICS else ref, dtype))
-                    if impl in ("ours_auto", "ours_graph"):
+                    if impl == "ours_auto":
                         row["note"] = f"auto: n_comm={split.n_comm}, column_chunks={split.column_chunks}"
                     timed[len(rows)] = call
                 except Exception as exc:  # the same on every rank (shapes, not data), so no rank hangs
