@@ -17,7 +17,9 @@
 
 The workspace (`comet.comm.CommWorkspace`) is made once per group and shared by every layer
 (`group_workspace`); buffers are sized by `max_tokens` (tokens per rank per call, the same on
-every rank). Each call is one epoch; nothing waits on the host. A peer that stops answering makes
+every rank). Each call is one epoch, counted on the device; nothing waits on the host, so calls
+can be captured in a CUDA graph once an eager call has made the buffers (and, where no tuned
+table entry exists, measured the machine's rates). A peer that stops answering makes
 the waits give up after the workspace's `max_spins`; `check_errors(group)` (a host sync) then raises
 `CommTimeoutError`. Forward only: the kernels build no autograd graph.
 
@@ -29,9 +31,11 @@ GEMM1 the likely share is reading each local expert's weights once per source (a
 ~400 MB more for Qwen3) and the tiles of the other rank's tokens waiting for them; for GEMM2 the
 pushing programs fell behind: each 16-token unit paid a claim and a system-scope counter, so the
 sums and pushes left over after GEMM2 ended were shared by every program. Combine chunks are now
-64 tokens on a GPU (`COMBINE_CHUNK_TOKENS`); after that the fused path came within ~2% of the
-unfused one on 2 GPUs and ahead of it for OLMoE on 4 (bench/results/ep2.csv, ep4.csv), but still
-hides at most about half of the communication. Earlier fixes: GEMM2 in a few column chunks (its
+64 tokens on a GPU (`COMBINE_CHUNK_TOKENS`); after that the fused path came within ~4% of the
+unfused one on 2 GPUs (ahead for OLMoE) and ahead of it for OLMoE on 4 (bench/results/ep2.csv,
+ep4.csv, commit 3aa473b), but the share of the communication it hides is at most about half
+(against an eager comm-only row, itself bound by host launches: `bench/ep.py --graphs` measures
+all of it as GPU time). Earlier fixes: GEMM2 in a few column chunks (its
 input read once per chunk, not once per 128-column block), tiles polling 64 chunk flags per atomic,
 and this rank's own tokens read from x in place (never copied, never waited for).
 So `n_comm="auto"` takes the tuned table's measured best (bench/ep.py --write-table), and without
