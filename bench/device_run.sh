@@ -53,7 +53,7 @@ for p in $PHASES; do
       phase ep_kernels_1 120 kernels torchrun --nproc-per-node 1 bench/ep_kernels.py --shapes Qwen3-30B-A3B Mixtral-8x7B --n-comm 0 8
       phase ep_kernels_2 150 kernels torchrun --nproc-per-node 2 bench/ep_kernels.py --shapes Qwen3-30B-A3B Mixtral-8x7B --n-comm 0 8 16 ;;
     ep)
-      phase ep2 300 ep torchrun --nproc-per-node 2 bench/ep.py --quick --tokens 8192 --n-comm 4 8 16 32 --write-table
+      phase ep2 400 ep torchrun --nproc-per-node 2 bench/ep.py --tokens 8192 --n-comm 4 8 16 32 --write-table
       phase ep2_graphs 240 ep torchrun --nproc-per-node 2 bench/ep.py --quick --graphs --tokens 8192 --n-comm 8 16 \
         --impls ours ours_auto ours_fused comm_only compute_only
       cp scheduler/tables/ep_*.json "$RES/ep/" 2>/dev/null ;;
