@@ -11,12 +11,13 @@
 #   kernels  bench/ep_kernels.py on 1 and 2 ranks (GPU time per kernel of an EP call)
 #   ep       bench/ep.py on 2 ranks, 8192 tokens, every shape, eager and --graphs, --write-table
 #   stress   bench/ep_stress.py, 1000 calls on 2 ranks
+#   profile  python -m comet profile on a 2-layer Qwen3-30B-A3B-shape model, 1 GPU and expert-parallel on 2
 #   ep4      with 4 GPUs: bench/ep.py and 300 stress calls on 4 ranks, the 4-rank tests
 # A Megatron-Core wheel in .whl/ (see bench/README.md) is installed first when present.
 set -u
 COMMIT=${1:?usage: bash bench/device_run.sh COMMIT [PHASE ...]}
 shift
-PHASES=${*:-tests single gemms kernels ep stress ep4}
+PHASES=${*:-tests single gemms kernels ep stress profile ep4}
 export COMET_GIT_COMMIT=$COMMIT NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 RES=/tmp/comet-results
 mkdir -p "$RES"
@@ -59,6 +60,11 @@ for p in $PHASES; do
       cp scheduler/tables/ep_*.json "$RES/ep/" 2>/dev/null ;;
     stress)
       phase ep_stress 200 stress torchrun --nproc-per-node 2 bench/ep_stress.py --calls 1000 ;;
+    profile)
+      phase profile_1 200 profile python3 -m comet profile --model qwen3-30b-a3b-shape --layers 2 --tokens 8192 \
+        --out "$RES/profile/qwen3"
+      phase profile_ep2 200 profile torchrun --nproc-per-node 2 -m comet profile --model qwen3-30b-a3b-shape \
+        --layers 2 --tokens 8192 --ep 2 --out "$RES/profile/qwen3_ep2" ;;
     ep4)
       if [ "$GPUS" -ge 4 ]; then
         phase ep4 240 ep4 torchrun --nproc-per-node 4 bench/ep.py --quick --shapes Qwen3-30B-A3B OLMoE-1B-7B Mixtral-8x7B \
