@@ -62,13 +62,16 @@ def _run_calls(seed: int, calls: list, max_tokens: int) -> list:
     """Each call: (tokens per rank, top_k, routing kind, dtype, cfg changes, n_comm); the changes may
     also name `column_chunks` (of the fused GEMM2). Returns each rank's relative errors. All calls
     go through one workspace."""
+    import comet.kernels.expert_gemm as expert_gemm
     from comet.ep import check_errors, ep_experts, release_workspace
 
     rank, world, device = dist.get_rank(), dist.get_world_size(), _device()
-    errors = []
+    errors, min_block_m = [], expert_gemm.DESCRIPTOR_MIN_BLOCK_M
     for i, (tokens, top_k, kind, dtype, changes, n_comm) in enumerate(calls):
         changes = dict(changes)
         column_chunks = changes.pop("column_chunks", None)
+        # Tensor descriptors for the interpreter's small tiles too (on a GPU: tiles of 64+ rows).
+        expert_gemm.DESCRIPTOR_MIN_BLOCK_M = 0 if changes.pop("descriptors", False) else min_block_m
         cfg = comet.MoEConfig(**{"hidden_size": H, "ffn_size": F, "num_experts": E, "top_k": top_k, **changes})
         full = _full_weights(seed + i, cfg, device)
         gen = torch.Generator().manual_seed(seed * 7919 + i * 31 + rank)
@@ -105,6 +108,7 @@ def _calls(world: int, gen: torch.Generator, n_random: int, max_tokens: int) -> 
         ([max_tokens] * world, 2, "random", torch.bfloat16, {}),
         # GEMM2 in column chunks (3 N blocks of 32 on the interpreter: the last chunk is short)
         ([max_tokens] * world, 2, "random", fp32, dict(hidden_size=96, column_chunks=2)),
+        ([max_tokens] * world, 2, "random", fp32, dict(descriptors=True)),  # weights and GEMM2's input
     ]
     fixed = [(*c, 0) for c in fixed] + [(*c, 1 + i % 3) for i, c in enumerate(fixed)]
     # Then new routings and token counts every call through the same buffers.
