@@ -27,8 +27,8 @@ What the fused path costs, measured (bench/ep_kernels.py, GPU time per kernel, Q
 tokens per rank, commit a7a3fe7). On one rank (nothing to send) the fused GEMM1 and GEMM2 + combine
 took 872 + 632 us against 1311 us for both GEMMs + 91 us for the slot sum unfused: their structure
 costs ~7%. On 2 x H200 they took 1132 + 895 us (n_comm = 8): each ~260 us more than alone. For
-GEMM1 the likely share is reading each local expert's weights once per source (arrival order:
-~400 MB more for Qwen3) and the tiles of the other rank's tokens waiting for them; for GEMM2 the
+GEMM1 the likely share (not measured apart) is reading each local expert's weights once per source
+(arrival order: ~400 MB more for Qwen3, computed from the shapes) and the tiles of the other rank's tokens waiting for them; for GEMM2 the
 pushing programs fell behind: each 16-token unit paid a claim and a system-scope counter, so the
 sums and pushes left over after GEMM2 ended were shared by every program. Combine chunks are now
 64 tokens on a GPU (`COMBINE_CHUNK_TOKENS`); after that the fused path came within ~4% of the
@@ -60,7 +60,7 @@ from comet.ops import routed_experts
 from comet.scheduler.configs import select_configs
 from comet.scheduler.ep_plan import plan_sends
 from comet.scheduler.ep_calibrate import group_rates
-from comet.scheduler.ep_split import H200_RATES, EpShape, EpSplit, best_column_chunks, choose_split, ep_shape
+from comet.scheduler.ep_split import EpShape, EpSplit, best_column_chunks, choose_split, default_rates, ep_shape
 from comet.scheduler.routing import analyze_routing
 from comet.validation import check_hidden, check_routing
 
@@ -70,7 +70,7 @@ CHUNK_TOKENS = {"cpu": 4, "cuda": 16}
 # The combine's flag chunks are larger on a GPU: in the fused GEMM2 each (chunk, column chunk) unit
 # of the push pays a claim and a system-scope counter (microseconds each), and with 16-token units
 # those made the pushing programs fall behind GEMM2 (bench/results/ep_kernels.csv: the fused
-# GEMM2 + combine took 895 us on Qwen3-30B-A3B where GEMM2, slot sum and push took 666 us apart).
+# GEMM2 + combine of Qwen3-30B-A3B took 895 us on 2 GPUs, 632 us on one with nothing to push).
 COMBINE_CHUNK_TOKENS = {"cpu": 4, "cuda": 64}
 INTERPRETER_PUSH_PROGRAMS = 2
 
@@ -223,9 +223,7 @@ def call_split(ws: CommWorkspace, shape: EpShape, n_comm: int | str, column_chun
     elif n_comm == 0:
         split = EpSplit(0, 1)
     else:
-        sms = (torch.cuda.get_device_properties(ws.device).multi_processor_count if ws.device.type == "cuda"
-               else H200_RATES.sms)
-        split = EpSplit(n_comm, best_column_chunks(shape, n_comm, H200_RATES.scaled(sms)))
+        split = EpSplit(n_comm, best_column_chunks(shape, n_comm, default_rates(ws.device)))
     return split if column_chunks is None else split._replace(column_chunks=column_chunks)
 
 

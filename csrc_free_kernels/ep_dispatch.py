@@ -325,10 +325,12 @@ def over_virtual_experts(gemm: tuple[dict, int], virtual_experts: int) -> tuple[
 
 def dispatch_gate_up(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tensor, x: torch.Tensor, send_tokens: torch.Tensor,
                      send_counts: torch.Tensor, recv_counts: torch.Tensor, gemm: tuple[dict, int], n_comm: int):
-    """Dispatch fused with GEMM1: the first `n_comm` programs push this rank's x rows (after
+    """Dispatch fused with GEMM1: the first `n_comm` programs push this rank's x rows to the other
+    ranks (after
     `dispatch_push(push_rows=False)` and `dispatch_receive(wait_rows=False)` moved the routing),
     the others run the tiles of `gemm` (`over_virtual_experts(expert_gemm.gate_up_gemm_args(...))`
-    over the receive buffer viewed [W*C, H]), each first waiting for the chunks of rows it reads."""
+    over the receive buffer viewed [W*C, H], this rank's own rows read from x), each first waiting
+    for the chunks of rows it reads."""
     args, max_items = gemm
     args = {k: v for k, v in args.items() if k != "a_ptr"}  # A is reached through the pointer table
     if n_comm < 1:

@@ -227,6 +227,11 @@ def choose_split(shape: EpShape, device: torch.device, rates: Callable[[], Machi
     tuned = table_split(load_table(gpu_key(device)), shape)
     if tuned is not None:
         return tuned
-    if rates is None:
-        return model_split(shape, H200_RATES.scaled(torch.cuda.get_device_properties(device).multi_processor_count))
-    return model_split(shape, rates())
+    return model_split(shape, rates() if rates is not None else default_rates(device))
+
+
+def default_rates(device: torch.device) -> MachineRates:
+    """The H200's rates scaled to `device`'s SM count (as they are off a GPU): no measurement."""
+    if device.type != "cuda":
+        return H200_RATES
+    return H200_RATES.scaled(torch.cuda.get_device_properties(device).multi_processor_count)
