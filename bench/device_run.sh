@@ -5,29 +5,38 @@
 #   bash bench/device_run.sh COMMIT [PHASE ...]       (default: every phase, in this order)
 #
 # Phases:
-#   tests    GPU tests: kernels, EP on 2 ranks (nccl), CUDA-graph replay
+#   tests    kernel_tests, then ep_tests
+#   kernel_tests  GPU tests of the single-GPU kernels and the bf16 Hugging Face checks
+#   ep_tests      EP tests on 2 ranks (nccl), CUDA-graph replay
 #   single   bench/single_gpu.py, all shapes, 128 / 4096 / 16384 tokens (eager and CUDA-graph rows)
 #   gemms    bench/expert_gemms.py, Mixtral 16384 and DeepSeek-V3 16384
 #   kernels  bench/ep_kernels.py on 1 and 2 ranks (GPU time per kernel of an EP call)
-#   ep       bench/ep.py on 2 ranks, 8192 tokens, every shape, eager and --graphs, --write-table
+#   ep       bench/ep.py on 2 ranks, 8192 tokens, every shape, --write-table
+#   ep_graphs  bench/ep.py --graphs on 2 ranks: every row timed as CUDA-graph replays (GPU time)
 #   stress   bench/ep_stress.py, 1000 calls on 2 ranks
 #   profile  python -m comet profile on a 2-layer Qwen3-30B-A3B-shape model, 1 GPU and expert-parallel on 2
-#   ep4      with 4 GPUs: bench/ep.py and 300 stress calls on 4 ranks, the 4-rank tests
+#   ep4      with 4 GPUs: bench/ep.py and 300 stress calls on 4 ranks
+#   ep4_tests  with 4 GPUs: the 4-rank nccl tests
 # A Megatron-Core wheel in .whl/ (see bench/README.md) is installed first when present.
+# Several instances can share one machine, each on its own GPUs (CUDA_VISIBLE_DEVICES): give each
+# its own COMET_TORCHRUN_PORT and OUT, install once first and set COMET_SKIP_INSTALL=1 for them.
 set -u
 COMMIT=${1:?usage: bash bench/device_run.sh COMMIT [PHASE ...]}
 shift
-PHASES=${*:-tests single gemms kernels ep stress profile ep4}
+PHASES=${*:-tests single gemms kernels ep ep_graphs stress profile ep4 ep4_tests}
 export COMET_GIT_COMMIT=$COMMIT NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 RES=/tmp/comet-results
 mkdir -p "$RES"
 trap 'tar czf "${OUT:-/tmp}/results.tgz" -C /tmp comet-results' EXIT
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
+if [ -z "${COMET_SKIP_INSTALL:-}" ]; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  fi
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "!!! pip install -e . failed"
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "!!! pip install -e . failed"
-GPUS=$(nvidia-smi -L | wc -l)
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site
+TORCHRUN="torchrun --master-port ${COMET_TORCHRUN_PORT:-29500}"
+GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
 START=$(date +%s)
 
 # phase NAME LIMIT_S OUTDIR COMMAND...: run it with $OUT pointing into the results, say how it ended
@@ -41,40 +50,52 @@ phase() {
   grep -E "passed|failed|MISMATCH|ERROR|mismatches" "$dir/$name.txt" | tail -3
 }
 
-for p in $PHASES; do
+run_phases() {
+for p in "$@"; do
   case $p in
-    tests)
-      phase kernel_tests 240 tests python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_hf_bf16_gpu.py
+    tests) run_phases kernel_tests ep_tests ;;
+    kernel_tests)
+      phase kernel_tests 240 tests python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_hf_bf16_gpu.py ;;
+    ep_tests)
       phase ep_tests 300 tests python3 -m pytest -v -p no:cacheprovider tests/test_ep.py tests/test_comm.py -k "nccl and not four" ;;
     single)
       phase single_gpu 420 single python3 bench/single_gpu.py --quick --tokens 128 4096 16384 ;;
     gemms)
       phase expert_gemms 300 gemms python3 bench/expert_gemms.py --runs Mixtral-8x7B:16384 DeepSeek-V3:16384 ;;
     kernels)
-      phase ep_kernels_1 120 kernels torchrun --nproc-per-node 1 bench/ep_kernels.py --shapes Qwen3-30B-A3B Mixtral-8x7B --n-comm 0 8
-      phase ep_kernels_2 150 kernels torchrun --nproc-per-node 2 bench/ep_kernels.py --shapes Qwen3-30B-A3B Mixtral-8x7B --n-comm 0 8 16 ;;
+      phase ep_kernels_1 120 kernels $TORCHRUN --nproc-per-node 1 bench/ep_kernels.py --shapes Qwen3-30B-A3B Mixtral-8x7B --n-comm 0 8
+      phase ep_kernels_2 150 kernels $TORCHRUN --nproc-per-node 2 bench/ep_kernels.py --shapes Qwen3-30B-A3B Mixtral-8x7B --n-comm 0 8 16 ;;
     ep)
-      phase ep2 400 ep torchrun --nproc-per-node 2 bench/ep.py --tokens 8192 --n-comm 4 8 16 32 --write-table
-      phase ep2_graphs 240 ep torchrun --nproc-per-node 2 bench/ep.py --quick --graphs --tokens 8192 --n-comm 8 16 \
-        --impls ours ours_auto ours_fused comm_only compute_only
+      phase ep2 400 ep $TORCHRUN --nproc-per-node 2 bench/ep.py --tokens 8192 --n-comm 4 8 16 32 --write-table
       cp scheduler/tables/ep_*.json "$RES/ep/" 2>/dev/null ;;
+    ep_graphs)
+      phase ep2_graphs 240 ep $TORCHRUN --nproc-per-node 2 bench/ep.py --quick --graphs --tokens 8192 --n-comm 8 16 \
+        --impls ours ours_auto ours_fused comm_only compute_only ;;
     stress)
-      phase ep_stress 200 stress torchrun --nproc-per-node 2 bench/ep_stress.py --calls 1000 ;;
+      phase ep_stress 200 stress $TORCHRUN --nproc-per-node 2 bench/ep_stress.py --calls 1000 ;;
     profile)
       phase profile_1 200 profile python3 -m comet profile --model qwen3-30b-a3b-shape --layers 2 --tokens 8192 \
         --out "$RES/profile/qwen3"
-      phase profile_ep2 200 profile torchrun --nproc-per-node 2 -m comet profile --model qwen3-30b-a3b-shape \
+      phase profile_ep2 200 profile $TORCHRUN --nproc-per-node 2 -m comet profile --model qwen3-30b-a3b-shape \
         --layers 2 --tokens 8192 --ep 2 --out "$RES/profile/qwen3_ep2" ;;
     ep4)
       if [ "$GPUS" -ge 4 ]; then
-        phase ep4 240 ep4 torchrun --nproc-per-node 4 bench/ep.py --quick --shapes Qwen3-30B-A3B OLMoE-1B-7B Mixtral-8x7B \
+        phase ep4 240 ep4 $TORCHRUN --nproc-per-node 4 bench/ep.py --quick --shapes Qwen3-30B-A3B OLMoE-1B-7B Mixtral-8x7B \
           --tokens 8192 --n-comm 8 16
-        phase ep4_stress 120 ep4 torchrun --nproc-per-node 4 bench/ep_stress.py --calls 300
-        phase ep4_tests 300 ep4 python3 -m pytest -v -p no:cacheprovider tests/test_ep.py -k "nccl and (four or dispatch)"
+        phase ep4_stress 120 ep4 $TORCHRUN --nproc-per-node 4 bench/ep_stress.py --calls 300
       else
         echo "== ep4: skipped, $GPUS GPUs"
+      fi ;;
+    ep4_tests)
+      if [ "$GPUS" -ge 4 ]; then
+        phase ep4_tests 300 ep4 python3 -m pytest -v -p no:cacheprovider tests/test_ep.py -k "nccl and (four or dispatch)"
+      else
+        echo "== ep4_tests: skipped, $GPUS GPUs"
       fi ;;
     *) echo "!!! unknown phase $p" ;;
   esac
 done
+}
+
+run_phases $PHASES
 echo "== done at $(( $(date +%s) - START )) s"
