@@ -10,7 +10,8 @@
 #   ep_tests      EP tests on 2 ranks (nccl), CUDA-graph replay
 #   single   bench/single_gpu.py, all shapes, 128 / 4096 / 16384 tokens (eager and CUDA-graph rows)
 #   gemms    bench/expert_gemms.py, Mixtral 16384 and DeepSeek-V3 16384
-#   kernels  bench/ep_kernels.py on 1 and 2 ranks (GPU time per kernel of an EP call)
+#   kernels  kernels_1, then kernels_2: bench/ep_kernels.py on 1 and 2 ranks (GPU time per kernel of an EP call)
+#   host     bench/host_overhead.py: host time of eager calls at 128 tokens, profiled
 #   ep       bench/ep.py on 2 ranks, 8192 tokens, every shape, --write-table
 #   ep_graphs  bench/ep.py --graphs on 2 ranks: every row timed as CUDA-graph replays (GPU time)
 #   stress   bench/ep_stress.py, 1000 calls on 2 ranks
@@ -23,7 +24,7 @@
 set -u
 COMMIT=${1:?usage: bash bench/device_run.sh COMMIT [PHASE ...]}
 shift
-PHASES=${*:-tests single gemms kernels ep ep_graphs stress profile ep4 ep4_tests}
+PHASES=${*:-tests single host gemms kernels ep ep_graphs stress profile ep4 ep4_tests}
 export COMET_GIT_COMMIT=$COMMIT NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 RES=/tmp/comet-results
 mkdir -p "$RES"
@@ -62,8 +63,12 @@ for p in "$@"; do
       phase single_gpu 420 single python3 bench/single_gpu.py --quick --tokens 128 4096 16384 ;;
     gemms)
       phase expert_gemms 300 gemms python3 bench/expert_gemms.py --runs Mixtral-8x7B:16384 DeepSeek-V3:16384 ;;
-    kernels)
-      phase ep_kernels_1 120 kernels $TORCHRUN --nproc-per-node 1 bench/ep_kernels.py --shapes Qwen3-30B-A3B Mixtral-8x7B --n-comm 0 8
+    kernels) run_phases kernels_1 kernels_2 ;;
+    host)
+      phase host_overhead 120 host python3 bench/host_overhead.py --shapes OLMoE-1B-7B Qwen3-30B-A3B Mixtral-8x7B ;;
+    kernels_1)
+      phase ep_kernels_1 120 kernels $TORCHRUN --nproc-per-node 1 bench/ep_kernels.py --shapes Qwen3-30B-A3B Mixtral-8x7B --n-comm 0 8 ;;
+    kernels_2)
       phase ep_kernels_2 150 kernels $TORCHRUN --nproc-per-node 2 bench/ep_kernels.py --shapes Qwen3-30B-A3B Mixtral-8x7B --n-comm 0 8 16 ;;
     ep)
       phase ep2 400 ep $TORCHRUN --nproc-per-node 2 bench/ep.py --tokens 8192 --n-comm 4 8 16 32 --write-table

@@ -189,9 +189,9 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     fused = split.n_comm > 0
     plan = plan_sends(topk_ids, cfg.num_experts, world, every_token_to=ws.rank if fused else None)
     epoch = ws.next_epoch()
-    # Fused, this launch only sends the routing: one program per destination.
+    # Fused, this launch only sends the routing (the rows go inside GEMM1's).
     dispatch_push(ws, dispatch, epoch, x, topk_ids, topk_weights, plan.send_tokens, plan.counts,
-                  experts_per_rank, world if fused else programs, push_rows=not fused)
+                  experts_per_rank, programs, push_rows=not fused)
     # Fused, GEMM1 runs tiles in the order their rows can arrive: see dispatch_receive.
     recv_ids, recv_weights, recv_counts = dispatch_receive(ws, dispatch, epoch, top_k, wait_rows=not fused,
                                                            arrival_experts=experts_per_rank if fused else 0)

@@ -3,9 +3,13 @@ that hold their experts, then each rank waits for what it receives.
 
 Receive buffers on every rank (leading 2 = epoch parity, then source rank, then receive slot):
 `x` [W, C, H], `ids` int32 [2, W, C, K] (the expert's local id on the receiver, -1 where that
-expert lives elsewhere), `weights` fp32 [2, W, C, K], `count` int32 [2, W]. Flags: `meta` [2, W]
-(the count and routing have arrived) and `chunk` [2, W, ceil(C / CHUNK)] (x rows of slots
-[c*CHUNK, (c+1)*CHUNK) have). The rows need no second half, so the host never picks one (a CUDA
+expert lives elsewhere), `weights` fp32 [2, W, C, K], `count` int32 [2, W]. Flags: `meta` [2, W,
+ceil(C / META_BLOCK)] (the routing of slots [b*META_BLOCK, (b+1)*META_BLOCK) has arrived; block
+0's flag also covers the count, and is raised even when nothing is sent) and `chunk` [2, W,
+ceil(C / CHUNK)] (x rows of slots [c*CHUNK, (c+1)*CHUNK) have). The routing moves in blocks dealt
+over every pushing program and is received by one program per (source, block): a single program
+per source walking 8K slots one block at a time took ~150 us on an H200 (bench/results/ep_kernels.csv).
+The rows need no second half, so the host never picks one (a CUDA
 graph replays whatever it picked): a source that sent the receiver any rows in a call cannot
 send the next call's before the receiver's partial rows of them came back, which the receiver
 pushes after its GEMM1 has read them; a source that sent none has no rows there to overwrite.
@@ -44,6 +48,11 @@ class DispatchBuffers(NamedTuple):
     chunk_flags: str
     capacity: int
     chunk: int
+    meta_block: int  # receive slots per routing block: a power-of-two number of chunks
+
+
+# Chunks per routing block. The interpreter's are small so that its tiny shapes cross several.
+META_CHUNKS = {"cpu": 2, "cuda": 8}
 
 
 def dispatch_buffers(ws: CommWorkspace, capacity: int, hidden: int, top_k: int, dtype: torch.dtype,
@@ -51,15 +60,17 @@ def dispatch_buffers(ws: CommWorkspace, capacity: int, hidden: int, top_k: int, 
     """The receive buffers for `capacity` tokens per source (made collectively on first use)."""
     w, tag = ws.world_size, str(dtype).removeprefix("torch.")
     n_chunks = triton.cdiv(capacity, chunk)
+    meta_block = META_CHUNKS[ws.device.type] * chunk
+    n_meta = triton.cdiv(capacity, meta_block)
     names = DispatchBuffers(
         f"ep.recv_x.{tag}.C{capacity}.H{hidden}", f"ep.recv_ids.C{capacity}.K{top_k}",
-        f"ep.recv_weights.C{capacity}.K{top_k}", "ep.recv_count", "ep.dispatch_meta_flags",
-        f"ep.dispatch_chunk_flags.{n_chunks}", capacity, chunk)
+        f"ep.recv_weights.C{capacity}.K{top_k}", "ep.recv_count", f"ep.dispatch_meta_flags.{n_meta}",
+        f"ep.dispatch_chunk_flags.{n_chunks}", capacity, chunk, meta_block)
     ws.buffer(names.x, (w, capacity, hidden), dtype)
     ws.buffer(names.ids, (2, w, capacity, top_k), torch.int32)
     ws.buffer(names.weights, (2, w, capacity, top_k), torch.float32)
     ws.buffer(names.count, (2, w), torch.int32)
-    ws.flags(names.meta_flags, (2, w))
+    ws.flags(names.meta_flags, (2, w, n_meta))
     ws.flags(names.chunk_flags, (2, w, n_chunks))
     return names
 
@@ -94,7 +105,7 @@ def _dispatch_push_kernel(
     x_ptr, stride_x, topk_ids_ptr, topk_weights_ptr,
     send_tokens_ptr, send_counts_ptr,  # the send plan: int32 [W, T], int32 [W]
     recv_x_table, recv_ids_table, recv_weights_table, recv_count_table, meta_table, chunk_table,
-    rank, epoch_ptr, num_tokens, capacity, hidden, experts_per_rank, n_chunks,
+    rank, epoch_ptr, num_tokens, capacity, hidden, experts_per_rank, n_chunks, n_meta,
     WORLD: tl.constexpr, TOP_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr, META_BLOCK: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PUSH_ROWS: tl.constexpr,
 ):
@@ -103,16 +114,16 @@ def _dispatch_push_kernel(
     parity = epoch % 2
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < TOP_K
-    # Metadata first: one program per destination sends the count and the routing of every token
-    # it gets (ids as the destination's local ids), then raises the destination's meta flag.
-    for j in range(pid, WORLD, NUM_PROGRAMS):
-        dst = (rank + j) % WORLD
+    # Routing first, in (destination, block) units dealt over the programs: the routing of the
+    # block's tokens (ids as the destination's local ids) and, with block 0, the count; then the
+    # block's meta flag. Block 0 goes even when nothing does (it carries the count).
+    for unit in range(pid, WORLD * n_meta, NUM_PROGRAMS):
+        dst = (rank + unit // n_meta) % WORLD
+        block = unit % n_meta
         count = tl.load(send_counts_ptr + dst)
-        base = tl.cast(parity * WORLD + rank, tl.int64) * capacity * TOP_K
-        recv_ids = peer_ptr(recv_ids_table, dst, send_counts_ptr) + base
-        recv_w = peer_ptr(recv_weights_table, dst, topk_weights_ptr) + base
-        for start in range(0, count, META_BLOCK):
-            slots = start + tl.arange(0, META_BLOCK)
+        if (block == 0) | (block * META_BLOCK < count):
+            base = tl.cast(parity * WORLD + rank, tl.int64) * capacity * TOP_K
+            slots = block * META_BLOCK + tl.arange(0, META_BLOCK)
             s_mask = slots < count
             tokens = tl.load(send_tokens_ptr + dst * num_tokens + slots, mask=s_mask, other=0).to(tl.int64)
             route_off = tokens[:, None] * TOP_K + offs_k[None, :]
@@ -120,10 +131,12 @@ def _dispatch_push_kernel(
             local = tl.load(topk_ids_ptr + route_off, mask=route_mask, other=-1).to(tl.int32) - dst * experts_per_rank
             local = tl.where((local >= 0) & (local < experts_per_rank), local, -1)
             recv_off = slots.to(tl.int64)[:, None] * TOP_K + offs_k[None, :]
-            tl.store(recv_ids + recv_off, local, mask=route_mask)
-            tl.store(recv_w + recv_off, tl.load(topk_weights_ptr + route_off, mask=route_mask), mask=route_mask)
-        tl.store(peer_ptr(recv_count_table, dst, send_counts_ptr) + parity * WORLD + rank, count)
-        signal_set(peer_ptr(meta_table, dst, meta_table) + parity * WORLD + rank, epoch)
+            tl.store(peer_ptr(recv_ids_table, dst, send_counts_ptr) + base + recv_off, local, mask=route_mask)
+            tl.store(peer_ptr(recv_weights_table, dst, topk_weights_ptr) + base + recv_off,
+                     tl.load(topk_weights_ptr + route_off, mask=route_mask), mask=route_mask)
+            if block == 0:
+                tl.store(peer_ptr(recv_count_table, dst, send_counts_ptr) + parity * WORLD + rank, count)
+            signal_set(peer_ptr(meta_table, dst, meta_table) + (parity * WORLD + rank) * n_meta + block, epoch)
     if PUSH_ROWS:
         push_rows(pid, NUM_PROGRAMS, x_ptr, stride_x, send_tokens_ptr, send_counts_ptr, recv_x_table, chunk_table,
                   rank, epoch, num_tokens, capacity, hidden, n_chunks, WORLD, CHUNK, BLOCK_H, 0)
@@ -133,39 +146,45 @@ def _dispatch_push_kernel(
 def _dispatch_receive_kernel(
     recv_ids_table, recv_weights_table, recv_count_table, meta_table, chunk_table, error_ptr,
     ids_out_ptr, weights_out_ptr, counts_out_ptr,  # local: int32 [W, C, K], fp32 [W, C, K], int32 [W]
-    rank, epoch_ptr, capacity, n_chunks, max_spins,
+    rank, epoch_ptr, capacity, n_chunks, n_meta, max_spins,
     WORLD: tl.constexpr, TOP_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, META_BLOCK: tl.constexpr,
     META_KIND: tl.constexpr, CHUNK_KIND: tl.constexpr, WAIT_ROWS: tl.constexpr, ARRIVAL_EXPERTS: tl.constexpr,
 ):
     epoch = tl.load(epoch_ptr)
-    # Program j receives from source (rank - j) mod W: this rank itself first.
+    # Program (j, b) receives routing block b from source (rank - j) mod W: this rank itself first.
     src = (rank - tl.program_id(0) + WORLD) % WORLD
+    block = tl.program_id(1)
     parity = epoch % 2
     row = parity * WORLD + src
-    wait_flag_ge(peer_ptr(meta_table, rank, meta_table) + row, epoch, max_spins, error_ptr, META_KIND, src, 0)
+    meta = peer_ptr(meta_table, rank, meta_table) + row * n_meta
+    wait_flag_ge(meta, epoch, max_spins, error_ptr, META_KIND, src, 0)
     # Clamped: after a timed-out wait the count may be stale; it must still index inside the buffers.
     count = tl.minimum(tl.load(peer_ptr(recv_count_table, rank, counts_out_ptr) + row, volatile=True), capacity)
+    if block == 0:
+        tl.store(counts_out_ptr + src, count)
+    start = block * META_BLOCK
+    if (block > 0) & (start < count):
+        wait_flag_ge(meta + block, epoch, max_spins, error_ptr, META_KIND, src, block)
     if WAIT_ROWS:
-        flags = peer_ptr(chunk_table, rank, chunk_table) + row * n_chunks
-        for c in range(tl.cdiv(count, CHUNK)):
-            wait_flag_ge(flags + c, epoch, max_spins, error_ptr, CHUNK_KIND, src, c)
-    tl.store(counts_out_ptr + src, count)
+        BLOCK_CHUNKS: tl.constexpr = META_BLOCK // CHUNK
+        c = block * BLOCK_CHUNKS + tl.arange(0, BLOCK_CHUNKS)
+        wait_flags_ge(peer_ptr(chunk_table, rank, chunk_table) + row * n_chunks + c, c * CHUNK < count, epoch,
+                      max_spins, error_ptr, CHUNK_KIND, src, c)
     base = tl.cast(row, tl.int64) * capacity * TOP_K
     recv_ids = peer_ptr(recv_ids_table, rank, ids_out_ptr) + base
     recv_w = peer_ptr(recv_weights_table, rank, weights_out_ptr) + base
     out_base = tl.cast(src, tl.int64) * capacity * TOP_K
     offs_k = tl.arange(0, BLOCK_K)
-    for start in range(0, capacity, META_BLOCK):
-        slots = start + tl.arange(0, META_BLOCK)
-        off = slots.to(tl.int64)[:, None] * TOP_K + offs_k[None, :]
-        in_buffer = (slots < capacity)[:, None] & (offs_k < TOP_K)[None, :]
-        arrived = in_buffer & (slots < count)[:, None]
-        # Slots past the count hold older calls' data: mark them unused.
-        ids = tl.load(recv_ids + off, mask=arrived, other=-1)
-        if ARRIVAL_EXPERTS > 0:  # virtual expert: (the source's place in arrival order, expert)
-            ids = tl.where(ids >= 0, ((rank - src + WORLD) % WORLD) * ARRIVAL_EXPERTS + ids, -1)
-        tl.store(ids_out_ptr + out_base + off, ids, mask=in_buffer)
-        tl.store(weights_out_ptr + out_base + off, tl.load(recv_w + off, mask=arrived, other=0.0), mask=in_buffer)
+    slots = start + tl.arange(0, META_BLOCK)
+    off = slots.to(tl.int64)[:, None] * TOP_K + offs_k[None, :]
+    in_buffer = (slots < capacity)[:, None] & (offs_k < TOP_K)[None, :]
+    arrived = in_buffer & (slots < count)[:, None]
+    # Slots past the count hold older calls' data: mark them unused.
+    ids = tl.load(recv_ids + off, mask=arrived, other=-1)
+    if ARRIVAL_EXPERTS > 0:  # virtual expert: (the source's place in arrival order, expert)
+        ids = tl.where(ids >= 0, ((rank - src + WORLD) % WORLD) * ARRIVAL_EXPERTS + ids, -1)
+    tl.store(ids_out_ptr + out_base + off, ids, mask=in_buffer)
+    tl.store(weights_out_ptr + out_base + off, tl.load(recv_w + off, mask=arrived, other=0.0), mask=in_buffer)
 
 
 # Chunk flags one poll of a GEMM1 tile reads; the interpreter's few chunks still cross blocks.
@@ -263,10 +282,6 @@ def hidden_block(chunk: int, hidden: int, num_warps: int) -> int:
     return max(16, min(triton.next_power_of_2(hidden), 4096 * num_warps // chunk))
 
 
-def _meta_block(bufs: DispatchBuffers) -> int:
-    return 8 * bufs.chunk  # receive slots per step of the routing copies
-
-
 def dispatch_push(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor,
                   topk_weights: torch.Tensor, send_tokens: torch.Tensor, send_counts: torch.Tensor,
                   experts_per_rank: int, num_programs: int, push_rows: bool = True):
@@ -280,8 +295,9 @@ def dispatch_push(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tensor,
         ws.ptr_table(bufs.x), ws.ptr_table(bufs.ids), ws.ptr_table(bufs.weights), ws.ptr_table(bufs.count),
         ws.ptr_table(bufs.meta_flags), ws.ptr_table(bufs.chunk_flags),
         ws.rank, epoch, num_tokens, bufs.capacity, hidden, experts_per_rank, triton.cdiv(bufs.capacity, bufs.chunk),
+        triton.cdiv(bufs.capacity, bufs.meta_block),
         WORLD=ws.world_size, TOP_K=top_k, CHUNK=bufs.chunk, BLOCK_H=hidden_block(bufs.chunk, hidden, PUSH_WARPS),
-        BLOCK_K=triton.next_power_of_2(top_k), META_BLOCK=_meta_block(bufs), NUM_PROGRAMS=num_programs,
+        BLOCK_K=triton.next_power_of_2(top_k), META_BLOCK=bufs.meta_block, NUM_PROGRAMS=num_programs,
         PUSH_ROWS=push_rows, num_warps=PUSH_WARPS,
     )
 
@@ -300,12 +316,13 @@ def dispatch_receive(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tens
     ids = torch.empty(w, c, top_k, dtype=torch.int32, device=ws.device)
     weights = torch.empty(w, c, top_k, dtype=torch.float32, device=ws.device)
     counts = torch.empty(w, dtype=torch.int32, device=ws.device)
-    _dispatch_receive_kernel[(w,)](
+    n_meta = triton.cdiv(c, bufs.meta_block)
+    _dispatch_receive_kernel[(w, n_meta)](
         ws.ptr_table(bufs.ids), ws.ptr_table(bufs.weights), ws.ptr_table(bufs.count),
         ws.ptr_table(bufs.meta_flags), ws.ptr_table(bufs.chunk_flags), ws.errors,
         ids, weights, counts,
-        ws.rank, epoch, c, triton.cdiv(c, bufs.chunk), ws.max_spins,
-        WORLD=w, TOP_K=top_k, CHUNK=bufs.chunk, BLOCK_K=triton.next_power_of_2(top_k), META_BLOCK=_meta_block(bufs),
+        ws.rank, epoch, c, triton.cdiv(c, bufs.chunk), n_meta, ws.max_spins,
+        WORLD=w, TOP_K=top_k, CHUNK=bufs.chunk, BLOCK_K=triton.next_power_of_2(top_k), META_BLOCK=bufs.meta_block,
         META_KIND=int(WaitKind.DISPATCH_METADATA), CHUNK_KIND=int(WaitKind.DISPATCH_CHUNK), WAIT_ROWS=wait_rows,
         ARRIVAL_EXPERTS=arrival_experts, num_warps=4,
     )

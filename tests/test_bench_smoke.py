@@ -72,3 +72,17 @@ def test_missing_backend_is_named_and_the_rest_runs(tmp_path, monkeypatch, capsy
     status = dict(zip(df["impl"], df["status"]))
     assert status == {"grouped_mm": "ok", "hf": "ok", "ours": "missing", "ours_graph": "missing"}
     assert "backend 'nope' is MISSING" in log and "MISSING: ours: backend 'nope' is not registered" in log
+
+
+@pytest.mark.timeout(120)
+def test_host_overhead_smoke_profiles_and_writes_a_row(tmp_path, monkeypatch, capsys):
+    from bench import host_overhead
+
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    assert host_overhead.main(["--smoke", "--results-dir", str(tmp_path), "--top", "5"]) == 0
+    df = pd.read_csv(tmp_path / "host_overhead.csv")
+    assert len(df) == 1 and df["host_us_per_call"].iloc[0] > 0 and df["gpu_us_per_call"].isna().all()
+    assert "function calls" in capsys.readouterr().out  # the cProfile listing
+    assert len(list((tmp_path / "out").glob("host_profile_*.txt"))) == 1
+    for column in ("gpu", "torch", "triton", "commit"):
+        assert df[column].notna().all()
