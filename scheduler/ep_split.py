@@ -28,10 +28,14 @@ Cost model:
 - fused: max(GEMM1, dispatch to the others on n_comm programs) + max(GEMM2 + GEMM2's input
   re-read once per extra column chunk, (C-1)/C of the combine on n_comm programs) + the last
   chunk's combine (its own tokens' partial rows included: every token has a slot there).
-  Plus the fused kernels' own costs, measured: their structure (tile waits, counters, the sums
-  done by few programs) adds `FUSED_STRUCTURE` of the GEMM time (bench/ep_kernels.py on one rank,
-  Qwen3-30B-A3B: 1504 vs 1402 us), and GEMM1 in arrival order reads each local expert's weights
-  once per source.
+  Plus the fused kernels' own costs: their structure (tile waits, counters, each token's K slot
+  rows summed by the few pushing programs while GEMM2 runs) adds `FUSED_STRUCTURE` of the GEMM
+  time, and GEMM1 in arrival order reads each local expert's weights once per source. The
+  structure share was fitted to bench/ep.py's measurements (commit 1b57878, 8192 tokens per rank,
+  n_comm 8 and 16): 0.06-0.14 for Mixtral-8x7B (K = 2), 0.19-0.26 for DeepSeek-V3, 0.26-0.38
+  (2 GPUs) and 0.40-0.62 (4 GPUs) for Qwen3-30B-A3B and OLMoE-1B-7B (K = 8, whose slot sums are
+  the largest); 0.3 is taken. It measured 0.03-0.06 on one rank (bench/ep_kernels.py), where
+  nothing is pushed.
 What it leaves out (so the tuned table wins where it exists): routing skew, launch latencies, and
 that small batches are bound by reading the expert weights, not by FLOPs.
 """
@@ -66,7 +70,7 @@ class MachineRates(NamedTuple):
 # Measured on H200 (see the module docstring).
 H200_RATES = MachineRates(sms=132, gemm_flops=600e12, hbm_bytes_per_s=4.0e12,
                           push_gbps=((8, 171.7), (16, 223.7), (32, 264.6), (132, 303.0)))
-FUSED_STRUCTURE = 0.07
+FUSED_STRUCTURE = 0.3
 N_COMM_CANDIDATES = (4, 8, 16, 24, 32, 48, 64)
 COLUMN_CHUNK_CANDIDATES = (1, 2, 4, 8)
 # The model leaves out the fused path's own costs (see the docstring); before the column-chunk and

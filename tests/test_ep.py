@@ -512,19 +512,19 @@ def test_split_cost_model(monkeypatch):
     for n in (8, 16, 32):
         assert ep_split.fused_seconds(shape, n, 1) > ep_split.unfused_seconds(shape)
     assert ep_split.fused_seconds(shape, 132, 1) == float("inf")
-    # Qwen3-30B-A3B: the model predicts ~10% for 8 pushing programs, under the 20% margin asked
-    # (measured: no gain, bench/results/ep2.csv); without the fused kernels' measured costs, more.
+    # Qwen3-30B-A3B: with the fused kernels' measured costs the model predicts a loss for 8 pushing
+    # programs (measured: 11%, bench/results/ep2.csv); without them, a gain.
     qwen = ep_split.ep_shape(8192, 2048, 768, 128, 8, 2, torch.bfloat16)
     assert ep_split.model_split(qwen) == (0, 1)
-    gain = 1 - ep_split.fused_seconds(qwen, 8, 4) / ep_split.unfused_seconds(qwen)
-    assert 0.05 < gain < ep_split.FUSED_MARGIN
+    assert ep_split.fused_seconds(qwen, 8, 4) > ep_split.unfused_seconds(qwen)
     monkeypatch.setattr(ep_split, "FUSED_STRUCTURE", 0.0)
-    assert 1 - ep_split.fused_seconds(qwen, 8, 4) / ep_split.unfused_seconds(qwen) > gain
+    assert 1 - ep_split.fused_seconds(qwen, 8, 4) / ep_split.unfused_seconds(qwen) > 0.1
     assert ep_split.model_split(qwen._replace(tokens=0)) == (0, 1)
 
 
 def test_split_model_picks_the_fastest_fused(monkeypatch):
     monkeypatch.setattr(ep_split, "FUSED_MARGIN", 0.0)
+    monkeypatch.setattr(ep_split, "FUSED_STRUCTURE", 0.0)  # a machine where fusing pays
     qwen = ep_split.ep_shape(8192, 2048, 768, 128, 8, 2, torch.bfloat16)
     n_comm, chunks = ep_split.model_split(qwen)
     assert n_comm in ep_split.N_COMM_CANDIDATES and chunks in ep_split.COLUMN_CHUNK_CANDIDATES
