@@ -2,11 +2,14 @@
 """Where the host time of an eager `comet.moe_experts` call goes, for batches small enough that the
 host, not the GPU, bounds the layer (bench/single_gpu.py's `ours` vs `ours_graph` rows show when).
 
-For each shape and token count: the host time per call (back-to-back calls, no sync in between:
-once the launch queue is far ahead of a tiny batch's GPU work, wall time / calls is the host's
-cost), the GPU time per call (CUDA-graph replays) and a cProfile of the host calls, the functions
-with the most own time first. Writes bench/results/host_overhead.csv (appended) and, with $OUT
-set, the profiles there.
+For each shape and token count, three variants on the same inputs: `ours` (what the layer runs),
+`library_sort` (the routing analysis through a memset, the histogram kernel and torch.argsort, as
+batches above `comet.kernels.routing.SMALL_ROUTING_ROWS` rows take it) and `custom_op` (through the
+`comet::routed_experts` op's dispatcher, as autograd and torch.compile take it). Each gets the
+host time per call (back-to-back calls, no sync in between: wall time / calls is the host's cost
+when it exceeds the GPU's) and the GPU time per call (CUDA-graph replays); `ours` also a cProfile
+of the host calls, the functions with the most own time first. Writes
+bench/results/host_overhead.csv (appended; copied to $OUT when set, with the profiles).
 
     python bench/host_overhead.py                                    # OLMoE and Qwen3, 128 tokens
     python bench/host_overhead.py --shapes Mixtral-8x7B --tokens 128 1024
@@ -15,6 +18,7 @@ set, the profiles there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import pstats
@@ -30,9 +34,15 @@ import pandas as pd
 import torch
 
 import comet
-from bench.common import RESULTS_DIR, append_csv, environment, graph_replays, output_dir, run_on_cpu
+from bench.common import (
+    RESULTS_DIR, append_csv, environment, graph_replays, output_dir, publish, relative_error, run_on_cpu,
+    within_tolerance,
+)
 from bench.shapes import MODELS, SMOKE_MODELS, model_shape
-from bench.single_gpu import ROUTER_SKEW_STD, make_inputs, make_weights
+from bench.single_gpu import ROUTER_SKEW_STD, make_inputs, make_weights, reference_output
+
+
+CHECK_ROWS = 256  # tokens of each output checked against the fp32 reference
 
 
 def parse_args(argv):
@@ -95,6 +105,33 @@ def profile_text(call, calls: int, top: int) -> str:
     return text.getvalue()
 
 
+def variants(x, ids, topk_weights, weights: comet.ExpertWeights, cfg: comet.MoEConfig) -> dict:
+    from comet.ops import routed_experts  # imports the kernels: after --smoke chose the interpreter
+
+    def ours():
+        return comet.moe_experts(x, ids, topk_weights, weights, cfg, backend="triton", check_values=False)
+
+    def custom_op():
+        return routed_experts(x, ids, topk_weights, weights.gate_up, weights.down, weights.gate_up_bias,
+                              weights.down_bias, weights.interleaved, cfg.activation, cfg.swiglu_alpha,
+                              cfg.swiglu_limit, cfg.weight_on_input)
+
+    return {"ours": ours, "library_sort": ours, "custom_op": custom_op}
+
+
+@contextlib.contextmanager
+def small_routing_rows(limit: int | None):
+    """Run with `comet.kernels.routing.SMALL_ROUTING_ROWS` = limit (None: as it is)."""
+    from comet.kernels import routing
+
+    saved = routing.SMALL_ROUTING_ROWS
+    routing.SMALL_ROUTING_ROWS = saved if limit is None else limit
+    try:
+        yield
+    finally:
+        routing.SMALL_ROUTING_ROWS = saved
+
+
 def run(args, device: torch.device) -> int:
     env, rows = environment(device), []
     out = output_dir()
@@ -103,29 +140,33 @@ def run(args, device: torch.device) -> int:
         weights = make_weights(shape, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
         skew = torch.randn(shape.cfg.num_experts, device=device) * ROUTER_SKEW_STD
         for tokens in args.tokens:
-            x, ids, topk_weights = make_inputs(shape.cfg, tokens, weights.gate_up.dtype, device, skew)
-
-            def call():
-                return comet.moe_experts(x, ids, topk_weights, weights, shape.cfg, backend="triton",
-                                         check_values=False)
-
-            with torch.no_grad():
-                call()  # compiles
-                host = host_us_per_call(call, args.calls, device)
-                gpu = gpu_us_per_call(call, args.calls, device)
-                text = profile_text(call, args.calls, args.top)
-            rows.append({**env, "shape": name, "tokens": tokens, "calls": args.calls, "host_us_per_call": host,
-                         "gpu_us_per_call": gpu})
-            print(f"== {name}, {tokens} tokens: host {host:.1f} us per call, GPU "
-                  f"{'-' if gpu is None else f'{gpu:.1f}'} us per call; profile of {args.calls} calls:")
-            print(text)
-            if out:
-                out.mkdir(parents=True, exist_ok=True)
-                (out / f"host_profile_{name}_{tokens}.txt").write_text(text)
+            inputs = make_inputs(shape.cfg, tokens, weights.gate_up.dtype, device, skew)
+            ref = reference_output(inputs, weights, shape.cfg, CHECK_ROWS)
+            for variant, call in variants(*inputs, weights, shape.cfg).items():
+                with torch.no_grad(), small_routing_rows(0 if variant == "library_sort" else None):
+                    error = relative_error(call()[:CHECK_ROWS], ref)  # (the first call also compiles)
+                    status = "ok" if within_tolerance(error, inputs.x.dtype) else "MISMATCH"
+                    host = host_us_per_call(call, args.calls, device)
+                    gpu = gpu_us_per_call(call, args.calls, device)
+                    text = profile_text(call, args.calls, args.top) if variant == "ours" else None
+                rows.append({**env, "shape": name, "tokens": tokens, "variant": variant, "status": status,
+                             "rel_err": error, "calls": args.calls, "host_us_per_call": host, "gpu_us_per_call": gpu})
+                print(f"== {name}, {tokens} tokens, {variant}: {status} (rel err {error:.2g}), host {host:.1f} us per call, GPU "
+                      f"{'-' if gpu is None else f'{gpu:.1f}'} us per call")
+                if text:
+                    print(f"profile of {args.calls} calls:\n{text}")
+                    if out:
+                        out.mkdir(parents=True, exist_ok=True)
+                        (out / f"host_profile_{name}_{tokens}.txt").write_text(text)
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    append_csv(args.results_dir / "host_overhead.csv", rows)
-    print(pd.DataFrame(rows)[["shape", "tokens", "host_us_per_call", "gpu_us_per_call"]].to_string(index=False))
-    return 0
+    csv = args.results_dir / "host_overhead.csv"
+    append_csv(csv, rows)
+    publish([csv])
+    table = pd.DataFrame(rows).pivot_table(index=["shape", "tokens"], columns="variant",
+                                           values=["host_us_per_call", "gpu_us_per_call"])
+    print(table.round(1).to_string())
+    print("(microseconds per call: host = back-to-back eager calls, gpu = CUDA-graph replays)")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
 def main(argv=None) -> int:

@@ -7,6 +7,7 @@ not fast): training works, the kernels speed up inference and the forward of tra
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -22,8 +23,7 @@ from comet.scheduler.configs import select_configs
 from comet.scheduler.routing import analyze_routing
 
 
-@torch.library.custom_op("comet::routed_experts", mutates_args=())
-def routed_experts(
+def _routed_experts_forward(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -52,6 +52,9 @@ def routed_experts(
     down_gemm(act, down, down_bias, plan.sorted_rows, row_weights, plan.hist, slots, top_k=top_k,
               weight_on_input=weight_on_input, cfg=cfg2)
     return combine_slots(slots, topk_ids, num_experts, torch.empty_like(x))
+
+
+routed_experts = torch.library.custom_op("comet::routed_experts", mutates_args=())(_routed_experts_forward)
 
 
 @routed_experts.register_fake
@@ -88,17 +91,29 @@ routed_experts.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _triton_backend(x, topk_ids, topk_weights, w: ExpertWeights, cfg: MoEConfig) -> torch.Tensor:
-    return routed_experts(x, topk_ids, topk_weights, w.gate_up, w.down, w.gate_up_bias, w.down_bias,
-                          w.interleaved, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit, cfg.weight_on_input)
+    args = (x, topk_ids, topk_weights, w.gate_up, w.down, w.gate_up_bias, w.down_bias, w.interleaved,
+            cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit, cfg.weight_on_input)
+    needs_autograd = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, topk_weights, w.gate_up, w.down, w.gate_up_bias, w.down_bias))
+    if needs_autograd or torch.compiler.is_compiling():
+        return routed_experts(*args)
+    # Eager inference calls the kernels directly: the op's dispatcher layers cost tens of
+    # microseconds of host time per call (bench/host_overhead.py), as much as a decode batch's GEMMs.
+    return _routed_experts_forward(*args)
 
 
 def _triton_unavailable(device: torch.device) -> str | None:
     if device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
-        return None if major >= 8 else "needs compute capability 8.0 or newer"
+        return _cuda_unavailable(device)
     if os.environ.get("TRITON_INTERPRET") == "1":
         return None
     return "needs a CUDA GPU (or TRITON_INTERPRET=1 to run the kernels under the Triton interpreter)"
+
+
+@functools.lru_cache(maxsize=None)  # asked on every call
+def _cuda_unavailable(device: torch.device) -> str | None:
+    major, _ = torch.cuda.get_device_capability(device)
+    return None if major >= 8 else "needs compute capability 8.0 or newer"
 
 
 register_backend("triton", _triton_backend, _triton_unavailable, auto_priority=10)

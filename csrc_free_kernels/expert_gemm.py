@@ -229,9 +229,14 @@ def _descriptors_allowed(t: torch.Tensor, block_m: int) -> bool:
     DESCRIPTOR_MIN_BLOCK_M tall, and a 16-byte aligned base and leading stride."""
     if block_m < DESCRIPTOR_MIN_BLOCK_M:
         return False
-    if t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9:
+    if t.is_cuda and not _has_tensor_memory_accelerator(t.device):
         return False
     return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tensor_memory_accelerator(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def weight_descriptor_mode(b: torch.Tensor, b2: torch.Tensor, block_m: int = DESCRIPTOR_MIN_BLOCK_M) -> int:

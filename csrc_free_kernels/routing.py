@@ -1,4 +1,5 @@
-"""Expert histogram of a routing, and the tile map every expert GEMM derives from it.
+"""Expert histogram and expert-sorted row order of a routing, and the tile map every expert GEMM
+derives from them.
 
 The histogram has one bin per expert plus two guard bins: bin 0 counts ids < 0 and bin E+1 ids >= E
 (Hugging Face's expert-parallel convention marks off-rank experts that way; they are skipped). Sorted
@@ -36,6 +37,41 @@ def expert_histogram(topk_ids: torch.Tensor, num_experts: int, out: torch.Tensor
     _expert_histogram_kernel[(triton.cdiv(num_ids, block),)](
         topk_ids, hist, num_ids, NUM_EXPERTS=num_experts, NUM_BINS=num_bins, BLOCK=block)
     return hist
+
+
+# Up to this many routed rows one program counts and sorts them (a bitonic sort in registers): one
+# launch where larger batches take a memset, the histogram kernel and a library sort, which cost
+# more host time than a decode-sized batch's GEMMs take on the GPU.
+SMALL_ROUTING_ROWS = 4096
+
+
+@triton.jit
+def _small_routing_kernel(ids_ptr, sorted_rows_ptr, hist_ptr, num_ids, NUM_EXPERTS: tl.constexpr,
+                          NUM_BINS: tl.constexpr, BLOCK: tl.constexpr, INDEX_BITS: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    valid = offs < num_ids
+    ids = tl.load(ids_ptr + offs, mask=valid, other=0)
+    bins = (tl.minimum(tl.maximum(ids, -1), NUM_EXPERTS) + 1).to(tl.int32)
+    bins = tl.where(valid, bins, NUM_BINS - 1)
+    tl.store(hist_ptr + tl.arange(0, NUM_BINS), tl.histogram(bins, NUM_BINS))
+    # (bin, row) keys are distinct: sorting them sorts the rows by bin, stably.
+    keys = tl.sort((bins << INDEX_BITS) | offs)
+    tl.store(sorted_rows_ptr + offs, (keys & ((1 << INDEX_BITS) - 1)).to(tl.int64), mask=valid)
+
+
+def small_routing_plan(flat_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted rows int64 [n], histogram int32 [histogram_bins(E)]) of n <= SMALL_ROUTING_ROWS ids,
+    equal to `torch.argsort(ids, stable=True)` (where ids are in [-1, E]) and `expert_histogram`."""
+    num_ids = flat_ids.numel()
+    if not 0 < num_ids <= SMALL_ROUTING_ROWS:
+        raise ValueError(f"flat_ids: expected 1 to {SMALL_ROUTING_ROWS} ids, got {num_ids}")
+    num_bins = histogram_bins(num_experts)
+    block = max(16, triton.next_power_of_2(num_ids))
+    sorted_rows = torch.empty(num_ids, dtype=torch.int64, device=flat_ids.device)
+    hist = torch.empty(num_bins, dtype=torch.int32, device=flat_ids.device)
+    _small_routing_kernel[(1,)](flat_ids, sorted_rows, hist, num_ids, NUM_EXPERTS=num_experts, NUM_BINS=num_bins,
+                                BLOCK=block, INDEX_BITS=block.bit_length() - 1, num_warps=4 if block <= 1024 else 8)
+    return sorted_rows, hist
 
 
 @triton.jit

@@ -18,6 +18,7 @@ from comet.kernels.expert_gemm import GemmConfig
 TABLE_DIR = Path(__file__).resolve().parent / "tables"
 
 
+@functools.lru_cache(maxsize=None)
 def gpu_key(device: torch.device) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
@@ -37,6 +38,12 @@ def shape_key(num_experts: int, hidden: int, ffn: int, dtype: torch.dtype) -> st
 def load_table(gpu: str) -> dict:
     path = TABLE_DIR / f"{gpu}.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def clear_table_cache():
+    """Forget the tables read and the configs chosen from them (after a table was written)."""
+    load_table.cache_clear()
+    _bucket_configs.cache_clear()
 
 
 def heuristic_configs(bucket: int, device: torch.device) -> tuple[GemmConfig, GemmConfig]:
@@ -67,7 +74,12 @@ def fit_shared_memory(cfg: GemmConfig, element_size: int, b_tiles: int) -> GemmC
 def select_configs(num_rows: int, num_experts: int, hidden: int, ffn: int, dtype: torch.dtype,
                    device: torch.device) -> tuple[GemmConfig, GemmConfig]:
     """(GEMM1 config, GEMM2 config) for `num_rows` = tokens * top_k routed rows."""
-    bucket = rows_bucket(num_rows, num_experts)
+    return _bucket_configs(rows_bucket(num_rows, num_experts), num_experts, hidden, ffn, dtype, device)
+
+
+@functools.lru_cache(maxsize=None)  # a call's host time matters at decode sizes
+def _bucket_configs(bucket: int, num_experts: int, hidden: int, ffn: int, dtype: torch.dtype,
+                    device: torch.device) -> tuple[GemmConfig, GemmConfig]:
     entries = load_table(gpu_key(device)).get(shape_key(num_experts, hidden, ffn, dtype))
     if entries:
         # The tuned bucket nearest (in log scale) to this call's.

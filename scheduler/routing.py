@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from comet.kernels.routing import expert_histogram
+from comet.kernels import routing as routing_kernels
 
 
 class RoutingPlan(NamedTuple):
@@ -17,4 +17,6 @@ class RoutingPlan(NamedTuple):
 
 def analyze_routing(topk_ids: torch.Tensor, num_experts: int) -> RoutingPlan:
     flat = topk_ids.reshape(-1)
-    return RoutingPlan(torch.argsort(flat, stable=True), expert_histogram(flat, num_experts))
+    if 0 < flat.numel() <= routing_kernels.SMALL_ROUTING_ROWS:
+        return RoutingPlan(*routing_kernels.small_routing_plan(flat, num_experts))
+    return RoutingPlan(torch.argsort(flat, stable=True), routing_kernels.expert_histogram(flat, num_experts))

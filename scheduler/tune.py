@@ -15,7 +15,7 @@ import torch
 
 from comet.kernels.expert_gemm import DESCRIPTOR_MIN_BLOCK_M, GemmConfig, down_gemm, gate_up_gemm
 from comet.scheduler.configs import (
-    TABLE_DIR, fit_shared_memory, gpu_key, load_table, rows_bucket, shape_key,
+    TABLE_DIR, clear_table_cache, fit_shared_memory, gpu_key, load_table, rows_bucket, shape_key,
 )
 from comet.scheduler.routing import analyze_routing
 
@@ -115,7 +115,7 @@ def run(shapes: dict, token_counts, dtype: torch.dtype, device: torch.device, wr
         if write:  # after every shape, so an interrupted sweep keeps what it measured
             TABLE_DIR.mkdir(parents=True, exist_ok=True)
             (TABLE_DIR / f"{gpu}.json").write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-            load_table.cache_clear()
+            clear_table_cache()
     if write:
         print(f"wrote {TABLE_DIR / f'{gpu}.json'}")
     return table

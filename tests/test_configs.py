@@ -26,7 +26,7 @@ def test_table_entry_nearest_bucket_wins_over_heuristic(tmp_path, monkeypatch):
     g2 = dict(block_m=32, block_n=64, block_k=32, group_m=4, num_warps=4, num_stages=2)
     (tmp_path / "interpreter.json").write_text(json.dumps({key: {"4": [g1, g2], "512": [g2, g1]}}))
     monkeypatch.setattr(configs, "TABLE_DIR", tmp_path)
-    configs.load_table.cache_clear()
+    configs.clear_table_cache()
     try:
         cpu = torch.device("cpu")
         first, second = configs.select_configs(8 * 8, 8, 256, 128, torch.bfloat16, cpu)  # bucket 8 -> "4"
@@ -36,7 +36,7 @@ def test_table_entry_nearest_bucket_wins_over_heuristic(tmp_path, monkeypatch):
         other = configs.select_configs(64, 8, 512, 128, torch.bfloat16, cpu)  # no entry: heuristic
         assert other == configs.heuristic_configs(8, cpu)
     finally:
-        configs.load_table.cache_clear()
+        configs.clear_table_cache()
 
 
 def test_shipped_h200_table_is_well_formed():

@@ -179,6 +179,23 @@ def test_routing_histogram_guards():
     assert hist[6:-1].sum().item() == 0  # the last bin only takes masked-off lanes
 
 
+@pytest.mark.parametrize("num_ids,num_experts", [(1, 4), (37, 8), (300, 256), (4096, 64)])
+def test_small_routing_plan_matches_sort_and_histogram(num_ids, num_experts, monkeypatch):
+    """The one-launch plan of small batches: the stable argsort and the histogram of larger ones."""
+    from comet.kernels import routing
+    from comet.scheduler.routing import analyze_routing
+
+    ids = torch.randint(-1, num_experts + 1, (num_ids,), device=DEVICE)  # with both guards
+    ids[: num_ids // 2] = torch.randint(0, 2, (num_ids // 2,), device=DEVICE)  # crowded experts: ties
+    small = analyze_routing(ids, num_experts)
+    monkeypatch.setattr(routing, "SMALL_ROUTING_ROWS", 0)
+    large = analyze_routing(ids, num_experts)
+    assert torch.equal(small.sorted_rows, torch.argsort(ids, stable=True))
+    assert torch.equal(small.sorted_rows, large.sorted_rows)
+    # The last bin also counts masked-off lanes, differently per path: compare the real bins.
+    assert torch.equal(small.hist[: num_experts + 2], large.hist[: num_experts + 2])
+
+
 def test_backward_matches_reference():
     cfg, x, ids, weights, w = make_case(21, 8, 2, bias=True)
     leaves = [x, weights, w.gate_up, w.down, w.gate_up_bias, w.down_bias]
