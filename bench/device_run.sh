@@ -75,7 +75,7 @@ for p in "$@"; do
       cp scheduler/tables/ep_*.json "$RES/ep/" 2>/dev/null ;;
     ep_graphs)
       phase ep2_graphs 240 ep $TORCHRUN --nproc-per-node 2 bench/ep.py --quick --graphs --tokens 8192 --n-comm 8 16 \
-        --impls ours ours_auto ours_fused comm_only compute_only ;;
+        --impls ours ours_auto ours_fused ours_fused_dispatch comm_only compute_only ;;
     stress)
       phase ep_stress 200 stress $TORCHRUN --nproc-per-node 2 bench/ep_stress.py --calls 1000 ;;
     profile)

@@ -18,6 +18,8 @@
   ours_fused      the same with n_comm > 0 (--n-comm, one row each): routing first, then the token
                   rows pushed by the first n_comm programs of GEMM1's launch while the others compute,
                   and the partial rows pushed by the last n_comm programs of GEMM2's launch
+  ours_fused_dispatch  the same with only the dispatch fused (column_chunks=0): GEMM2, the slot sum
+                  and the combine's push as separate launches on every SM
 
 and two diagnostic rows (not checked, not plotted) from which each row's `comm_hidden`, the share
 of the communication hidden behind computation, 1 - (t - t_compute_only) / t_comm_only, follows
@@ -35,7 +37,7 @@ rank makes the same collective calls), spread over a few round-robin rounds of a
 the machine then spreads over every row); a row reports the slowest rank's median. The log prints
 each of ours' speedups over each baseline and the share of communication hidden. Appends
 bench/results/ep<W>.csv and writes ep<W>.png for W ranks (copied to $OUT when set). `--write-table` records the
-fastest of ours and ours_fused per shape and token count in scheduler/tables/ep_<gpu>.json, the
+fastest of ours, ours_fused and ours_fused_dispatch per shape and token count in scheduler/tables/ep_<gpu>.json, the
 table `n_comm="auto"` reads first (also copied to $OUT).
 
     torchrun --nproc-per-node 2 bench/ep.py                      # 4 shapes x 4096, 16384 tokens per rank, bf16
@@ -83,7 +85,8 @@ TOKENS = (4096, 16384)  # full default run: 4 shapes x 2 token counts x 10 rows 
 SMOKE_TOKENS = (8, 12)
 DIAGNOSTICS = ("comm_only", "compute_only")  # timed only, for comm_hidden
 BASELINES = ("a2a_grouped_mm", "megatron_alltoall")
-OURS = ("ours", "ours_auto", "ours_fused")
+OURS = ("ours", "ours_auto", "ours_fused", "ours_fused_dispatch")
+SWEPT = ("ours_fused", "ours_fused_dispatch")  # one row per --n-comm
 # (warm-up calls, timed calls): fixed, so that every rank makes the same collective calls.
 TIMINGS = {"default": (3, 20), "quick": (2, 8), "smoke": (1, 2)}
 ROUNDS = 4  # the timed calls of every row are spread over this many round-robin rounds
@@ -94,8 +97,8 @@ def parse_args(argv=None):
     p.add_argument("--shapes", nargs="+", help=f"model shapes (default: {', '.join(SHAPES)})")
     p.add_argument("--tokens", nargs="+", type=int, help=f"tokens per rank (default {list(TOKENS)})")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    p.add_argument("--n-comm", type=int, nargs="+", help="pushing programs of ours_fused (default 8 16 32; "
-                   "--smoke: 1 2)")
+    p.add_argument("--n-comm", type=int, nargs="+", help="pushing programs of ours_fused and ours_fused_dispatch "
+                   "(default 8 16 32; --smoke: 1 2)")
     p.add_argument("--input-sets", type=int, default=3, help="input sets rotated between calls (default 3)")
     p.add_argument("--check-rows", type=int, default=128, help="tokens per rank checked against the reference")
     p.add_argument("--seed", type=int, default=0)
@@ -322,9 +325,9 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
             mcore.route = lambda hidden_states, padding_mask=None: (probs, routing_map)
             return mcore(s.x.unsqueeze(1))[0].squeeze(1)  # Megatron's [sequence, batch, H]
 
-        def ours(n_comm, experts=True):
+        def ours(n_comm, experts=True, column_chunks=None):
             return lambda s: ep_experts(s.x, s.topk_ids, s.topk_weights, local, cfg, max_tokens=tokens,
-                                        n_comm=n_comm, experts=experts)
+                                        n_comm=n_comm, column_chunks=column_chunks, experts=experts)
 
         def compute_only(s):
             x, ids, weights = batches[id(s)]
@@ -341,22 +344,24 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
                 return replays[0](s)
             return run
 
-        impls = ([("a2a_grouped_mm", None, baseline), ("megatron_alltoall", None, megatron), ("ours", 0, ours(0)),
-                  ("ours_auto", "auto", ours("auto"))]
-                 + [("ours_fused", n, ours(n)) for n in args.n_comm]
-                 + [("comm_only", 0, ours(0, experts=False)), ("compute_only", None, compute_only)])
-        impls = [(impl, n_comm, replayed(call) if args.graphs and impl not in BASELINES else call)
-                 for impl, n_comm, call in impls if impl in args.impls]
+        # (impl, n_comm, column_chunks, call)
+        impls = ([("a2a_grouped_mm", None, None, baseline), ("megatron_alltoall", None, None, megatron),
+                  ("ours", 0, None, ours(0)), ("ours_auto", "auto", None, ours("auto"))]
+                 + [("ours_fused", n, None, ours(n)) for n in args.n_comm]
+                 + [("ours_fused_dispatch", n, 0, ours(n, column_chunks=0)) for n in args.n_comm]
+                 + [("comm_only", 0, None, ours(0, experts=False)), ("compute_only", None, None, compute_only)])
+        impls = [(impl, n_comm, chunks, replayed(call) if args.graphs and impl not in BASELINES else call)
+                 for impl, n_comm, chunks, call in impls if impl in args.impls]
         first, timed = len(rows), {}
         split_shape = ep_shape(tokens, cfg.hidden_size, cfg.ffn_size, cfg.num_experts, cfg.top_k, world, dtype)
-        for impl, n_comm, call in impls:  # check each, then time them all together
+        for impl, n_comm, chunks, call in impls:  # check each, then time them all together
             missing = missing_baselines.get(impl)
-            split = call_split(group_workspace(), split_shape, n_comm) if n_comm is not None else None
+            split = call_split(group_workspace(), split_shape, n_comm, chunks) if n_comm is not None else None
             row = {**env, "world_size": world, "shape": name, "E": cfg.num_experts, "K": cfg.top_k,
                    "H": cfg.hidden_size, "F": cfg.ffn_size, "dtype": args.dtype, "tokens_per_rank": tokens,
                    "impl": impl, "n_comm": split.n_comm if split else None,
                    "column_chunks": split.column_chunks if split else None,
-                   "series": f"{impl} n_comm={n_comm}" if impl == "ours_fused" else impl,
+                   "series": f"{impl} n_comm={n_comm}" if impl in SWEPT else impl,
                    "cuda_graph": args.graphs and impl not in BASELINES,
                    "status": "missing" if missing else "ok", "note": missing or ""}
             if not missing:
@@ -426,8 +431,8 @@ def run(args) -> list[dict]:
 
 
 def best_splits(df: pd.DataFrame) -> dict:
-    """(shape, tokens per rank) -> the fastest checked split of ours (n_comm=0) and ours_fused."""
-    candidates = df[df["impl"].isin(["ours", "ours_fused"]) & (df["status"] == "ok")]
+    """(shape, tokens per rank) -> the fastest checked split of ours (n_comm=0) and the swept ones."""
+    candidates = df[df["impl"].isin(("ours",) + SWEPT) & (df["status"] == "ok")]
     best = candidates.loc[candidates.groupby(["shape", "tokens_per_rank"])["ms"].idxmin()]
     return {(r["shape"], int(r["tokens_per_rank"])): EpSplit(int(r["n_comm"]), int(r["column_chunks"]))
             for _, r in best.iterrows()}

@@ -8,7 +8,8 @@ Every call draws, from (seed, call index) alone so that every rank draws the sam
     (uneven expert load), weights the softmax of the chosen logits; sometimes every token of every
     rank goes to one rank's experts; sometimes a fifth of the slots carry id E (Hugging Face's
     "expert elsewhere", skipped);
-  - n_comm, one of --n-comm (0: unfused; "auto": the split's choice; > 0: fused kernels).
+  - n_comm, one of --n-comm (0: unfused; "auto": the split's choice; > 0: fused kernels; "N:0":
+    N pushing programs with only the dispatch fused).
 Each rank then makes its own tokens and checks its output (every element; any NaN or inf is a
 mismatch) against `comet.reference.experts_reference` in fp32 on its device, with the full weights
 (made once from the seed on every rank; each rank passes its slice of experts). Relative Frobenius
@@ -60,8 +61,8 @@ from bench.shapes import MODELS, SMOKE_MODELS, model_shape  # noqa: E402
 from bench.single_gpu import make_weights  # noqa: E402
 from comet.reference import experts_reference  # noqa: E402
 
-GPU_DEFAULTS = dict(shape="Qwen3-30B-A3B", max_tokens=4096, n_comm=["0", "auto", "8", "16"])
-CPU_DEFAULTS = dict(shape="tiny-mixtral", max_tokens=8, n_comm=["0", "1", "2"])
+GPU_DEFAULTS = dict(shape="Qwen3-30B-A3B", max_tokens=4096, n_comm=["0", "auto", "8", "16", "8:0"])
+CPU_DEFAULTS = dict(shape="tiny-mixtral", max_tokens=8, n_comm=["0", "1", "2", "1:0"])
 # How often a call takes each special case (drawn independently).
 P_ALL_FULL, P_EMPTY_RANK, P_ONE_RANK, P_SKIPPED = 0.1, 0.15, 0.1, 0.1
 SKIPPED_SHARE = 0.2  # of the slots, when a call has skipped ids
@@ -75,7 +76,8 @@ def parse_args(argv=None):
                    f"--cpu-ranks default {CPU_DEFAULTS['shape']}: one of {list(SMOKE_MODELS)})")
     p.add_argument("--max-tokens", type=int, help=f"tokens per rank at most (default {GPU_DEFAULTS['max_tokens']}; "
                    f"--cpu-ranks: {CPU_DEFAULTS['max_tokens']})")
-    p.add_argument("--n-comm", nargs="+", help="n_comm values drawn from: 'auto' or ints >= 0 "
+    p.add_argument("--n-comm", nargs="+", help="n_comm values drawn from: 'auto', ints >= 0 or 'N:0' (N pushing "
+                   "programs, only the dispatch fused) "
                    f"(default {' '.join(GPU_DEFAULTS['n_comm'])}; --cpu-ranks: {' '.join(CPU_DEFAULTS['n_comm'])})")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--seed", type=int, help="seed of the weights and of every call (default: a fresh one, printed)")
@@ -90,12 +92,11 @@ def parse_args(argv=None):
     if args.shape not in names:
         p.error(f"--shape: expected one of {names}, got {args.shape!r}")
     args.max_tokens = args.max_tokens or defaults["max_tokens"]
+    args.n_comm = args.n_comm or defaults["n_comm"]
     try:
-        args.n_comm = [v if v == "auto" else int(v) for v in args.n_comm or defaults["n_comm"]]
+        [split_spec(v) for v in args.n_comm]
     except ValueError:
-        p.error(f"--n-comm: expected 'auto' or ints, got {args.n_comm}")
-    if any(v != "auto" and v < 0 for v in args.n_comm):
-        p.error(f"--n-comm: expected 'auto' or ints >= 0, got {args.n_comm}")
+        p.error(f"--n-comm: expected 'auto', ints >= 0 or 'N:0' with N > 0, got {args.n_comm}")
     for name in ("calls", "max_tokens", "check_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}")
@@ -112,13 +113,24 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # Calls
 # ----------------------------------------------------------------------------------------------
+def split_spec(value: str) -> tuple[int | str, int | None]:
+    """An --n-comm value as ep_experts' (n_comm, column_chunks)."""
+    if value == "auto":
+        return "auto", None
+    n_comm, _, chunks = value.partition(":")
+    n, c = int(n_comm), (int(chunks) if chunks else None)
+    if n < 0 or c not in (None, 0) or (c == 0 and n == 0):
+        raise ValueError(value)
+    return n, c
+
+
 @dataclass(frozen=True)
 class CallParams:
     """What one call runs; a function of (seed, index) and the run's settings, the same on every rank."""
 
     index: int
     counts: tuple[int, ...]  # tokens of each rank
-    n_comm: int | str
+    n_comm: str  # an --n-comm value
     skew_std: float  # std of the per-expert logit skew
     one_rank: int | None  # every token's experts on this rank, or None
     skipped_share: float  # share of slots given id E (skipped)
@@ -234,7 +246,9 @@ def run(args) -> dict | None:
         for done, index in enumerate(indices, 1):
             p = call_params(seed, index, world, args.max_tokens, args.n_comm, cfg)
             x, ids, weights = rank_inputs(p, seed, rank, world, cfg, dtype, device)
-            out = ep_experts(x, ids, weights, local, cfg, max_tokens=args.max_tokens, n_comm=p.n_comm)
+            n_comm, column_chunks = split_spec(p.n_comm)
+            out = ep_experts(x, ids, weights, local, cfg, max_tokens=args.max_tokens, n_comm=n_comm,
+                             column_chunks=column_chunks)
             ref = experts_reference(x.float(), ids, weights, *ref_w[:4], activation=cfg.activation,
                                     swiglu_alpha=cfg.swiglu_alpha, swiglu_limit=cfg.swiglu_limit,
                                     interleaved=ref_w.interleaved, weight_on_input=cfg.weight_on_input)
@@ -313,7 +327,7 @@ def report(summary: dict, args) -> int:
            "K": cfg.top_k, "H": cfg.hidden_size, "F": cfg.ffn_size, "dtype": args.dtype,
            "max_tokens_per_rank": args.max_tokens, "seed": seed,
            "replay": args.replay if args.replay is not None else "", "calls": len(per_call),
-           "calls_per_n_comm": " ".join(f"{n}:{int(r['calls'])}" for n, r in by_n_comm.iterrows()),
+           "calls_per_n_comm": " ".join(f"{n}={int(r['calls'])}" for n, r in by_n_comm.iterrows()),
            "mismatches": len(bad), "mismatch_calls": " ".join(str(c) for c in bad.index),
            "worst_rel_err": worst_rel, "worst_abs_err": worst_abs, "tolerance": TOLERANCE[dtype],
            "elapsed_s": round(summary["elapsed_s"], 2), "status": status, "note": " | ".join(summary["failures"])[:300]}

@@ -24,22 +24,20 @@ the waits give up after the workspace's `max_spins`; `check_errors(group)` (a ho
 `CommTimeoutError`. Forward only: the kernels build no autograd graph.
 
 What the fused path costs, measured (bench/ep_kernels.py, GPU time per kernel, Qwen3-30B-A3B, 8192
-tokens per rank, commit a7a3fe7). On one rank (nothing to send) the fused GEMM1 and GEMM2 + combine
-took 872 + 632 us against 1311 us for both GEMMs + 91 us for the slot sum unfused: their structure
-costs ~7%. On 2 x H200 they took 1132 + 895 us (n_comm = 8): each ~260 us more than alone. For
-GEMM1 the likely share (not measured apart) is reading each local expert's weights once per source
-(arrival order: ~400 MB more for Qwen3, computed from the shapes) and the tiles of the other rank's tokens waiting for them; for GEMM2 the
-pushing programs fell behind: each 16-token unit paid a claim and a system-scope counter, so the
-sums and pushes left over after GEMM2 ended were shared by every program. Combine chunks are now
-64 tokens on a GPU (`COMBINE_CHUNK_TOKENS`); after that the fused path came within ~4% of the
-unfused one on 2 GPUs (ahead for OLMoE) and ahead of it for OLMoE on 4 (bench/results/ep2.csv,
-ep4.csv, commit 3aa473b), but the share of the communication it hides is at most about half
-(against an eager comm-only row, itself bound by host launches: `bench/ep.py --graphs` measures
-all of it as GPU time). Earlier fixes: GEMM2 in a few column chunks (its
-input read once per chunk, not once per 128-column block), tiles polling 64 chunk flags per atomic,
-and this rank's own tokens read from x in place (never copied, never waited for).
-So `n_comm="auto"` takes the tuned table's measured best (bench/ep.py --write-table), and without
-an entry stays unfused unless the cost model predicts a clear gain.
+tokens per rank, n_comm 8, commit 1b57878, bench/results/ep_kernels.csv). On one rank (nothing to
+send) the fused GEMM1 and GEMM2 + combine took 856 + 707 us against 1293 us for both GEMMs + 90 us
+for the slot sum unfused. On 2 x H200 they took 932 + 910 us, against (unfused) 1304 us of GEMMs,
+114 us of slot sum, 113 + 123 us to push and receive the tokens, 110 us to push the partial rows
+and 160 us to receive and sum them. So the fused GEMM1 about breaks even with GEMM1 + the
+dispatch, while the fused GEMM2 loses: its few pushing programs must also sum each token's K slot
+rows (for K = 8, eight rows read per row pushed), more than they can while GEMM2 runs, and its
+input is read once per column chunk. Hence `column_chunks=0`: only the dispatch fused. Earlier
+fixes: GEMM2 in a few column chunks (its input read once per chunk, not once per 128-column
+block), tiles polling 64 chunk flags per atomic, this rank's own tokens read from x in place
+(never copied, never waited for), combine flag chunks of 64 tokens on a GPU
+(`COMBINE_CHUNK_TOKENS`), the routing sent and received in blocks over many programs.
+`n_comm="auto"` takes the tuned table's measured best (bench/ep.py --write-table), and without an
+entry stays unfused unless the cost model predicts a clear gain.
 """
 from __future__ import annotations
 
@@ -55,7 +53,8 @@ from comet.kernels.ep_combine import combine_buffers, combine_push, combine_redu
 from comet.kernels.ep_dispatch import (
     dispatch_buffers, dispatch_gate_up, dispatch_push, dispatch_receive, over_virtual_experts,
 )
-from comet.kernels.expert_gemm import down_gemm_args, gate_up_gemm_args
+from comet.kernels.combine import combine_slots
+from comet.kernels.expert_gemm import down_gemm_args, gate_up_gemm_args, launch_gemm
 from comet.ops import routed_experts
 from comet.scheduler.configs import select_configs
 from comet.scheduler.ep_plan import plan_sends
@@ -136,15 +135,16 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     programs push while the others compute, each tile waiting only for the chunks it reads) and
     pushing the partial rows back into GEMM2's (its last `n_comm` programs sum and push each
     column chunk as soon as GEMM2 has finished it).
-    `column_chunks`: GEMM2's column chunks in the fused path (None: the split's choice).
+    `column_chunks`: GEMM2's column chunks in the fused path (None: the split's choice; 0: only
+    the dispatch fused, GEMM2 and the combine's push as separate launches on every SM).
 
     `experts=False` (with n_comm=0) skips the expert computation and sends the received rows back
     as the partials: the same traffic and no result, to time the communication alone.
     """
     if n_comm != "auto" and (not isinstance(n_comm, int) or isinstance(n_comm, bool) or n_comm < 0):
         raise ValueError(f"n_comm: expected a non-negative int or 'auto', got {n_comm!r}")
-    if column_chunks is not None and (not isinstance(column_chunks, int) or column_chunks < 1):
-        raise ValueError(f"column_chunks: expected a positive int or None, got {column_chunks!r}")
+    if column_chunks is not None and (not isinstance(column_chunks, int) or column_chunks < 0):
+        raise ValueError(f"column_chunks: expected a non-negative int or None, got {column_chunks!r}")
     if not experts and n_comm not in (0, "auto"):
         raise ValueError("experts=False times the unfused communication: it needs n_comm=0")
     if not isinstance(max_tokens, int) or max_tokens < 1:
@@ -200,7 +200,7 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     w = local_weights
     if fused:
         _fused_experts(ws, dispatch, combine, epoch, x, plan, recv_x, recv_ids, recv_weights, recv_counts, w, cfg,
-                       split)
+                       split, programs)
     else:
         if device.type == "cpu":
             # The interpreter writes a kernel's tensor arguments back after the launch, and a
@@ -228,10 +228,11 @@ def call_split(ws: CommWorkspace, shape: EpShape, n_comm: int | str, column_chun
 
 
 def _fused_experts(ws, dispatch, combine, epoch, x, plan, recv_x, recv_ids, recv_weights, recv_counts,
-                   w: ExpertWeights, cfg: MoEConfig, split: EpSplit):
+                   w: ExpertWeights, cfg: MoEConfig, split: EpSplit, programs: int):
     """`comet.ops.routed_experts` on the virtual tokens, with pushing the token rows fused into
-    GEMM1 (recv_x is the receive buffer, filled while GEMM1 runs) and pushing the partial rows to
-    their sources fused into GEMM2."""
+    GEMM1 (recv_x is the receive buffer, filled while GEMM1 runs) and, unless
+    split.column_chunks is 0, pushing the partial rows to their sources fused into GEMM2
+    (`programs`: the unfused push's launch width)."""
     rows, top_k = recv_ids.numel(), recv_ids.shape[1]
     experts, hidden, ffn = w.down.shape
     virtual_experts = ws.world_size * experts  # recv_ids are in arrival order
@@ -248,4 +249,10 @@ def _fused_experts(ws, dispatch, combine, epoch, x, plan, recv_x, recv_ids, recv
     gemm2 = down_gemm_args(act, w.down, w.down_bias, routing.sorted_rows, row_weights, routing.hist, slots,
                            top_k=top_k, weight_on_input=cfg.weight_on_input, cfg=cfg2)
     gemm2 = over_virtual_experts(gemm2, virtual_experts)
-    down_combine(ws, combine, epoch, gemm2, recv_ids, recv_counts, split.n_comm, split.column_chunks)
+    if split.column_chunks > 0:
+        down_combine(ws, combine, epoch, gemm2, recv_ids, recv_counts, split.n_comm, split.column_chunks)
+        return
+    # Only the dispatch fused: GEMM2 on every SM, the slot sum, then the push of the partial rows.
+    launch_gemm(*gemm2)
+    partial = combine_slots(slots, recv_ids, virtual_experts, torch.empty_like(recv_x))
+    combine_push(ws, combine, epoch, partial, recv_counts, programs)

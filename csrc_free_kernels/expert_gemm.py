@@ -73,6 +73,7 @@ def _expert_gemm_kernel(
     GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr, A_DESC: tl.constexpr,
+    WEIGHT_EXPERTS: tl.constexpr,  # the tile map's expert e uses weights e % WEIGHT_EXPERTS
 ):
     row_start, counts, tile_start, tile_end, num_tiles = expert_segments(
         hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK_M)
@@ -81,7 +82,7 @@ def _expert_gemm_kernel(
         expert, first_row, end_row, n_block = locate_item(
             item, row_start, counts, tile_start, tile_end, num_tiles, num_n, NUM_BINS, BLOCK_M, GROUP_M)
         expert_gemm_tile(
-            expert, first_row, end_row, n_block,
+            expert % WEIGHT_EXPERTS, first_row, end_row, n_block,
             a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
             bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
             sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
@@ -296,13 +297,15 @@ def gemm_args(a, a_rows_gathered, b, b2, bias, bias2, out, sorted_rows, row_weig
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         # The interpreter's dot mishandles 16-bit floats (it multiplies their bit patterns).
         UPCAST_DOT=a.device.type != "cuda",
-        B_DESC=weight_descriptor_mode(b, b2, cfg.block_m) if cfg.weight_descriptors else 0, A_DESC=input_descriptor_mode(a, a_rows_gathered, cfg.block_m),
+        B_DESC=weight_descriptor_mode(b, b2, cfg.block_m) if cfg.weight_descriptors else 0,
+        A_DESC=input_descriptor_mode(a, a_rows_gathered, cfg.block_m), WEIGHT_EXPERTS=num_experts,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return args, max_tiles * triton.cdiv(n, cfg.block_n)
 
 
-def _launch(args: dict, max_items: int):
+def launch_gemm(args: dict, max_items: int):
+    """Launch `_expert_gemm_kernel` on `gemm_args` (or `*_gemm_args`) output."""
     num_programs = _num_programs(args["a_ptr"].device, max_items)
     _expert_gemm_kernel[(num_programs,)](**args, NUM_PROGRAMS=num_programs)
 
@@ -313,7 +316,7 @@ def gate_up_gemm(x, gate_up, gate_up_bias, interleaved, sorted_rows, row_weights
 
     x [T, H]; gate_up [E, 2F, H] (any strides; gate rows first, or interleaved); gate_up_bias
     [E, 2F] or None; out [T*top_k, F] in expert-sorted order."""
-    _launch(*gate_up_gemm_args(x, gate_up, gate_up_bias, interleaved, sorted_rows, row_weights, hist, out,
+    launch_gemm(*gate_up_gemm_args(x, gate_up, gate_up_bias, interleaved, sorted_rows, row_weights, hist, out,
                                top_k=top_k, activation=activation, alpha=alpha, limit=limit,
                                weight_on_input=weight_on_input, cfg=cfg))
 
@@ -340,7 +343,7 @@ def down_gemm(act, down, down_bias, sorted_rows, row_weights, hist, out, *, top_
     """out[row_p] = (act[p] @ down_e.T (+b)) * weight[row_p]: expert-sorted in, token-slot order out.
 
     act [T*top_k, F]; down [E, H, F]; out [T*top_k, H]."""
-    _launch(*down_gemm_args(act, down, down_bias, sorted_rows, row_weights, hist, out, top_k=top_k,
+    launch_gemm(*down_gemm_args(act, down, down_bias, sorted_rows, row_weights, hist, out, top_k=top_k,
                             weight_on_input=weight_on_input, cfg=cfg))
 
 

@@ -2,7 +2,8 @@
 
 `choose_split(shape, device, rates)` gives `EpSplit(n_comm, column_chunks)`: how many programs of each
 fused kernel push (0: the unfused path, dispatch / expert GEMMs / combine as separate launches,
-every SM on each) and into how many column chunks GEMM2 is cut (`comet.kernels.ep_combine`). It
+every SM on each) and into how many column chunks GEMM2 is cut (`comet.kernels.ep_combine`; 0:
+GEMM2 and the combine not fused, only the dispatch). It
 reads only shapes (tokens per rank = the buffers' capacity, the same on every rank, so every rank
 picks the same path), never tensor values: no host sync.
 
@@ -27,7 +28,9 @@ Cost model:
 - unfused: GEMM1 + GEMM2 + dispatch + combine at every SM's bandwidth + the slot sum (HBM);
 - fused: max(GEMM1, dispatch to the others on n_comm programs) + max(GEMM2 + GEMM2's input
   re-read once per extra column chunk, (C-1)/C of the combine on n_comm programs) + the last
-  chunk's combine (its own tokens' partial rows included: every token has a slot there).
+  chunk's combine (its own tokens' partial rows included: every token has a slot there);
+  with 0 column chunks (only the dispatch fused): the same GEMM1 term + the unfused GEMM2, slot
+  sum and combine.
   Plus the fused kernels' own costs: their structure (tile waits, counters, each token's K slot
   rows summed by the few pushing programs while GEMM2 runs) adds `FUSED_STRUCTURE` of the GEMM
   time, and GEMM1 in arrival order reads each local expert's weights once per source. The
@@ -72,7 +75,7 @@ H200_RATES = MachineRates(sms=132, gemm_flops=600e12, hbm_bytes_per_s=4.0e12,
                           push_gbps=((8, 171.7), (16, 223.7), (32, 264.6), (132, 303.0)))
 FUSED_STRUCTURE = 0.3
 N_COMM_CANDIDATES = (4, 8, 16, 24, 32, 48, 64)
-COLUMN_CHUNK_CANDIDATES = (1, 2, 4, 8)
+COLUMN_CHUNK_CANDIDATES = (0, 1, 2, 4, 8)  # 0: GEMM2 and the combine unfused
 # The model leaves out the fused path's own costs (see the docstring); before the column-chunk and
 # vector-wait fixes they made it 1.4x (Mixtral) to 2.3x (Qwen3-30B-A3B) slower than unfused at 8192
 # tokens per rank on 2 x H200 where the model predicted parity or a 15% gain. So it must predict a
@@ -95,7 +98,7 @@ class EpShape(NamedTuple):
 
 class EpSplit(NamedTuple):
     n_comm: int  # pushing programs per fused kernel; 0 = unfused
-    column_chunks: int  # GEMM2 column chunks of the fused combine (1 when unfused)
+    column_chunks: int  # GEMM2 column chunks of the fused combine (1 when unfused; 0: combine not fused)
 
 
 def ep_shape(tokens: int, hidden: int, ffn: int, num_experts: int, top_k: int, world: int,
@@ -192,12 +195,17 @@ def unfused_seconds(shape: EpShape, rates: MachineRates = H200_RATES) -> float:
 
 
 def fused_seconds(shape: EpShape, n_comm: int, column_chunks: int, rates: MachineRates = H200_RATES) -> float:
+    """A call with the dispatch fused into GEMM1 and, unless column_chunks is 0, the combine's push
+    into GEMM2."""
     if n_comm >= rates.sms:
         return math.inf  # no program left to compute
     p = _parts(shape, rates)
     stretch = rates.sms / (rates.sms - n_comm) * (1 + FUSED_STRUCTURE)
     rate = push_bytes_per_s(n_comm, rates)
     layer0 = max(p["gemm1"] * stretch + p["weights_reread_s"], p["remote_bytes"] / rate)
+    if column_chunks == 0:  # GEMM2, the slot sum and the push (own share included) on every SM
+        pushed = p["remote_bytes"] + p["own_bytes"]
+        return layer0 + p["gemm2"] + p["slot_sum"] + pushed / push_bytes_per_s(rates.sms, rates)
     combine = (p["remote_bytes"] + shape.tokens * shape.hidden * shape.element_size) / rate
     gemm2 = p["gemm2"] * stretch + (column_chunks - 1) * p["gemm2_input_s"]
     layer1 = max(gemm2, combine * (column_chunks - 1) / column_chunks) + combine / column_chunks
@@ -205,7 +213,8 @@ def fused_seconds(shape: EpShape, n_comm: int, column_chunks: int, rates: Machin
 
 
 def best_column_chunks(shape: EpShape, n_comm: int, rates: MachineRates = H200_RATES) -> int:
-    """The column chunk count the model prefers for a given n_comm (at most one per 128 columns)."""
+    """The column chunk count the model prefers for a given n_comm (at most one per 128 columns;
+    0: the combine not fused)."""
     allowed = [c for c in COLUMN_CHUNK_CANDIDATES if c * 128 <= max(shape.hidden, 128)]
     return min(allowed, key=lambda c: fused_seconds(shape, n_comm, c, rates))
 

@@ -109,6 +109,7 @@ def _calls(world: int, gen: torch.Generator, n_random: int, max_tokens: int) -> 
         # GEMM2 in column chunks (3 N blocks of 32 on the interpreter: the last chunk is short)
         ([max_tokens] * world, 2, "random", fp32, dict(hidden_size=96, column_chunks=2)),
         ([max_tokens] * world, 2, "random", fp32, dict(descriptors=True)),  # weights and GEMM2's input
+        ([max_tokens - 1] * world, 3, "random", fp32, dict(column_chunks=0)),  # only the dispatch fused
     ]
     fixed = [(*c, 0) for c in fixed] + [(*c, 1 + i % 3) for i, c in enumerate(fixed)]
     # Then new routings and token counts every call through the same buffers.
@@ -370,14 +371,16 @@ def test_bench_smoke(tmp_path, monkeypatch):
     assert bench.main(["--smoke", "--shapes", "tiny-mixtral", "--tokens", "6", "--results-dir", str(tmp_path)]) == 0
     table = pd.read_csv(tmp_path / "ep2.csv")
     assert list(table["series"]) == ["a2a_grouped_mm", "megatron_alltoall", "ours", "ours_auto", "ours_fused n_comm=1",
-                                     "ours_fused n_comm=2", "comm_only", "compute_only"]
-    assert table["status"].tolist() == ["ok"] + ["missing"] + ["ok"] * 6  # Megatron's dispatcher needs CUDA
+                                     "ours_fused n_comm=2", "ours_fused_dispatch n_comm=1",
+                                     "ours_fused_dispatch n_comm=2", "comm_only", "compute_only"]
+    assert table["status"].tolist() == ["ok"] + ["missing"] + ["ok"] * 8  # Megatron's dispatcher needs CUDA
     assert not table["cuda_graph"].any()
     ran = table[table["status"] == "ok"]
-    assert (ran["ms"] > 0).all() and ran["rel_err"].iloc[:5].notna().all()
-    ours = table[table["impl"].isin(["ours", "ours_auto", "ours_fused"])]
+    assert (ran["ms"] > 0).all() and ran["rel_err"].iloc[:7].notna().all()
+    ours = table[table["impl"].isin(bench.OURS)]
     assert ours["comm_hidden"].notna().all() and ours["speedup_vs_a2a_grouped_mm"].notna().all()
-    assert ours["n_comm"].tolist() == [0, 0, 1, 2]  # auto: unfused off a GPU
+    assert ours["n_comm"].tolist() == [0, 0, 1, 2, 1, 2]  # auto: unfused off a GPU
+    assert ours["column_chunks"].tolist()[-2:] == [0, 0]
     assert (tmp_path / "out" / "ep2.csv").is_file()
 
 
@@ -392,8 +395,8 @@ def test_argument_errors():
         ep_experts(x, ids, weights, local, cfg, max_tokens=8, n_comm=-1)
     with pytest.raises(ValueError, match="n_comm: expected a non-negative int or 'auto', got 'fast'"):
         ep_experts(x, ids, weights, local, cfg, max_tokens=8, n_comm="fast")
-    with pytest.raises(ValueError, match="column_chunks: expected a positive int or None"):
-        ep_experts(x, ids, weights, local, cfg, max_tokens=8, column_chunks=0)
+    with pytest.raises(ValueError, match="column_chunks: expected a non-negative int or None"):
+        ep_experts(x, ids, weights, local, cfg, max_tokens=8, column_chunks=-1)
     with pytest.raises(ValueError, match="max_tokens: expected a positive int"):
         ep_experts(x, ids, weights, local, cfg, max_tokens=0)
     with pytest.raises(ValueError, match="5 tokens exceed max_tokens=4"):
@@ -588,7 +591,9 @@ def test_bench_write_table(tmp_path, monkeypatch):
             dict(base, tokens_per_rank=8, impl="ours_fused", n_comm=4, column_chunks=1, ms=1.0, status="mismatch"),
             dict(base, tokens_per_rank=8, impl="a2a_grouped_mm", n_comm=None, column_chunks=None, ms=0.5),
             dict(base, tokens_per_rank=64, impl="ours", n_comm=0, column_chunks=1, ms=3.0),
-            dict(base, tokens_per_rank=64, impl="ours_fused", n_comm=2, column_chunks=2, ms=3.5)]
+            dict(base, tokens_per_rank=64, impl="ours_fused", n_comm=2, column_chunks=2, ms=3.5),
+            dict(base, tokens_per_rank=256, impl="ours", n_comm=0, column_chunks=1, ms=3.0),
+            dict(base, tokens_per_rank=256, impl="ours_fused_dispatch", n_comm=8, column_chunks=0, ms=2.5)]
     path = bench.write_table(rows, torch.device("cpu"), torch.float32)
     assert path == tmp_path / "ep_interpreter.json"
     cfg = bench.model_shape("tiny-mixtral").cfg
@@ -596,4 +601,5 @@ def test_bench_write_table(tmp_path, monkeypatch):
     table = ep_split.load_table("interpreter")
     assert ep_split.table_split(table, shape) == (2, 2)  # the mismatching row does not count
     assert ep_split.table_split(table, shape._replace(tokens=64)) == (0, 1)
+    assert ep_split.table_split(table, shape._replace(tokens=256)) == (8, 0)
     ep_split.load_table.cache_clear()

@@ -34,7 +34,7 @@ def test_cpu_ranks_run_and_replay(tmp_path, monkeypatch):
     assert table["world_size"].tolist() == [2, 2] and table["seed"].tolist() == [seed, seed]
     assert table["replay"].fillna(-1).tolist() == [-1, 4]
     assert table["commit"].notna().all() and table["shape"].eq("tiny-mixtral").all()
-    assert sum(int(part.split(":")[1]) for part in table["calls_per_n_comm"][0].split()) == 6
+    assert sum(int(part.split("=")[1]) for part in table["calls_per_n_comm"][0].split()) == 6
     assert (tmp_path / "out" / "ep_stress.csv").is_file() and (tmp_path / "out" / "ep_stress.log").is_file()
 
 
@@ -95,7 +95,7 @@ def test_mismatch_report_exits_non_zero(tmp_path, capsys, monkeypatch):
     row = pd.read_csv(tmp_path / "ep_stress.csv").iloc[0]
     assert (row["status"], row["mismatches"], str(row["mismatch_calls"]), row["worst_rel_err"]) == ("mismatch", 1,
                                                                                                      "1", 0.5)
-    assert row["calls_per_n_comm"] == "0:1 2:1"
+    assert row["calls_per_n_comm"] == "0=1 2=1"
     printed = capsys.readouterr().out
     assert "MISMATCH call 1: rank 1 rel 0.5" in printed and params[1].describe(11) in printed
     assert "--seed 11 --replay <call>" in printed
