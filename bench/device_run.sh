@@ -13,10 +13,11 @@
 #   kernels  kernels_1, then kernels_2: bench/ep_kernels.py on 1 and 2 ranks (GPU time per kernel of an EP call)
 #   host     bench/host_overhead.py: host time of eager calls at 128 tokens, profiled
 #   ep       bench/ep.py on 2 ranks, 8192 tokens, every shape, --write-table
-#   ep_graphs  bench/ep.py --graphs on 2 ranks: every row timed as CUDA-graph replays (GPU time)
+#   ep_graphs  bench/ep.py --graphs on 2 ranks: every row timed as CUDA-graph replays (GPU time), --write-table
 #   stress   bench/ep_stress.py, 1000 calls on 2 ranks
 #   profile  python -m comet profile on a 2-layer Qwen3-30B-A3B-shape model, 1 GPU and expert-parallel on 2
-#   ep4      with 4 GPUs: bench/ep.py and 300 stress calls on 4 ranks
+#   ep4      with 4 GPUs: bench/ep.py on 4 ranks
+#   ep4_stress  with 4 GPUs: 300 stress calls on 4 ranks
 #   ep4_tests  with 4 GPUs: the 4-rank nccl tests
 # A Megatron-Core wheel in .whl/ (see bench/README.md) is installed first when present.
 # Several instances can share one machine, each on its own GPUs (CUDA_VISIBLE_DEVICES): give each
@@ -24,7 +25,7 @@
 set -u
 COMMIT=${1:?usage: bash bench/device_run.sh COMMIT [PHASE ...]}
 shift
-PHASES=${*:-tests single host gemms kernels ep ep_graphs stress profile ep4 ep4_tests}
+PHASES=${*:-tests single host gemms kernels ep ep_graphs stress profile ep4 ep4_stress ep4_tests}
 export COMET_GIT_COMMIT=$COMMIT NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 RES=/tmp/comet-results
 mkdir -p "$RES"
@@ -75,7 +76,8 @@ for p in "$@"; do
       cp scheduler/tables/ep_*.json "$RES/ep/" 2>/dev/null ;;
     ep_graphs)
       phase ep2_graphs 240 ep $TORCHRUN --nproc-per-node 2 bench/ep.py --quick --graphs --tokens 8192 --n-comm 8 16 \
-        --impls ours ours_auto ours_fused ours_fused_dispatch comm_only compute_only ;;
+        --impls ours ours_auto ours_fused ours_fused_dispatch comm_only compute_only --write-table
+      cp scheduler/tables/ep_*.json "$RES/ep/" 2>/dev/null ;;
     stress)
       phase ep_stress 200 stress $TORCHRUN --nproc-per-node 2 bench/ep_stress.py --calls 1000 ;;
     profile)
@@ -87,9 +89,14 @@ for p in "$@"; do
       if [ "$GPUS" -ge 4 ]; then
         phase ep4 240 ep4 $TORCHRUN --nproc-per-node 4 bench/ep.py --quick --shapes Qwen3-30B-A3B OLMoE-1B-7B Mixtral-8x7B \
           --tokens 8192 --n-comm 8 16
-        phase ep4_stress 120 ep4 $TORCHRUN --nproc-per-node 4 bench/ep_stress.py --calls 300
       else
         echo "== ep4: skipped, $GPUS GPUs"
+      fi ;;
+    ep4_stress)
+      if [ "$GPUS" -ge 4 ]; then
+        phase ep4_stress 120 ep4 $TORCHRUN --nproc-per-node 4 bench/ep_stress.py --calls 300
+      else
+        echo "== ep4_stress: skipped, $GPUS GPUs"
       fi ;;
     ep4_tests)
       if [ "$GPUS" -ge 4 ]; then
