@@ -6,8 +6,8 @@ For each shape and token count, three variants on the same inputs: `ours` (what 
 `library_sort` (the routing analysis through a memset, the histogram kernel and torch.argsort, as
 batches above `comet.kernels.routing.SMALL_ROUTING_ROWS` rows take it) and `custom_op` (through the
 `comet::routed_experts` op's dispatcher, as autograd and torch.compile take it). Each gets the
-host time per call (back-to-back calls, no sync in between: wall time / calls is the host's cost
-when it exceeds the GPU's) and the GPU time per call (CUDA-graph replays); `ours` also a cProfile
+host time per call (bursts of back-to-back calls, the GPU drained between bursts: the median
+burst's wall time / calls is the host's cost) and the GPU time per call (CUDA-graph replays); `ours` also a cProfile
 of the host calls, the functions with the most own time first. Writes
 bench/results/host_overhead.csv (appended; copied to $OUT when set, with the profiles).
 
@@ -22,6 +22,7 @@ import contextlib
 import cProfile
 import io
 import pstats
+import statistics
 import sys
 import tempfile
 import time
@@ -69,15 +70,25 @@ def parse_args(argv):
     return args
 
 
+# Calls per timed burst: their launches (4 or 5 each) stay well below the ~1000 a CUDA stream queues
+# before a launch blocks, which would turn the host time into the GPU's.
+BURST_CALLS = 50
+
+
 def host_us_per_call(call, calls: int, device: torch.device) -> float:
-    """Host microseconds per call, the launch queue not drained in between."""
-    start = time.perf_counter()
-    for _ in range(calls):
-        call()
-    host = time.perf_counter() - start
+    """Host microseconds per call: the median over bursts of BURST_CALLS back-to-back calls, the
+    GPU drained between bursts."""
+    per_burst = []
+    for _ in range(max(1, calls // BURST_CALLS)):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(min(calls, BURST_CALLS)):
+            call()
+        per_burst.append((time.perf_counter() - start) / min(calls, BURST_CALLS) * 1e6)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return host / calls * 1e6
+    return statistics.median(per_burst)
 
 
 def gpu_us_per_call(call, calls: int, device: torch.device) -> float | None:
