@@ -110,6 +110,18 @@ def init_torchrun_rank(script: str, cpu_option: str | None = None):
     dist.init_process_group("nccl")
 
 
+def parse_split(value: str) -> tuple[int | str, int | None]:
+    """A split given on the command line ('auto', N >= 0, or 'N:0' for N pushing programs with only
+    the dispatch fused) as `comet.ep.ep_experts`' (n_comm, column_chunks)."""
+    if value == "auto":
+        return "auto", None
+    n_comm, _, chunks = value.partition(":")
+    n, c = int(n_comm), (int(chunks) if chunks else None)
+    if n < 0 or c not in (None, 0) or (c == 0 and n == 0):
+        raise ValueError(f"expected 'auto', N >= 0 or 'N:0' with N > 0, got {value!r}")
+    return n, c
+
+
 # ----------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------

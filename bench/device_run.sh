@@ -70,7 +70,7 @@ for p in "$@"; do
     kernels_1)
       phase ep_kernels_1 120 kernels $TORCHRUN --nproc-per-node 1 bench/ep_kernels.py --shapes Qwen3-30B-A3B Mixtral-8x7B --n-comm 0 8 ;;
     kernels_2)
-      phase ep_kernels_2 150 kernels $TORCHRUN --nproc-per-node 2 bench/ep_kernels.py --shapes Qwen3-30B-A3B Mixtral-8x7B --n-comm 0 8 16 ;;
+      phase ep_kernels_2 150 kernels $TORCHRUN --nproc-per-node 2 bench/ep_kernels.py --shapes Qwen3-30B-A3B Mixtral-8x7B --n-comm 0 8 16 8:0 ;;
     ep)
       phase ep2 400 ep $TORCHRUN --nproc-per-node 2 bench/ep.py --tokens 8192 --n-comm 4 8 16 32 --write-table
       cp scheduler/tables/ep_*.json "$RES/ep/" 2>/dev/null ;;

@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Where an expert-parallel call spends its time: GPU time per kernel, from the PyTorch profiler.
 
-For each shape and each split (`--n-comm`: 0 is the unfused path; > 0 the fused kernels), the
+For each shape and each split (`--n-comm`: 0 is the unfused path; > 0 the fused kernels; N:0 only
+the dispatch fused), the
 rank's calls of `comet.ep.ep_experts` are profiled after warm-up, and every kernel's mean time per
 call is listed, beside the wall time per call (CUDA events). Also run with one rank (torchrun
 --nproc-per-node 1): the fused kernels then have nothing to send or wait for, so what they cost
 over the unfused GEMMs is the price of their structure alone.
 
-    torchrun --nproc-per-node 2 bench/ep_kernels.py --shapes Qwen3-30B-A3B --tokens 8192 --n-comm 0 8 16
+    torchrun --nproc-per-node 2 bench/ep_kernels.py --shapes Qwen3-30B-A3B --tokens 8192 --n-comm 0 8 16 8:0
 
 Prints a table per shape (kernels x splits, us per call, rank 0); appends bench/results/ep_kernels.csv
 (GPU, torch, Triton, commit in every row; copied to $OUT when set).
@@ -31,7 +32,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench.common import DTYPES, RESULTS_DIR, append_csv, environment, init_torchrun_rank, publish  # noqa: E402
+from bench.common import (  # noqa: E402
+    DTYPES, RESULTS_DIR, append_csv, environment, init_torchrun_rank, parse_split, publish,
+)
 from bench.shapes import model_shape  # noqa: E402
 from bench.single_gpu import ROUTER_SKEW_STD, make_inputs, make_weights  # noqa: E402
 
@@ -40,11 +43,17 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=["Qwen3-30B-A3B"])
     p.add_argument("--tokens", type=int, default=8192, help="tokens per rank (default %(default)s)")
-    p.add_argument("--n-comm", type=int, nargs="+", default=[0, 8, 16])
+    p.add_argument("--n-comm", nargs="+", default=["0", "8", "16"],
+                   help="splits: N pushing programs (0: unfused) or N:0 (only the dispatch fused)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--calls", type=int, default=10, help="profiled calls per split (default %(default)s)")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        [parse_split(v) for v in args.n_comm]
+    except ValueError as err:
+        p.error(f"--n-comm: {err}")
+    return args
 
 
 def kernel_times(call, calls: int) -> tuple[dict[str, float], float]:
@@ -86,9 +95,10 @@ def run(args) -> list[dict]:
             torch.manual_seed(1 + rank)
             s = make_inputs(cfg, args.tokens, dtype, device, skew)
             for n_comm in args.n_comm:
+                split, column_chunks = parse_split(n_comm)
                 per_kernel, wall = kernel_times(
                     lambda: ep_experts(s.x, s.topk_ids, s.topk_weights, local, cfg, max_tokens=args.tokens,
-                                       n_comm=n_comm), args.calls)
+                                       n_comm=split, column_chunks=column_chunks), args.calls)
                 rows += [{**env, "world_size": world, "shape": name, "tokens_per_rank": args.tokens,
                           "n_comm": n_comm, "kernel": k, "us_per_call": us} for k, us in per_kernel.items()]
                 rows.append({**env, "world_size": world, "shape": name, "tokens_per_rank": args.tokens,

@@ -54,8 +54,8 @@ import torch.distributed as dist  # noqa: E402
 
 import comet  # noqa: E402
 from bench.common import (  # noqa: E402
-    DTYPES, RESULTS_DIR, TOLERANCE, RunLog, append_csv, environment, init_torchrun_rank, progress, publish,
-    relative_error, within_tolerance,
+    DTYPES, RESULTS_DIR, TOLERANCE, RunLog, append_csv, environment, init_torchrun_rank, parse_split, progress,
+    publish, relative_error, within_tolerance,
 )
 from bench.shapes import MODELS, SMOKE_MODELS, model_shape  # noqa: E402
 from bench.single_gpu import make_weights  # noqa: E402
@@ -94,7 +94,7 @@ def parse_args(argv=None):
     args.max_tokens = args.max_tokens or defaults["max_tokens"]
     args.n_comm = args.n_comm or defaults["n_comm"]
     try:
-        [split_spec(v) for v in args.n_comm]
+        [parse_split(v) for v in args.n_comm]
     except ValueError:
         p.error(f"--n-comm: expected 'auto', ints >= 0 or 'N:0' with N > 0, got {args.n_comm}")
     for name in ("calls", "max_tokens", "check_every"):
@@ -113,17 +113,6 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # Calls
 # ----------------------------------------------------------------------------------------------
-def split_spec(value: str) -> tuple[int | str, int | None]:
-    """An --n-comm value as ep_experts' (n_comm, column_chunks)."""
-    if value == "auto":
-        return "auto", None
-    n_comm, _, chunks = value.partition(":")
-    n, c = int(n_comm), (int(chunks) if chunks else None)
-    if n < 0 or c not in (None, 0) or (c == 0 and n == 0):
-        raise ValueError(value)
-    return n, c
-
-
 @dataclass(frozen=True)
 class CallParams:
     """What one call runs; a function of (seed, index) and the run's settings, the same on every rank."""
@@ -246,7 +235,7 @@ def run(args) -> dict | None:
         for done, index in enumerate(indices, 1):
             p = call_params(seed, index, world, args.max_tokens, args.n_comm, cfg)
             x, ids, weights = rank_inputs(p, seed, rank, world, cfg, dtype, device)
-            n_comm, column_chunks = split_spec(p.n_comm)
+            n_comm, column_chunks = parse_split(p.n_comm)
             out = ep_experts(x, ids, weights, local, cfg, max_tokens=args.max_tokens, n_comm=n_comm,
                              column_chunks=column_chunks)
             ref = experts_reference(x.float(), ids, weights, *ref_w[:4], activation=cfg.activation,
