@@ -2,10 +2,9 @@
 """Where the host time of an eager `comet.moe_experts` call goes, for batches small enough that the
 host, not the GPU, bounds the layer (bench/single_gpu.py's `ours` vs `ours_graph` rows show when).
 
-For each shape and token count, three variants on the same inputs: `ours` (what the layer runs),
+For each shape and token count, two variants on the same inputs: `ours` (what the layer runs) and
 `library_sort` (the routing analysis through a memset, the histogram kernel and torch.argsort, as
-batches above `comet.kernels.routing.SMALL_ROUTING_ROWS` rows take it) and `custom_op` (through the
-`comet::routed_experts` op's dispatcher, as autograd and torch.compile take it). Each gets the
+batches above `comet.kernels.routing.SMALL_ROUTING_ROWS` rows take it). Each gets the
 host time per call (bursts of back-to-back calls, the GPU drained between bursts: the median
 burst's wall time / calls is the host's cost) and the GPU time per call (CUDA-graph replays); `ours` also a cProfile
 of the host calls, the functions with the most own time first. Writes
@@ -117,17 +116,10 @@ def profile_text(call, calls: int, top: int) -> str:
 
 
 def variants(x, ids, topk_weights, weights: comet.ExpertWeights, cfg: comet.MoEConfig) -> dict:
-    from comet.ops import routed_experts  # imports the kernels: after --smoke chose the interpreter
-
     def ours():
         return comet.moe_experts(x, ids, topk_weights, weights, cfg, backend="triton", check_values=False)
 
-    def custom_op():
-        return routed_experts(x, ids, topk_weights, weights.gate_up, weights.down, weights.gate_up_bias,
-                              weights.down_bias, weights.interleaved, cfg.activation, cfg.swiglu_alpha,
-                              cfg.swiglu_limit, cfg.weight_on_input)
-
-    return {"ours": ours, "library_sort": ours, "custom_op": custom_op}
+    return {"ours": ours, "library_sort": ours}
 
 
 @contextlib.contextmanager

@@ -23,7 +23,8 @@ from comet.scheduler.configs import select_configs
 from comet.scheduler.routing import analyze_routing
 
 
-def _routed_experts_forward(
+@torch.library.custom_op("comet::routed_experts", mutates_args=())
+def routed_experts(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -52,9 +53,6 @@ def _routed_experts_forward(
     down_gemm(act, down, down_bias, plan.sorted_rows, row_weights, plan.hist, slots, top_k=top_k,
               weight_on_input=weight_on_input, cfg=cfg2)
     return combine_slots(slots, topk_ids, num_experts, torch.empty_like(x))
-
-
-routed_experts = torch.library.custom_op("comet::routed_experts", mutates_args=())(_routed_experts_forward)
 
 
 @routed_experts.register_fake
@@ -91,15 +89,8 @@ routed_experts.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _triton_backend(x, topk_ids, topk_weights, w: ExpertWeights, cfg: MoEConfig) -> torch.Tensor:
-    args = (x, topk_ids, topk_weights, w.gate_up, w.down, w.gate_up_bias, w.down_bias, w.interleaved,
-            cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit, cfg.weight_on_input)
-    needs_autograd = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, topk_weights, w.gate_up, w.down, w.gate_up_bias, w.down_bias))
-    if needs_autograd or torch.compiler.is_compiling():
-        return routed_experts(*args)
-    # Eager inference calls the kernels directly: the op's dispatcher layers cost tens of
-    # microseconds of host time per call (bench/host_overhead.py), as much as a decode batch's GEMMs.
-    return _routed_experts_forward(*args)
+    return routed_experts(x, topk_ids, topk_weights, w.gate_up, w.down, w.gate_up_bias, w.down_bias,
+                          w.interleaved, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit, cfg.weight_on_input)
 
 
 def _triton_unavailable(device: torch.device) -> str | None:
