@@ -11,7 +11,7 @@
    (`comet.ops.routed_experts`: routing analysis, GEMM1, GEMM2, slot combine) on this rank's
    experts gives each received token's partial output. With `n_comm` > 0 the routing moves
    first, the token rows are pushed inside GEMM1's launch (`dispatch_gate_up`) and the partial
-   rows inside GEMM2's (`down_combine`);
+   rows inside GEMM2's (`down_combine`; with `column_chunks=0` by a separate push after GEMM2);
 4. combine (`comet.kernels.ep_combine`): partial rows pushed back to their sources, which sum them
    in a fixed rank order.
 
