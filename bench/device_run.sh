@@ -14,6 +14,7 @@
 #   host     bench/host_overhead.py: host time of eager calls at 128 tokens, profiled
 #   ep       bench/ep.py on 2 ranks, 8192 tokens, every shape, --write-table
 #   ep_graphs  bench/ep.py --graphs on 2 ranks: every row timed as CUDA-graph replays (GPU time), --write-table
+#   ep_sweep bench/ep.py --graphs on 2 ranks: few pushing programs (2, 4, 8) for both fused splits, --write-table
 #   stress   bench/ep_stress.py, 1000 calls on 2 ranks
 #   profile  python -m comet profile on a 2-layer Qwen3-30B-A3B-shape model, 1 GPU and expert-parallel on 2
 #   ep4      with 4 GPUs: bench/ep.py on 4 ranks
@@ -77,6 +78,10 @@ for p in "$@"; do
     ep_graphs)
       phase ep2_graphs 240 ep $TORCHRUN --nproc-per-node 2 bench/ep.py --quick --graphs --tokens 8192 --n-comm 8 16 \
         --impls ours ours_auto ours_fused ours_fused_dispatch comm_only compute_only --write-table
+      cp scheduler/tables/ep_*.json "$RES/ep/" 2>/dev/null ;;
+    ep_sweep)
+      phase ep2_sweep 240 ep $TORCHRUN --nproc-per-node 2 bench/ep.py --quick --graphs --tokens 8192 --n-comm 2 4 8 \
+        --shapes Qwen3-30B-A3B OLMoE-1B-7B --impls ours ours_fused ours_fused_dispatch --write-table
       cp scheduler/tables/ep_*.json "$RES/ep/" 2>/dev/null ;;
     stress)
       phase ep_stress 200 stress $TORCHRUN --nproc-per-node 2 bench/ep_stress.py --calls 1000 ;;
