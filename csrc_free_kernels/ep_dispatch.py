@@ -50,6 +50,14 @@ class DispatchBuffers(NamedTuple):
     chunk: int
     meta_block: int  # receive slots per routing block: a power-of-two number of chunks
 
+    @property
+    def n_chunks(self) -> int:
+        return triton.cdiv(self.capacity, self.chunk)
+
+    @property
+    def n_meta(self) -> int:
+        return triton.cdiv(self.capacity, self.meta_block)
+
 
 # Chunks per routing block. The interpreter's are small so that its tiny shapes cross several.
 META_CHUNKS = {"cpu": 2, "cuda": 8}
@@ -59,9 +67,8 @@ def dispatch_buffers(ws: CommWorkspace, capacity: int, hidden: int, top_k: int, 
                      chunk: int) -> DispatchBuffers:
     """The receive buffers for `capacity` tokens per source (made collectively on first use)."""
     w, tag = ws.world_size, str(dtype).removeprefix("torch.")
-    n_chunks = triton.cdiv(capacity, chunk)
     meta_block = META_CHUNKS[ws.device.type] * chunk
-    n_meta = triton.cdiv(capacity, meta_block)
+    n_chunks, n_meta = triton.cdiv(capacity, chunk), triton.cdiv(capacity, meta_block)
     names = DispatchBuffers(
         f"ep.recv_x.{tag}.C{capacity}.H{hidden}", f"ep.recv_ids.C{capacity}.K{top_k}",
         f"ep.recv_weights.C{capacity}.K{top_k}", "ep.recv_count", f"ep.dispatch_meta_flags.{n_meta}",
@@ -282,9 +289,9 @@ def hidden_block(chunk: int, hidden: int, num_warps: int) -> int:
     return max(16, min(triton.next_power_of_2(hidden), 4096 * num_warps // chunk))
 
 
-def dispatch_push(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor,
-                  topk_weights: torch.Tensor, send_tokens: torch.Tensor, send_counts: torch.Tensor,
-                  experts_per_rank: int, num_programs: int, push_rows: bool = True):
+def dispatch_push(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tensor, x: torch.Tensor,
+                  topk_ids: torch.Tensor, topk_weights: torch.Tensor, send_tokens: torch.Tensor,
+                  send_counts: torch.Tensor, experts_per_rank: int, num_programs: int, push_rows: bool = True):
     """Push this rank's tokens (x [T, H], routing [T, K] with global ids; the send plan of
     `comet.scheduler.ep_plan`) into every destination's receive buffers, flags raised to `epoch`.
     Without `push_rows`, only the counts and routing (the rows follow in `dispatch_gate_up`)."""
@@ -294,8 +301,7 @@ def dispatch_push(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tensor,
         x, x.stride(0), topk_ids, topk_weights, send_tokens, send_counts,
         ws.ptr_table(bufs.x), ws.ptr_table(bufs.ids), ws.ptr_table(bufs.weights), ws.ptr_table(bufs.count),
         ws.ptr_table(bufs.meta_flags), ws.ptr_table(bufs.chunk_flags),
-        ws.rank, epoch, num_tokens, bufs.capacity, hidden, experts_per_rank, triton.cdiv(bufs.capacity, bufs.chunk),
-        triton.cdiv(bufs.capacity, bufs.meta_block),
+        ws.rank, epoch, num_tokens, bufs.capacity, hidden, experts_per_rank, bufs.n_chunks, bufs.n_meta,
         WORLD=ws.world_size, TOP_K=top_k, CHUNK=bufs.chunk, BLOCK_H=hidden_block(bufs.chunk, hidden, PUSH_WARPS),
         BLOCK_K=triton.next_power_of_2(top_k), META_BLOCK=bufs.meta_block, NUM_PROGRAMS=num_programs,
         PUSH_ROWS=push_rows, num_warps=PUSH_WARPS,
@@ -316,12 +322,11 @@ def dispatch_receive(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tens
     ids = torch.empty(w, c, top_k, dtype=torch.int32, device=ws.device)
     weights = torch.empty(w, c, top_k, dtype=torch.float32, device=ws.device)
     counts = torch.empty(w, dtype=torch.int32, device=ws.device)
-    n_meta = triton.cdiv(c, bufs.meta_block)
-    _dispatch_receive_kernel[(w, n_meta)](
+    _dispatch_receive_kernel[(w, bufs.n_meta)](
         ws.ptr_table(bufs.ids), ws.ptr_table(bufs.weights), ws.ptr_table(bufs.count),
         ws.ptr_table(bufs.meta_flags), ws.ptr_table(bufs.chunk_flags), ws.errors,
         ids, weights, counts,
-        ws.rank, epoch, c, triton.cdiv(c, bufs.chunk), n_meta, ws.max_spins,
+        ws.rank, epoch, c, bufs.n_chunks, bufs.n_meta, ws.max_spins,
         WORLD=w, TOP_K=top_k, CHUNK=bufs.chunk, BLOCK_K=triton.next_power_of_2(top_k), META_BLOCK=bufs.meta_block,
         META_KIND=int(WaitKind.DISPATCH_METADATA), CHUNK_KIND=int(WaitKind.DISPATCH_CHUNK), WAIT_ROWS=wait_rows,
         ARRIVAL_EXPERTS=arrival_experts, num_warps=4,
@@ -336,12 +341,13 @@ def over_virtual_experts(gemm: tuple[dict, int], virtual_experts: int) -> tuple[
     args, _ = gemm
     rows = args["sorted_rows_ptr"].numel()
     max_items = (triton.cdiv(rows, args["BLOCK_M"]) + virtual_experts) * triton.cdiv(args["N"], args["BLOCK_N"])
-    return {**args, "NUM_EXPERTS": virtual_experts, "NUM_BINS": histogram_bins(virtual_experts),
-            "WEIGHT_EXPERTS": args["NUM_EXPERTS"]}, max_items
+    # WEIGHT_EXPERTS stays the weights' expert count (`gemm_args` set it).
+    return {**args, "NUM_EXPERTS": virtual_experts, "NUM_BINS": histogram_bins(virtual_experts)}, max_items
 
 
-def dispatch_gate_up(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tensor, x: torch.Tensor, send_tokens: torch.Tensor,
-                     send_counts: torch.Tensor, recv_counts: torch.Tensor, gemm: tuple[dict, int], n_comm: int):
+def dispatch_gate_up(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tensor, x: torch.Tensor,
+                     send_tokens: torch.Tensor, send_counts: torch.Tensor, recv_counts: torch.Tensor,
+                     gemm: tuple[dict, int], n_comm: int):
     """Dispatch fused with GEMM1: the first `n_comm` programs push this rank's x rows to the other
     ranks (after
     `dispatch_push(push_rows=False)` and `dispatch_receive(wait_rows=False)` moved the routing),
@@ -364,7 +370,7 @@ def dispatch_gate_up(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tens
     _dispatch_gate_up_kernel[(n_comm + compute,)](
         x, x.stride(0), send_tokens, send_counts, ws.ptr_table(bufs.x), ws.ptr_table(bufs.chunk_flags),
         recv_counts, ws.errors,
-        ws.rank, epoch, x.shape[0], bufs.capacity, hidden, triton.cdiv(bufs.capacity, bufs.chunk), ws.max_spins,
+        ws.rank, epoch, x.shape[0], bufs.capacity, hidden, bufs.n_chunks, ws.max_spins,
         **args, NUM_PROGRAMS=compute, COMM_PROGRAMS=n_comm, WORLD=ws.world_size, CHUNK=bufs.chunk,
         BLOCK_H=hidden_block(bufs.chunk, hidden, args["num_warps"]), WAIT_KIND=int(WaitKind.DISPATCH_CHUNK),
         WAIT_BLOCK=WAIT_BLOCK[x.device.type],

@@ -188,10 +188,16 @@ def _parts(shape: EpShape, rates: MachineRates) -> dict:
     }
 
 
+def _unfused_layer1(p: dict, rates: MachineRates) -> float:
+    """GEMM2, the slot sum and the combine's push (own share included), each on every SM."""
+    pushed = p["remote_bytes"] + p["own_bytes"]
+    return p["gemm2"] + p["slot_sum"] + pushed / push_bytes_per_s(rates.sms, rates)
+
+
 def unfused_seconds(shape: EpShape, rates: MachineRates = H200_RATES) -> float:
     p = _parts(shape, rates)
-    pushed = p["remote_bytes"] + p["own_bytes"]
-    return p["gemm1"] + p["gemm2"] + p["slot_sum"] + 2 * pushed / push_bytes_per_s(rates.sms, rates)
+    dispatch = (p["remote_bytes"] + p["own_bytes"]) / push_bytes_per_s(rates.sms, rates)
+    return p["gemm1"] + dispatch + _unfused_layer1(p, rates)
 
 
 def fused_seconds(shape: EpShape, n_comm: int, column_chunks: int, rates: MachineRates = H200_RATES) -> float:
@@ -203,9 +209,8 @@ def fused_seconds(shape: EpShape, n_comm: int, column_chunks: int, rates: Machin
     stretch = rates.sms / (rates.sms - n_comm) * (1 + FUSED_STRUCTURE)
     rate = push_bytes_per_s(n_comm, rates)
     layer0 = max(p["gemm1"] * stretch + p["weights_reread_s"], p["remote_bytes"] / rate)
-    if column_chunks == 0:  # GEMM2, the slot sum and the push (own share included) on every SM
-        pushed = p["remote_bytes"] + p["own_bytes"]
-        return layer0 + p["gemm2"] + p["slot_sum"] + pushed / push_bytes_per_s(rates.sms, rates)
+    if column_chunks == 0:
+        return layer0 + _unfused_layer1(p, rates)
     combine = (p["remote_bytes"] + shape.tokens * shape.hidden * shape.element_size) / rate
     gemm2 = p["gemm2"] * stretch + (column_chunks - 1) * p["gemm2_input_s"]
     layer1 = max(gemm2, combine * (column_chunks - 1) / column_chunks) + combine / column_chunks

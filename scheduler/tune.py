@@ -22,7 +22,8 @@ from comet.scheduler.routing import analyze_routing
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); weight descriptors are tried on and off, and
 # 128-row tiles also with GROUP_M 16 (better for DeepSeek-V3 and Mixtral's GEMM2 on an H200,
 # bench/results/expert_gemms.csv), GROUP_M 8 otherwise.
-# Decode-sized buckets stream the weights: deeper pipelines (stages cut to fit) keep more loads in flight.
+# Decode-sized buckets stream the weights: deeper pipelines (stages cut to fit) keep more loads in
+# flight (candidates added without a measurement yet).
 GATE_UP_CANDIDATES = [
     (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4), (32, 64, 128, 4, 6), (64, 64, 64, 4, 4),
     (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3),
