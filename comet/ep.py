@@ -59,7 +59,9 @@ from comet.ops import routed_experts
 from comet.scheduler.configs import select_configs
 from comet.scheduler.ep_plan import plan_sends
 from comet.scheduler.ep_calibrate import group_rates
-from comet.scheduler.ep_split import EpShape, EpSplit, best_column_chunks, choose_split, default_rates, ep_shape
+from comet.scheduler.ep_split import (
+    EpShape, EpSplit, best_column_chunks, choose_split, default_rates, ep_shape, lead_experts,
+)
 from comet.scheduler.routing import analyze_routing
 from comet.validation import check_hidden, check_routing
 
@@ -188,19 +190,21 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     topk_weights = topk_weights.float().contiguous()
     fused = split.n_comm > 0
     plan = plan_sends(topk_ids, cfg.num_experts, world, every_token_to=ws.rank if fused else None)
+    lead = lead_experts(shape, split.n_comm, default_rates(device)) if fused else 0
     epoch = ws.next_epoch()
     # Fused, this launch only sends the routing (the rows go inside GEMM1's).
     dispatch_push(ws, dispatch, epoch, x, topk_ids, topk_weights, plan.send_tokens, plan.counts,
                   experts_per_rank, programs, push_rows=not fused)
     # Fused, GEMM1 runs tiles in the order their rows can arrive: see dispatch_receive.
     recv_ids, recv_weights, recv_counts = dispatch_receive(ws, dispatch, epoch, top_k, wait_rows=not fused,
-                                                           arrival_experts=experts_per_rank if fused else 0)
+                                                           arrival_experts=experts_per_rank if fused else 0,
+                                                           lead_experts=lead)
     recv_x = ws.buffer(dispatch.x, (world, max_tokens, hidden), x.dtype).view(-1, hidden)
     recv_ids, recv_weights = recv_ids.view(-1, top_k), recv_weights.view(-1, top_k)
     w = local_weights
     if fused:
         _fused_experts(ws, dispatch, combine, epoch, x, plan, recv_x, recv_ids, recv_weights, recv_counts, w, cfg,
-                       split, programs)
+                       split, lead, programs)
     else:
         if device.type == "cpu":
             # The interpreter writes a kernel's tensor arguments back after the launch, and a
@@ -228,14 +232,14 @@ def call_split(ws: CommWorkspace, shape: EpShape, n_comm: int | str, column_chun
 
 
 def _fused_experts(ws, dispatch, combine, epoch, x, plan, recv_x, recv_ids, recv_weights, recv_counts,
-                   w: ExpertWeights, cfg: MoEConfig, split: EpSplit, programs: int):
+                   w: ExpertWeights, cfg: MoEConfig, split: EpSplit, lead: int, programs: int):
     """`comet.ops.routed_experts` on the virtual tokens, with pushing the token rows fused into
     GEMM1 (recv_x is the receive buffer, filled while GEMM1 runs) and, unless
     split.column_chunks is 0, pushing the partial rows to their sources fused into GEMM2
-    (`programs`: the unfused push's launch width)."""
+    (recv_ids are arrival bins with `lead` lead experts; `programs`: the unfused push's launch width)."""
     rows, top_k = recv_ids.numel(), recv_ids.shape[1]
     experts, hidden, ffn = w.down.shape
-    virtual_experts = ws.world_size * experts  # recv_ids are in arrival order
+    virtual_experts = ws.world_size * experts  # recv_ids are arrival bins
     routing = analyze_routing(recv_ids, virtual_experts)
     row_weights = recv_weights.reshape(-1)
     cfg1, cfg2 = select_configs(rows, experts, hidden, ffn, x.dtype, x.device)
@@ -243,12 +247,12 @@ def _fused_experts(ws, dispatch, combine, epoch, x, plan, recv_x, recv_ids, recv
     gemm1 = gate_up_gemm_args(recv_x, w.gate_up, w.gate_up_bias, w.interleaved, routing.sorted_rows, row_weights,
                               routing.hist, act, top_k=top_k, activation=cfg.activation, alpha=cfg.swiglu_alpha,
                               limit=cfg.swiglu_limit, weight_on_input=cfg.weight_on_input, cfg=cfg1)
-    gemm1 = over_virtual_experts(gemm1, virtual_experts)
-    dispatch_gate_up(ws, dispatch, epoch, x, plan.send_tokens, plan.counts, recv_counts, gemm1, split.n_comm)
+    gemm1 = over_virtual_experts(gemm1, virtual_experts, lead)
+    dispatch_gate_up(ws, dispatch, epoch, x, plan.send_tokens, plan.counts, gemm1, split.n_comm)
     slots = torch.empty(rows, hidden, dtype=x.dtype, device=x.device)
     gemm2 = down_gemm_args(act, w.down, w.down_bias, routing.sorted_rows, row_weights, routing.hist, slots,
                            top_k=top_k, weight_on_input=cfg.weight_on_input, cfg=cfg2)
-    gemm2 = over_virtual_experts(gemm2, virtual_experts)
+    gemm2 = over_virtual_experts(gemm2, virtual_experts, lead)
     if split.column_chunks > 0:
         down_combine(ws, combine, epoch, gemm2, recv_ids, recv_counts, split.n_comm, split.column_chunks)
         return

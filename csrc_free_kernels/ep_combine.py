@@ -23,7 +23,7 @@ import triton.language as tl
 from comet.comm import CommWorkspace, WaitKind
 from comet.kernels.ep_dispatch import PUSH_WARPS, hidden_block
 from comet.kernels.expert_gemm import expert_gemm_tile, locate_item
-from comet.kernels.routing import expert_segments
+from comet.kernels.routing import bin_expert, expert_segments
 from comet.kernels.signals import peer_ptr, signal_set, wait_flag_ge
 
 
@@ -124,7 +124,7 @@ def _claim_units(column_chunk, claims_ptr, chunk_n, num_n, recv_ids_ptr, recv_co
 
 
 # Program and chunk counts are plain arguments here: a new split must not compile a new kernel.
-@triton.jit(do_not_specialize=["rank", "max_spins", "NUM_PROGRAMS", "COMM_PROGRAMS", "COLUMN_CHUNKS"])
+@triton.jit(do_not_specialize=["rank", "max_spins", "lead_experts", "NUM_PROGRAMS", "COMM_PROGRAMS", "COLUMN_CHUNKS"])
 def _down_combine_kernel(
     recv_ids_ptr, recv_counts_ptr,  # local: int32 [W*C, K] received routing (local ids), int32 [W]
     # local, zeroed: int64 [COLUMN_CHUNKS] GEMM2 work items finished and push units taken per
@@ -135,14 +135,14 @@ def _down_combine_kernel(
     # expert_gemm.gemm_args of GEMM2
     a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
     bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
-    sorted_rows_ptr, row_weights_ptr, hist_ptr, N, K, alpha, limit,
+    sorted_rows_ptr, row_weights_ptr, hist_ptr, N, K, alpha, limit, lead_experts,
     NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr, A_DESC: tl.constexpr,
-    WEIGHT_EXPERTS: tl.constexpr,  # the tile map's expert e uses weights e % WEIGHT_EXPERTS
+    WEIGHT_EXPERTS: tl.constexpr,  # < NUM_EXPERTS: the tile map has arrival bins (routing.arrival_bin)
     COMM_PROGRAMS, COLUMN_CHUNKS, WORLD: tl.constexpr, CHUNK: tl.constexpr, WAIT_KIND: tl.constexpr,
 ):
     epoch = tl.load(epoch_ptr)
@@ -166,8 +166,9 @@ def _down_combine_kernel(
                 GROUP_M)
             n_block = column_chunk * chunk_n + n_in_chunk
             if n_block < num_n:
+                weights, _ = bin_expert(expert, lead_experts, WEIGHT_EXPERTS, NUM_EXPERTS)
                 expert_gemm_tile(
-                    expert % WEIGHT_EXPERTS, first_row, end_row, n_block,
+                    weights, first_row, end_row, n_block,
                     a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
                     bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
                     sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,

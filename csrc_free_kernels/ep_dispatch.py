@@ -33,7 +33,7 @@ import triton.language as tl
 
 from comet.comm import CommWorkspace, WaitKind
 from comet.kernels.expert_gemm import expert_gemm_tile, locate_item
-from comet.kernels.routing import expert_segments, histogram_bins
+from comet.kernels.routing import arrival_bin, bin_expert, expert_segments, histogram_bins
 from comet.kernels.signals import peer_ptr, signal_set, wait_flag_ge, wait_flags_ge
 
 
@@ -149,11 +149,11 @@ def _dispatch_push_kernel(
                   rank, epoch, num_tokens, capacity, hidden, n_chunks, WORLD, CHUNK, BLOCK_H, 0)
 
 
-@triton.jit(do_not_specialize=["rank", "max_spins"])
+@triton.jit(do_not_specialize=["rank", "max_spins", "lead_experts"])
 def _dispatch_receive_kernel(
     recv_ids_table, recv_weights_table, recv_count_table, meta_table, chunk_table, error_ptr,
     ids_out_ptr, weights_out_ptr, counts_out_ptr,  # local: int32 [W, C, K], fp32 [W, C, K], int32 [W]
-    rank, epoch_ptr, capacity, n_chunks, n_meta, max_spins,
+    rank, epoch_ptr, capacity, n_chunks, n_meta, max_spins, lead_experts,
     WORLD: tl.constexpr, TOP_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, META_BLOCK: tl.constexpr,
     META_KIND: tl.constexpr, CHUNK_KIND: tl.constexpr, WAIT_ROWS: tl.constexpr, ARRIVAL_EXPERTS: tl.constexpr,
 ):
@@ -188,65 +188,51 @@ def _dispatch_receive_kernel(
     arrived = in_buffer & (slots < count)[:, None]
     # Slots past the count hold older calls' data: mark them unused.
     ids = tl.load(recv_ids + off, mask=arrived, other=-1)
-    if ARRIVAL_EXPERTS > 0:  # virtual expert: (the source's place in arrival order, expert)
-        ids = tl.where(ids >= 0, ((rank - src + WORLD) % WORLD) * ARRIVAL_EXPERTS + ids, -1)
+    if ARRIVAL_EXPERTS > 0:  # the tile-map bin of (expert, the source's place in arrival order)
+        ids = tl.where(ids >= 0, arrival_bin(ids, (rank - src + WORLD) % WORLD, lead_experts, ARRIVAL_EXPERTS, WORLD),
+                       -1)
     tl.store(ids_out_ptr + out_base + off, ids, mask=in_buffer)
     tl.store(weights_out_ptr + out_base + off, tl.load(recv_w + off, mask=arrived, other=0.0), mask=in_buffer)
 
 
-# Chunk flags one poll of a GEMM1 tile reads; the interpreter's few chunks still cross blocks.
+# Chunk flags one poll reads; the interpreter's few chunks still cross blocks.
 WAIT_BLOCK = {"cpu": 4, "cuda": 64}
 
 
 @triton.jit
-def _wait_tile_rows(first_row, end_row, sorted_rows_ptr, recv_counts_ptr, flags_ptr, epoch, capacity, n_chunks,
-                    max_spins, error_ptr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
-                    WORLD: tl.constexpr, WAIT_KIND: tl.constexpr, WAIT_BLOCK: tl.constexpr):
-    """Wait for the chunks holding one GEMM1 tile's received tokens. An expert's rows are sorted
-    by virtual token (source, slot), so the tile's chunks lie between its first and last row's;
-    they are polled WAIT_BLOCK at a time (a tile of a fine-grained expert spans ~100 chunks)."""
-    parity = epoch % 2
-    last_row = tl.minimum(first_row + BLOCK_M, end_row) - 1
-    first_token = tl.load(sorted_rows_ptr + first_row) // TOP_K
-    last_token = tl.load(sorted_rows_ptr + last_row) // TOP_K
-    first = ((first_token // capacity) * n_chunks + (first_token % capacity) // CHUNK).to(tl.int32)
-    last = ((last_token // capacity) * n_chunks + (last_token % capacity) // CHUNK).to(tl.int32)
-    for g0 in range(first, last + 1, WAIT_BLOCK):
-        g = g0 + tl.arange(0, WAIT_BLOCK)
-        in_span = g <= last
-        src = g // n_chunks
-        c = g % n_chunks
-        # Chunks past a source's count never come.
-        needed = in_span & (c * CHUNK < tl.load(recv_counts_ptr + src, mask=in_span, other=0))
-        wait_flags_ge(flags_ptr + (parity * WORLD + src) * n_chunks + c, needed, epoch, max_spins, error_ptr,
-                      WAIT_KIND, src, c)
+def _wait_source_chunks(flags_ptr, start, end, epoch, max_spins, error_ptr, src,
+                        WAIT_KIND: tl.constexpr, WAIT_BLOCK: tl.constexpr):
+    """Wait for one source's chunk flags [start, end), WAIT_BLOCK per poll."""
+    for c0 in range(start, end, WAIT_BLOCK):
+        c = c0 + tl.arange(0, WAIT_BLOCK)
+        wait_flags_ge(flags_ptr + c, c < end, epoch, max_spins, error_ptr, WAIT_KIND, src, c)
 
 
 # Program counts are plain arguments here: a new n_comm or grid must not compile a new kernel.
-@triton.jit(do_not_specialize=["rank", "num_tokens", "max_spins", "NUM_PROGRAMS", "COMM_PROGRAMS"])
+@triton.jit(do_not_specialize=["rank", "num_tokens", "max_spins", "lead_experts", "NUM_PROGRAMS", "COMM_PROGRAMS"])
 def _dispatch_gate_up_kernel(
     x_ptr, stride_x, send_tokens_ptr, send_counts_ptr, recv_x_table, chunk_table,
-    recv_counts_ptr, error_ptr,  # local: int32 [W] tokens from each source (dispatch_receive's)
+    error_ptr,
     rank, epoch_ptr, num_tokens, capacity, hidden, n_chunks, max_spins,
     # expert_gemm.gemm_args of GEMM1, with this rank's receive buffer as A
     stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
     bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
-    sorted_rows_ptr, row_weights_ptr, hist_ptr, N, K, alpha, limit,
+    sorted_rows_ptr, row_weights_ptr, hist_ptr, N, K, alpha, limit, lead_experts,
     NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr, A_DESC: tl.constexpr,
-    WEIGHT_EXPERTS: tl.constexpr,  # the tile map's expert e uses weights e % WEIGHT_EXPERTS
+    WEIGHT_EXPERTS: tl.constexpr,  # the local experts; the tile map has arrival bins (routing.arrival_bin)
     COMM_PROGRAMS, WORLD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
-    WAIT_KIND: tl.constexpr, WAIT_BLOCK: tl.constexpr,
+    WAIT_KIND: tl.constexpr, WAIT_BLOCK: tl.constexpr, SOURCES_P2: tl.constexpr,  # next power of 2 >= WORLD
 ):
     epoch = tl.load(epoch_ptr)
     # Programs below COMM_PROGRAMS push to the other ranks (they never wait); the others, which
-    # may wait on them, run GEMM1's persistent loop. This rank's own tokens (virtual experts below
-    # WEIGHT_EXPERTS, first in the tile order) are read from x in place: its send slot t is token
-    # t (`plan_sends(every_token_to=rank)`), so they are neither copied nor waited for.
+    # may wait on them, run GEMM1's persistent loop over the arrival bins. This rank's own tokens
+    # (arrival position 0) are read from x in place: its send slot t is token t
+    # (`plan_sends(every_token_to=rank)`), so they are neither copied nor waited for.
     pid = tl.program_id(0)
     if pid < COMM_PROGRAMS:
         push_rows(pid, COMM_PROGRAMS, x_ptr, stride_x, send_tokens_ptr, send_counts_ptr, recv_x_table, chunk_table,
@@ -254,22 +240,35 @@ def _dispatch_gate_up_kernel(
     else:
         received = peer_ptr(recv_x_table, rank, b_ptr)
         own = x_ptr - tl.cast(rank * capacity, tl.int64) * stride_x  # virtual token rank*C + t -> x row t
-        flags = peer_ptr(chunk_table, rank, chunk_table)
+        flags = peer_ptr(chunk_table, rank, chunk_table) + (epoch % 2) * WORLD * n_chunks
+        # A remote tile's rows come from one source, in slot order, so it reads chunks up to its
+        # last row's. Chunks go out in about that order, and a program remembers per source
+        # (arrival position) how many it has seen arrive, so it polls only past that: a few
+        # polls per source and program, not a few per tile (each a system-scope atomic).
+        positions = tl.arange(0, SOURCES_P2)
+        seen = tl.zeros([SOURCES_P2], dtype=tl.int32)
         row_start, counts, tile_start, tile_end, num_tiles = expert_segments(hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
         for item in range(pid - COMM_PROGRAMS, num_tiles * num_n, NUM_PROGRAMS):
             expert, first_row, end_row, n_block = locate_item(
                 item, row_start, counts, tile_start, tile_end, num_tiles, num_n, NUM_BINS, BLOCK_M, GROUP_M)
-            if expert < WEIGHT_EXPERTS:
+            weights, position = bin_expert(expert, lead_experts, WEIGHT_EXPERTS, NUM_EXPERTS)
+            if position == 0:
                 a_ptr = own
                 a_stride = stride_x
             else:
-                _wait_tile_rows(first_row, end_row, sorted_rows_ptr, recv_counts_ptr, flags, epoch, capacity,
-                                n_chunks, max_spins, error_ptr, TOP_K, BLOCK_M, CHUNK, WORLD, WAIT_KIND, WAIT_BLOCK)
+                src = (rank - position + WORLD) % WORLD
+                last_token = tl.load(sorted_rows_ptr + tl.minimum(first_row + BLOCK_M, end_row) - 1) // TOP_K
+                needed = ((last_token % capacity) // CHUNK + 1).to(tl.int32)
+                arrived = tl.sum(tl.where(positions == position, seen, 0), axis=0)
+                if arrived < needed:
+                    _wait_source_chunks(flags + src * n_chunks, arrived, needed, epoch, max_spins, error_ptr, src,
+                                        WAIT_KIND, WAIT_BLOCK)
+                    seen = tl.where(positions == position, needed, seen)
                 a_ptr = received
                 a_stride = stride_am
             expert_gemm_tile(
-                expert % WEIGHT_EXPERTS, first_row, end_row, n_block,
+                weights, first_row, end_row, n_block,
                 a_ptr, a_stride, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
                 bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
                 sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
@@ -309,15 +308,17 @@ def dispatch_push(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tensor,
 
 
 def dispatch_receive(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tensor, top_k: int, wait_rows: bool = True,
-                     arrival_experts: int = 0):
+                     arrival_experts: int = 0, lead_experts: int = 0):
     """Wait for every source's tokens of call `epoch` (without `wait_rows`, only for their
     routing); return the received routing as local tensors: ids int32 [W, C, K] (local expert
     ids, -1 for unused slots and other ranks' experts), weights fp32 [W, C, K], counts int32 [W]
     (tokens from each source).
 
-    With `arrival_experts` = E/W, ids become virtual experts ((rank - s) mod W) * E/W + local id
-    for source s: sorted by them, the rows this rank sends itself come first, then those of the
-    sources in the order they push to this rank (`over_virtual_experts`)."""
+    With `arrival_experts` = E/W, ids become tile-map bins `routing.arrival_bin(local id, (rank - s)
+    mod W, lead_experts)` for source s (its place in the order the sources push to this rank):
+    sorted by them, the own rows of the first `lead_experts` experts come first, then each later
+    expert's rows of every source, then the first experts' rows from the other sources
+    (`over_virtual_experts`)."""
     w, c = ws.world_size, bufs.capacity
     ids = torch.empty(w, c, top_k, dtype=torch.int32, device=ws.device)
     weights = torch.empty(w, c, top_k, dtype=torch.float32, device=ws.device)
@@ -326,7 +327,7 @@ def dispatch_receive(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tens
         ws.ptr_table(bufs.ids), ws.ptr_table(bufs.weights), ws.ptr_table(bufs.count),
         ws.ptr_table(bufs.meta_flags), ws.ptr_table(bufs.chunk_flags), ws.errors,
         ids, weights, counts,
-        ws.rank, epoch, c, bufs.n_chunks, bufs.n_meta, ws.max_spins,
+        ws.rank, epoch, c, bufs.n_chunks, bufs.n_meta, ws.max_spins, lead_experts,
         WORLD=w, TOP_K=top_k, CHUNK=bufs.chunk, BLOCK_K=triton.next_power_of_2(top_k), META_BLOCK=bufs.meta_block,
         META_KIND=int(WaitKind.DISPATCH_METADATA), CHUNK_KIND=int(WaitKind.DISPATCH_CHUNK), WAIT_ROWS=wait_rows,
         ARRIVAL_EXPERTS=arrival_experts, num_warps=4,
@@ -334,19 +335,20 @@ def dispatch_receive(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tens
     return ids, weights, counts
 
 
-def over_virtual_experts(gemm: tuple[dict, int], virtual_experts: int) -> tuple[dict, int]:
-    """`gemm` (`expert_gemm.*_gemm_args`) with its tile map over `virtual_experts` experts, expert
-    v using the weights of v % (the weights' experts): for arrival-ordered routings (see
-    `dispatch_receive`), in the fused kernels."""
+def over_virtual_experts(gemm: tuple[dict, int], virtual_experts: int, lead_experts: int) -> tuple[dict, int]:
+    """`gemm` (`expert_gemm.*_gemm_args`) with its tile map over `virtual_experts` arrival bins
+    (`dispatch_receive(arrival_experts=..., lead_experts=...)`'s), each bin using its expert's
+    weights: for the fused kernels."""
     args, _ = gemm
     rows = args["sorted_rows_ptr"].numel()
     max_items = (triton.cdiv(rows, args["BLOCK_M"]) + virtual_experts) * triton.cdiv(args["N"], args["BLOCK_N"])
     # WEIGHT_EXPERTS stays the weights' expert count (`gemm_args` set it).
-    return {**args, "NUM_EXPERTS": virtual_experts, "NUM_BINS": histogram_bins(virtual_experts)}, max_items
+    return {**args, "NUM_EXPERTS": virtual_experts, "NUM_BINS": histogram_bins(virtual_experts),
+            "lead_experts": lead_experts}, max_items
 
 
 def dispatch_gate_up(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tensor, x: torch.Tensor,
-                     send_tokens: torch.Tensor, send_counts: torch.Tensor, recv_counts: torch.Tensor,
+                     send_tokens: torch.Tensor, send_counts: torch.Tensor,
                      gemm: tuple[dict, int], n_comm: int):
     """Dispatch fused with GEMM1: the first `n_comm` programs push this rank's x rows to the other
     ranks (after
@@ -369,9 +371,9 @@ def dispatch_gate_up(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tens
     hidden = x.shape[1]
     _dispatch_gate_up_kernel[(n_comm + compute,)](
         x, x.stride(0), send_tokens, send_counts, ws.ptr_table(bufs.x), ws.ptr_table(bufs.chunk_flags),
-        recv_counts, ws.errors,
+        ws.errors,
         ws.rank, epoch, x.shape[0], bufs.capacity, hidden, bufs.n_chunks, ws.max_spins,
         **args, NUM_PROGRAMS=compute, COMM_PROGRAMS=n_comm, WORLD=ws.world_size, CHUNK=bufs.chunk,
         BLOCK_H=hidden_block(bufs.chunk, hidden, args["num_warps"]), WAIT_KIND=int(WaitKind.DISPATCH_CHUNK),
-        WAIT_BLOCK=WAIT_BLOCK[x.device.type],
+        WAIT_BLOCK=WAIT_BLOCK[x.device.type], SOURCES_P2=triton.next_power_of_2(ws.world_size),
     )

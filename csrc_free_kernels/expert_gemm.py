@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from comet.kernels.routing import expert_segments, histogram_bins, locate_tile
+from comet.kernels.routing import bin_expert, expert_segments, histogram_bins, locate_tile
 
 ACTIVATION_IDS = {"swiglu": 0, "geglu": 1, "clamped_swiglu": 2}
 # How the routing weight of a row enters: not at all, on the accumulator before the bias (the
@@ -59,21 +59,21 @@ def locate_item(item, row_start, counts, tile_start, tile_end, num_tiles, num_n,
     return expert, first_row, end_row, n_block
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["lead_experts"])
 def _expert_gemm_kernel(
     a_ptr, stride_am, stride_ak,
     b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
     bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n,
     out_ptr, stride_om,
     sorted_rows_ptr, row_weights_ptr, hist_ptr,
-    N, K, alpha, limit,
+    N, K, alpha, limit, lead_experts,
     NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr, A_DESC: tl.constexpr,
-    WEIGHT_EXPERTS: tl.constexpr,  # the tile map's expert e uses weights e % WEIGHT_EXPERTS
+    WEIGHT_EXPERTS: tl.constexpr,  # < NUM_EXPERTS: the tile map has arrival bins (routing.arrival_bin)
 ):
     row_start, counts, tile_start, tile_end, num_tiles = expert_segments(
         hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK_M)
@@ -81,8 +81,9 @@ def _expert_gemm_kernel(
     for item in range(tl.program_id(0), num_tiles * num_n, NUM_PROGRAMS):
         expert, first_row, end_row, n_block = locate_item(
             item, row_start, counts, tile_start, tile_end, num_tiles, num_n, NUM_BINS, BLOCK_M, GROUP_M)
+        weights, _ = bin_expert(expert, lead_experts, WEIGHT_EXPERTS, NUM_EXPERTS)
         expert_gemm_tile(
-            expert % WEIGHT_EXPERTS, first_row, end_row, n_block,
+            weights, first_row, end_row, n_block,
             a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
             bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
             sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
@@ -289,7 +290,7 @@ def gemm_args(a, a_rows_gathered, b, b2, bias, bias2, out, sorted_rows, row_weig
         stride_bias_e=bias.stride(0) if has_bias else 0, stride_bias_n=bias.stride(1) if has_bias else 0,
         out_ptr=out, stride_om=out.stride(0),
         sorted_rows_ptr=sorted_rows, row_weights_ptr=row_weights, hist_ptr=hist,
-        N=n, K=k, alpha=alpha, limit=limit,
+        N=n, K=k, alpha=alpha, limit=limit, lead_experts=0,
         NUM_EXPERTS=num_experts, NUM_BINS=histogram_bins(num_experts), TOP_K=top_k,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         GATHER_A=a_rows_gathered, GATED=gated, INTERLEAVED=interleaved, ACTIVATION=ACTIVATION_IDS[activation],

@@ -81,6 +81,9 @@ COLUMN_CHUNK_CANDIDATES = (0, 1, 2, 4, 8)  # 0: GEMM2 and the combine unfused
 # tokens per rank on 2 x H200 where the model predicted parity or a 15% gain. So it must predict a
 # clear win; the tuned table decides the rest.
 FUSED_MARGIN = 0.2
+# Spare GEMM1 work before the first tiles that read other ranks' rows (`lead_experts`): a stalled
+# program costs more than re-reading an expert's weights.
+LEAD_MARGIN = 1.25
 
 
 class EpShape(NamedTuple):
@@ -215,6 +218,21 @@ def fused_seconds(shape: EpShape, n_comm: int, column_chunks: int, rates: Machin
     gemm2 = p["gemm2"] * stretch + (column_chunks - 1) * p["gemm2_input_s"]
     layer1 = max(gemm2, combine * (column_chunks - 1) / column_chunks) + combine / column_chunks
     return layer0 + layer1
+
+
+def lead_experts(shape: EpShape, n_comm: int, rates: MachineRates = H200_RATES) -> int:
+    """How many local experts' own rows the fused GEMM1 runs first (`comet.kernels.routing.arrival_bin`):
+    enough that their GEMM1 time on the computing programs covers the push to the other ranks
+    (own rows are 1/W of a balanced rank's), with LEAD_MARGIN to spare, so that the later experts'
+    rows from every source have arrived when their tiles come. Each of them has its weights read
+    once more; a tile that comes too early stalls its program instead."""
+    experts = shape.num_experts // shape.world
+    if shape.world == 1 or n_comm <= 0 or n_comm >= rates.sms:
+        return experts
+    p = _parts(shape, rates)
+    own_gemm1 = p["gemm1"] / shape.world * rates.sms / (rates.sms - n_comm)
+    dispatch = p["remote_bytes"] / push_bytes_per_s(n_comm, rates)
+    return min(experts, math.ceil(experts * LEAD_MARGIN * dispatch / own_gemm1))
 
 
 def best_column_chunks(shape: EpShape, n_comm: int, rates: MachineRates = H200_RATES) -> int:

@@ -14,13 +14,16 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
+import triton
+import triton.language as tl
 
 import comet
 from comet.comm import CommTimeoutError
+from comet.kernels.routing import arrival_bin, bin_expert
 from comet.reference import experts_reference
 from comet.scheduler import ep_split
 from comet.scheduler.ep_plan import plan_sends
-from conftest import needs_interpreter_loops
+from conftest import DEVICE, needs_interpreter_loops
 from test_comm import _backends, _launch
 
 H, F, E = 32, 16, 8
@@ -60,16 +63,23 @@ def _routing(gen: torch.Generator, num_tokens: int, top_k: int, kind: str):
 
 def _run_calls(seed: int, calls: list, max_tokens: int) -> list:
     """Each call: (tokens per rank, top_k, routing kind, dtype, cfg changes, n_comm); the changes may
-    also name `column_chunks` (of the fused GEMM2). Returns each rank's relative errors. All calls
-    go through one workspace."""
+    also name `column_chunks` (of the fused GEMM2) and `lead_experts` (of the fused tile order, in
+    place of the cost model's). Returns each rank's relative errors. All calls go through one
+    workspace."""
+    import comet.ep
     import comet.kernels.expert_gemm as expert_gemm
     from comet.ep import check_errors, ep_experts, release_workspace
+
+    model_lead = comet.ep.lead_experts
 
     rank, world, device = dist.get_rank(), dist.get_world_size(), _device()
     errors, min_block_m = [], expert_gemm.DESCRIPTOR_MIN_BLOCK_M
     for i, (tokens, top_k, kind, dtype, changes, n_comm) in enumerate(calls):
         changes = dict(changes)
         column_chunks = changes.pop("column_chunks", None)
+        lead = changes.pop("lead_experts", None)
+        comet.ep.lead_experts = model_lead if lead is None else (
+            lambda shape, *_, lead=lead: min(lead, shape.num_experts // shape.world))
         # Tensor descriptors for the interpreter's small tiles too (on a GPU: tiles of 64+ rows).
         expert_gemm.DESCRIPTOR_MIN_BLOCK_M = 0 if changes.pop("descriptors", False) else min_block_m
         cfg = comet.MoEConfig(**{"hidden_size": H, "ffn_size": F, "num_experts": E, "top_k": top_k, **changes})
@@ -111,11 +121,15 @@ def _calls(world: int, gen: torch.Generator, n_random: int, max_tokens: int) -> 
         ([max_tokens] * world, 2, "random", fp32, dict(descriptors=True)),  # weights and GEMM2's input
         ([max_tokens - 1] * world, 3, "random", fp32, dict(column_chunks=0)),  # only the dispatch fused
     ]
-    fixed = [(*c, 0) for c in fixed] + [(*c, 1 + i % 3) for i, c in enumerate(fixed)]
+    # Fused: the cost model's lead experts (on these shapes: all of them) or 0 to 2.
+    fixed = [(*c, 0) for c in fixed] + [
+        (*c[:4], c[4] if i % 4 == 3 else dict(c[4], lead_experts=i % 4), 1 + i % 3) for i, c in enumerate(fixed)]
     # Then new routings and token counts every call through the same buffers.
     counts = torch.randint(0, max_tokens + 1, (n_random, world), generator=gen).tolist()
     tops = torch.randint(1, 5, (n_random,), generator=gen).tolist()
-    return fixed + [(c, k, "random", fp32, {}, i % 4) for i, (c, k) in enumerate(zip(counts, tops))]
+    leads = torch.randint(0, E // world + 1, (n_random,), generator=gen).tolist()
+    return fixed + [(c, k, "random", fp32, {"lead_experts": lead}, i % 4)
+                    for i, (c, k, lead) in enumerate(zip(counts, tops, leads))]
 
 
 @pytest.mark.parametrize("backend", _backends(2))
@@ -131,7 +145,7 @@ def test_four_ranks_against_reference(backend):
     seed = int(torch.randint(1 << 30, ()))
     calls = _calls(4, torch.Generator().manual_seed(seed), n_random=4, max_tokens=10)
     # Variants are covered on 2 ranks, but for the paths the split picks between.
-    calls = [c for c in calls if c[3] == torch.float32 and c[4] in ({}, {"column_chunks": 0})]
+    calls = [c for c in calls if c[3] == torch.float32 and set(c[4]) <= {"column_chunks", "lead_experts"}]
     for errors in _launch(_run_calls, 4, seed, calls, 10, backend=backend):
         assert len(errors) == len(calls)
 
@@ -193,6 +207,39 @@ def test_cuda_graph_replays(n_comm):
         assert len(errors) == 15
 
 
+def _arrival_bin(expert: torch.Tensor, position: int, lead: int, experts: int, world: int) -> torch.Tensor:
+    """The fused tile map's bins, spelled out: the own rows (position 0) of the first `lead`
+    experts, then every later expert's rows of each position, then the first experts' other rows."""
+    late = lead + (experts - lead) * world + expert * (world - 1) + position - 1
+    return torch.where(expert >= lead, lead + (expert - lead) * world + position, expert if position == 0 else late)
+
+
+@triton.jit
+def _bins_round_trip(out_ptr, lead, EXPERTS: tl.constexpr, SOURCES: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    expert, position = offs // SOURCES, offs % SOURCES
+    valid = offs < EXPERTS * SOURCES
+    bins = arrival_bin(expert, position, lead, EXPERTS, SOURCES)
+    back_expert, back_position = bin_expert(bins, lead, EXPERTS, EXPERTS * SOURCES)
+    tl.store(out_ptr + offs * 3, bins, mask=valid)
+    tl.store(out_ptr + offs * 3 + 1, back_expert, mask=valid)
+    tl.store(out_ptr + offs * 3 + 2, back_position, mask=valid)
+
+
+def test_arrival_bins_invert():
+    """routing.bin_expert inverts routing.arrival_bin: every bin once, for each lead."""
+    for experts, world in [(4, 2), (3, 4), (5, 1)]:
+        for lead in range(experts + 1):
+            out = torch.full((experts * world, 3), -7, dtype=torch.int32, device=DEVICE)
+            _bins_round_trip[(1,)](out, lead, EXPERTS=experts, SOURCES=world, BLOCK=triton.next_power_of_2(experts * world))
+            expert, position = torch.arange(experts * world) // world, torch.arange(experts * world) % world
+            spelled = torch.stack([_arrival_bin(e, int(p), lead, experts, world) for e, p in zip(expert, position)])
+            out = out.cpu()
+            assert torch.equal(out[:, 0], spelled.int()), (experts, world, lead)
+            assert sorted(out[:, 0].tolist()) == list(range(experts * world)), (experts, world, lead)
+            assert torch.equal(out[:, 1], expert.int()) and torch.equal(out[:, 2], position.int()), (experts, world, lead)
+
+
 def _dispatch_rounds(seed: int, token_counts: list) -> int:
     """Dispatch alone, call after call with new token counts: every source's tokens arrive at
     their slots, and the slots past each count are marked unused (not last-but-one call's). Every
@@ -218,9 +265,10 @@ def _dispatch_rounds(seed: int, token_counts: list) -> int:
         plan = plan_sends(ids, E, world)
         epoch = ws.next_epoch()
         dispatch_push(ws, bufs, epoch, x, ids, weights, plan.send_tokens, plan.counts, per_rank, num_programs=2)
-        arrival = call % 2 == 1
+        arrival, lead = call % 2 == 1, call % (per_rank + 1)
         got_ids, got_weights, got_counts = dispatch_receive(ws, bufs, epoch, top_k,
-                                                            arrival_experts=per_rank if arrival else 0)
+                                                            arrival_experts=per_rank if arrival else 0,
+                                                            lead_experts=lead)
         ws.check_errors()
         recv_x = ws.buffer(bufs.x, (world, capacity, H), torch.float32)
         for src in range(world):
@@ -232,8 +280,8 @@ def _dispatch_rounds(seed: int, token_counts: list) -> int:
             assert got_counts[src].item() == n, (call, src)
             assert torch.equal(recv_x[src, :n], x[tokens])
             # Rank d pushes to d, d+1, ... in turn: source src's rows reach this rank at step rank - src.
-            place = (rank - src) % world if arrival else 0
-            assert torch.equal(got_ids[src, :n], torch.where(mine, place * per_rank + local, -1)[tokens].int())
+            expected = torch.where(mine, _arrival_bin(local, (rank - src) % world, lead, per_rank, world), -1)
+            assert torch.equal(got_ids[src, :n], (expected if arrival else torch.where(mine, local, -1))[tokens].int())
             assert torch.equal(got_weights[src, :n], weights[tokens])
             assert (got_ids[src, n:] == -1).all() and (got_weights[src, n:] == 0).all(), (call, src)
         ws.barrier()
@@ -429,7 +477,7 @@ def _compile_ep_kernels() -> list:
                 ROW_WEIGHT=0, SCATTER_OUT=False, EVEN_K=True, DOT_PRECISION="tf32", UPCAST_DOT=False, B_DESC=1,
                 A_DESC=False, WEIGHT_EXPERTS=8)
     comm = dict(WORLD=2, TOP_K=8, CHUNK=16, BLOCK_H=512, BLOCK_K=8, META_BLOCK=128, NUM_PROGRAMS=132,
-                META_KIND=2, CHUNK_KIND=3, WAIT_KIND=3, COMM_PROGRAMS=16, BLOCK_T=16, WAIT_BLOCK=64)
+                META_KIND=2, CHUNK_KIND=3, WAIT_KIND=3, COMM_PROGRAMS=16, BLOCK_T=16, WAIT_BLOCK=64, SOURCES_P2=2)
     cases = [
         (ep_dispatch._dispatch_push_kernel, dict(comm, PUSH_ROWS=True)),
         (ep_dispatch._dispatch_push_kernel, dict(comm, PUSH_ROWS=False)),
