@@ -10,6 +10,11 @@ over the unfused GEMMs is the price of their structure alone.
 
     torchrun --nproc-per-node 2 bench/ep_kernels.py --shapes Qwen3-30B-A3B --tokens 8192 --n-comm 0 8 16 8:0
 
+`--leads` times the fused splits with other lead experts (the fused GEMM1's own rows run first,
+`comet.ep.ep_experts(lead_experts=...)`): "model" (the cost model's) or a share of a rank's experts
+(1.0: every source's rows after all own rows). The unfused path's two GEMM launches (one kernel
+name) are listed apart: `_expert_gemm_kernel (GEMM1)` and `(GEMM2)`.
+
 Prints a table per shape (kernels x splits, us per call, rank 0); appends bench/results/ep_kernels.csv
 (GPU, torch, Triton, commit in every row; copied to $OUT when set).
 """
@@ -46,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--n-comm", nargs="+", default=["0", "8", "16"],
                    help="splits: N pushing programs (0: unfused) or N:0 (only the dispatch fused)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--leads", nargs="+", default=["model"],
+                   help="lead experts of the fused splits: 'model' or a share of a rank's experts (default: model)")
     p.add_argument("--calls", type=int, default=10, help="profiled calls per split (default %(default)s)")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
@@ -53,7 +60,22 @@ def parse_args(argv=None):
         [parse_split(v) for v in args.n_comm]
     except ValueError as err:
         p.error(f"--n-comm: {err}")
+    for lead in args.leads:
+        if lead != "model" and not 0.0 <= _share(lead) <= 1.0:
+            p.error(f"--leads: expected 'model' or a share in [0, 1], got {lead!r}")
     return args
+
+
+def _share(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return -1.0
+
+
+def lead_count(lead: str, experts_per_rank: int) -> int | None:
+    """--leads value -> ep_experts' lead_experts (None: the cost model's)."""
+    return None if lead == "model" else round(float(lead) * experts_per_rank)
 
 
 def kernel_times(call, calls: int) -> tuple[dict[str, float], float]:
@@ -70,10 +92,16 @@ def kernel_times(call, calls: int) -> tuple[dict[str, float], float]:
         end.record()
         torch.cuda.synchronize()
     per_kernel: dict[str, float] = {}
-    for event in prof.key_averages():
-        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
-        if us > 0 and event.key:
-            per_kernel[event.key[:60]] = per_kernel.get(event.key[:60], 0.0) + us / calls
+    gemms = 0  # launches of the expert GEMM kernel: unfused, GEMM1 and GEMM2 take turns
+    for event in prof.events():
+        if event.device_type.name != "CUDA" or not event.name:
+            continue
+        us = event.device_time_total  # a kernel's own time
+        name = event.name[:60]
+        if name.startswith("_expert_gemm_kernel"):
+            name = f"_expert_gemm_kernel (GEMM{1 + gemms % 2})"
+            gemms += 1
+        per_kernel[name] = per_kernel.get(name, 0.0) + us / calls
     return per_kernel, start.elapsed_time(end) * 1e3 / calls
 
 
@@ -96,13 +124,17 @@ def run(args) -> list[dict]:
             s = make_inputs(cfg, args.tokens, dtype, device, skew)
             for n_comm in args.n_comm:
                 split, column_chunks = parse_split(n_comm)
-                per_kernel, wall = kernel_times(
-                    lambda: ep_experts(s.x, s.topk_ids, s.topk_weights, local, cfg, max_tokens=args.tokens,
-                                       n_comm=split, column_chunks=column_chunks), args.calls)
-                rows += [{**env, "world_size": world, "shape": name, "tokens_per_rank": args.tokens,
-                          "n_comm": n_comm, "kernel": k, "us_per_call": us} for k, us in per_kernel.items()]
-                rows.append({**env, "world_size": world, "shape": name, "tokens_per_rank": args.tokens,
-                             "n_comm": n_comm, "kernel": "(wall time per call)", "us_per_call": wall})
+                for lead in args.leads if split != 0 else ["-"]:
+                    lead_experts = None if split == 0 else lead_count(lead, per_rank)
+                    per_kernel, wall = kernel_times(
+                        lambda: ep_experts(s.x, s.topk_ids, s.topk_weights, local, cfg, max_tokens=args.tokens,
+                                           n_comm=split, column_chunks=column_chunks, lead_experts=lead_experts),
+                        args.calls)
+                    per_kernel["(wall time per call)"] = wall
+                    series = n_comm if lead in ("-", "model") else f"{n_comm} lead {lead}"
+                    rows += [{**env, "world_size": world, "shape": name, "tokens_per_rank": args.tokens,
+                              "n_comm": series, "lead_experts": lead, "kernel": k, "us_per_call": us}
+                             for k, us in per_kernel.items()]
             release_workspace()
     return rows
 

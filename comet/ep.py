@@ -60,7 +60,8 @@ from comet.scheduler.configs import select_configs
 from comet.scheduler.ep_plan import plan_sends
 from comet.scheduler.ep_calibrate import group_rates
 from comet.scheduler.ep_split import (
-    EpShape, EpSplit, best_column_chunks, choose_split, default_rates, ep_shape, lead_experts,
+    EpShape, EpSplit, best_column_chunks, choose_split, default_rates, ep_shape,
+    lead_experts as model_lead_experts,
 )
 from comet.scheduler.routing import analyze_routing
 from comet.validation import check_hidden, check_routing
@@ -124,7 +125,8 @@ def _check_local_weights(w: ExpertWeights, experts_per_rank: int, cfg: MoEConfig
 
 def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, local_weights: ExpertWeights,
                cfg: MoEConfig, group=None, *, max_tokens: int, n_comm: int | str = "auto",
-               column_chunks: int | None = None, experts: bool = True) -> torch.Tensor:
+               column_chunks: int | None = None, lead_experts: int | None = None,
+               experts: bool = True) -> torch.Tensor:
     """Routed experts of this rank's tokens, x [T, H] -> [T, H], with the experts spread over
     `group`: this rank holds experts [r*E/W, (r+1)*E/W) in `local_weights`; `topk_ids` [T, K]
     are global ids (ids outside [0, E) are skipped). Collective: every rank of the group calls it
@@ -139,6 +141,9 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     column chunk as soon as GEMM2 has finished it).
     `column_chunks`: GEMM2's column chunks in the fused path (None: the split's choice; 0: only
     the dispatch fused, GEMM2 and the combine's push as separate launches on every SM).
+    `lead_experts`: in the fused GEMM1, how many local experts' own rows run before any other
+    rank's rows are read (`comet.kernels.routing.arrival_bin`; None: the cost model's
+    `ep_split.lead_experts`; E/W or more: every source's rows after all own rows).
 
     `experts=False` (with n_comm=0) skips the expert computation and sends the received rows back
     as the partials: the same traffic and no result, to time the communication alone.
@@ -149,6 +154,8 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
         raise ValueError(f"column_chunks: expected a non-negative int or None, got {column_chunks!r}")
     if not experts and n_comm not in (0, "auto"):
         raise ValueError("experts=False times the unfused communication: it needs n_comm=0")
+    if lead_experts is not None and (not isinstance(lead_experts, int) or lead_experts < 0):
+        raise ValueError(f"lead_experts: expected a non-negative int or None, got {lead_experts!r}")
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
     check_hidden(x, cfg.hidden_size, local_weights.gate_up, name="x")
@@ -190,7 +197,12 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     topk_weights = topk_weights.float().contiguous()
     fused = split.n_comm > 0
     plan = plan_sends(topk_ids, cfg.num_experts, world, every_token_to=ws.rank if fused else None)
-    lead = lead_experts(shape, split.n_comm, default_rates(device)) if fused else 0
+    if not fused:
+        lead_experts = 0
+    elif lead_experts is None:
+        lead_experts = model_lead_experts(shape, split.n_comm, default_rates(device))
+    else:
+        lead_experts = min(lead_experts, experts_per_rank)
     epoch = ws.next_epoch()
     # Fused, this launch only sends the routing (the rows go inside GEMM1's).
     dispatch_push(ws, dispatch, epoch, x, topk_ids, topk_weights, plan.send_tokens, plan.counts,
@@ -198,13 +210,13 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     # Fused, GEMM1 runs tiles in the order their rows can arrive: see dispatch_receive.
     recv_ids, recv_weights, recv_counts = dispatch_receive(ws, dispatch, epoch, top_k, wait_rows=not fused,
                                                            arrival_experts=experts_per_rank if fused else 0,
-                                                           lead_experts=lead)
+                                                           lead_experts=lead_experts)
     recv_x = ws.buffer(dispatch.x, (world, max_tokens, hidden), x.dtype).view(-1, hidden)
     recv_ids, recv_weights = recv_ids.view(-1, top_k), recv_weights.view(-1, top_k)
     w = local_weights
     if fused:
         _fused_experts(ws, dispatch, combine, epoch, x, plan, recv_x, recv_ids, recv_weights, recv_counts, w, cfg,
-                       split, lead, programs)
+                       split, lead_experts, programs)
     else:
         if device.type == "cpu":
             # The interpreter writes a kernel's tensor arguments back after the launch, and a

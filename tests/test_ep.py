@@ -66,11 +66,9 @@ def _run_calls(seed: int, calls: list, max_tokens: int) -> list:
     also name `column_chunks` (of the fused GEMM2) and `lead_experts` (of the fused tile order, in
     place of the cost model's). Returns each rank's relative errors. All calls go through one
     workspace."""
-    import comet.ep
     import comet.kernels.expert_gemm as expert_gemm
     from comet.ep import check_errors, ep_experts, release_workspace
 
-    model_lead = comet.ep.lead_experts
 
     rank, world, device = dist.get_rank(), dist.get_world_size(), _device()
     errors, min_block_m = [], expert_gemm.DESCRIPTOR_MIN_BLOCK_M
@@ -78,8 +76,6 @@ def _run_calls(seed: int, calls: list, max_tokens: int) -> list:
         changes = dict(changes)
         column_chunks = changes.pop("column_chunks", None)
         lead = changes.pop("lead_experts", None)
-        comet.ep.lead_experts = model_lead if lead is None else (
-            lambda shape, *_, lead=lead: min(lead, shape.num_experts // shape.world))
         # Tensor descriptors for the interpreter's small tiles too (on a GPU: tiles of 64+ rows).
         expert_gemm.DESCRIPTOR_MIN_BLOCK_M = 0 if changes.pop("descriptors", False) else min_block_m
         cfg = comet.MoEConfig(**{"hidden_size": H, "ffn_size": F, "num_experts": E, "top_k": top_k, **changes})
@@ -90,7 +86,8 @@ def _run_calls(seed: int, calls: list, max_tokens: int) -> list:
         ids, weights = (t.to(device) for t in _routing(gen, num_tokens, top_k, kind))
         with torch.no_grad():
             out = ep_experts(x, ids, weights, _local(full, rank, world, dtype), cfg, max_tokens=max_tokens,
-                             n_comm=n_comm, column_chunks=column_chunks)
+                             n_comm=n_comm, column_chunks=column_chunks,
+                             lead_experts=lead)
         check_errors()
         ref = experts_reference(x.float(), ids, weights, *full[:4], activation=cfg.activation,
                                 interleaved=full.interleaved, weight_on_input=cfg.weight_on_input)
@@ -127,7 +124,7 @@ def _calls(world: int, gen: torch.Generator, n_random: int, max_tokens: int) -> 
     # Then new routings and token counts every call through the same buffers.
     counts = torch.randint(0, max_tokens + 1, (n_random, world), generator=gen).tolist()
     tops = torch.randint(1, 5, (n_random,), generator=gen).tolist()
-    leads = torch.randint(0, E // world + 1, (n_random,), generator=gen).tolist()
+    leads = torch.randint(0, E // world + 2, (n_random,), generator=gen).tolist()  # E/W + 1 counts as E/W
     return fixed + [(c, k, "random", fp32, {"lead_experts": lead}, i % 4)
                     for i, (c, k, lead) in enumerate(zip(counts, tops, leads))]
 
@@ -446,6 +443,8 @@ def test_argument_errors():
         ep_experts(x, ids, weights, local, cfg, max_tokens=8, n_comm="fast")
     with pytest.raises(ValueError, match="column_chunks: expected a non-negative int or None"):
         ep_experts(x, ids, weights, local, cfg, max_tokens=8, column_chunks=-1)
+    with pytest.raises(ValueError, match="lead_experts: expected a non-negative int or None"):
+        ep_experts(x, ids, weights, local, cfg, max_tokens=8, lead_experts=-1)
     with pytest.raises(ValueError, match="max_tokens: expected a positive int"):
         ep_experts(x, ids, weights, local, cfg, max_tokens=0)
     with pytest.raises(ValueError, match="5 tokens exceed max_tokens=4"):
@@ -572,6 +571,24 @@ def test_split_cost_model(monkeypatch):
     monkeypatch.setattr(ep_split, "FUSED_STRUCTURE", 0.0)
     assert 1 - ep_split.fused_seconds(qwen, 8, 4) / ep_split.unfused_seconds(qwen) > 0.1
     assert ep_split.model_split(qwen._replace(tokens=0)) == (0, 1)
+
+
+def test_lead_experts():
+    """The fused GEMM1's lead: own rows of enough experts to cover the dispatch, as measured."""
+    qwen = ep_split.ep_shape(8192, 2048, 768, 128, 8, 2, torch.bfloat16)
+    mixtral = ep_split.ep_shape(8192, 4096, 14336, 8, 2, 2, torch.bfloat16)
+    deepseek = ep_split.ep_shape(8192, 7168, 2048, 256, 8, 2, torch.bfloat16)
+    # Measured on 2 x H200 with 8 pushing programs: Qwen3's dispatch outlasts all its own rows;
+    # Mixtral's and DeepSeek-V3's GEMMs are long enough for a lead (bench/results/ep_kernels.csv).
+    assert ep_split.lead_experts(qwen, 8) == 64
+    assert ep_split.lead_experts(mixtral, 8) < 4 and ep_split.lead_experts(deepseek, 8) < 128
+    for shape in (qwen, mixtral, deepseek):
+        experts = shape.num_experts // shape.world
+        leads = [ep_split.lead_experts(shape, n) for n in (1, 4, 8, 16, 32, 64)]
+        assert all(1 <= lead <= experts for lead in leads)
+        assert leads == sorted(leads, reverse=True)  # more pushing programs, earlier arrivals
+        assert ep_split.lead_experts(shape._replace(world=1, num_experts=experts), 8) == experts
+        assert ep_split.lead_experts(shape, 0) == experts  # unfused: not used
 
 
 def test_split_model_picks_the_fastest_fused(monkeypatch):
