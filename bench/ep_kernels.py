@@ -92,14 +92,14 @@ def kernel_times(call, calls: int) -> tuple[dict[str, float], float]:
         end.record()
         torch.cuda.synchronize()
     per_kernel: dict[str, float] = {}
-    gemms = 0  # launches of the expert GEMM kernel: unfused, GEMM1 and GEMM2 take turns
-    for event in prof.events():
-        if event.device_type.name != "CUDA" or not event.name:
-            continue
-        us = event.device_time_total  # a kernel's own time
-        name = event.name[:60]
+    kernels = [(e.name[:60], e.device_time_total) for e in prof.events() if e.device_type.name == "CUDA" and e.name]
+    # The expert GEMM kernel runs twice per call unfused (GEMM1 and GEMM2 take turns), once (GEMM2)
+    # with only the dispatch fused.
+    per_call = sum(name.startswith("_expert_gemm_kernel") for name, _ in kernels) // calls
+    gemms = 0
+    for name, us in kernels:
         if name.startswith("_expert_gemm_kernel"):
-            name = f"_expert_gemm_kernel (GEMM{1 + gemms % 2})"
+            name = f"_expert_gemm_kernel (GEMM{2 - (per_call == 2 and gemms % 2 == 0)})"
             gemms += 1
         per_kernel[name] = per_kernel.get(name, 0.0) + us / calls
     return per_kernel, start.elapsed_time(end) * 1e3 / calls
