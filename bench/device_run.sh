@@ -18,7 +18,7 @@
 #   ep_sweep bench/ep.py --graphs on 2 ranks: few pushing programs (2, 4, 8) for both fused splits, --write-table
 #   stress   bench/ep_stress.py, 1000 calls on 2 ranks
 #   profile  python -m comet profile on a 2-layer Qwen3-30B-A3B-shape model, 1 GPU and expert-parallel on 2
-#   ep4      with 4 GPUs: bench/ep.py on 4 ranks
+#   ep4      with 4 GPUs: bench/ep.py on 4 ranks, every shape, --write-table
 #   ep4_stress  with 4 GPUs: 300 stress calls on 4 ranks
 #   ep4_tests  with 4 GPUs: the 4-rank nccl tests
 # A Megatron-Core wheel in .whl/ (see bench/README.md) is installed first when present.
@@ -96,8 +96,8 @@ for p in "$@"; do
         --layers 2 --tokens 8192 --ep 2 --out "$RES/profile/qwen3_ep2" ;;
     ep4)
       if [ "$GPUS" -ge 4 ]; then
-        phase ep4 240 ep4 $TORCHRUN --nproc-per-node 4 bench/ep.py --quick --shapes Qwen3-30B-A3B OLMoE-1B-7B Mixtral-8x7B \
-          --tokens 8192 --n-comm 8 16
+        phase ep4 240 ep4 $TORCHRUN --nproc-per-node 4 bench/ep.py --quick --tokens 8192 --n-comm 8 16 --write-table
+        cp scheduler/tables/ep_*.json "$RES/ep4/" 2>/dev/null
       else
         echo "== ep4: skipped, $GPUS GPUs"
       fi ;;
