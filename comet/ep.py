@@ -7,13 +7,15 @@
 2. dispatch (`comet.kernels.ep_dispatch`): tokens, their routing (as the receiver's local expert
    ids) and weights pushed straight into the receivers' buffers, flags raised per chunk;
 3. on the receiver, the received slots of all sources form one "virtual token" batch
-   [W * max_tokens, H] whose unused slots carry id -1; the single-GPU routed-experts op
-   (`comet.ops.routed_experts`: routing analysis, GEMM1, GEMM2, slot combine) on this rank's
-   experts gives each received token's partial output. With `n_comm` > 0 the routing moves
-   first, the token rows are pushed inside GEMM1's launch (`dispatch_gate_up`) and the partial
-   rows inside GEMM2's (`down_combine`; with `column_chunks=0` by a separate push after GEMM2);
-4. combine (`comet.kernels.ep_combine`): partial rows pushed back to their sources, which sum them
-   in a fixed rank order.
+   [W * max_tokens, H] whose unused slots carry id -1: routing analysis, GEMM1 and GEMM2 of the
+   single-GPU kernels on this rank's experts; then `slot_sum_push` sums each received token's K
+   slot rows and stores the sum straight into its source's combine buffer (the push overlaps
+   the sum's reads; no separate copy). With `n_comm` > 0 the routing moves first, the token rows
+   are pushed inside GEMM1's launch (`dispatch_gate_up`, tiles in arrival-bin order: see
+   `comet.kernels.routing.arrival_bin`) and the slot sums inside GEMM2's (`down_combine`; with
+   `column_chunks=0` by `slot_sum_push` after GEMM2);
+4. combine (`comet.kernels.ep_combine`): each source waits for the partial rows of its tokens
+   and sums them in a fixed rank order.
 
 The workspace (`comet.comm.CommWorkspace`) is made once per group and shared by every layer
 (`group_workspace`); buffers are sized by `max_tokens` (tokens per rank per call, the same on
@@ -24,18 +26,19 @@ the waits give up after the workspace's `max_spins`; `check_errors(group)` (a ho
 `CommTimeoutError`. Forward only: the kernels build no autograd graph.
 
 What the fused path costs, measured (bench/ep_kernels.py, GPU time per kernel, Qwen3-30B-A3B, 8192
-tokens per rank, n_comm 8, commit 1b57878, bench/results/ep_kernels.csv). On one rank (nothing to
-send) the fused GEMM1 and GEMM2 + combine took 856 + 707 us against 1293 us for both GEMMs + 90 us
-for the slot sum unfused. On 2 x H200 they took 932 + 910 us, against (unfused) 1304 us of GEMMs,
-114 us of slot sum, 113 + 123 us to push and receive the tokens, 110 us to push the partial rows
-and 160 us to receive and sum them. So the fused GEMM1 about breaks even with GEMM1 + the
-dispatch, while the fused GEMM2 loses: its few pushing programs must also sum each token's K slot
-rows (for K = 8, eight rows read per row pushed), more than they can while GEMM2 runs, and its
-input is read once per column chunk. Hence `column_chunks=0`: only the dispatch fused. Earlier
-fixes: GEMM2 in a few column chunks (its input read once per chunk, not once per 128-column
-block), tiles polling 64 chunk flags per atomic, this rank's own tokens read from x in place
-(never copied, never waited for), combine flag chunks of 64 tokens on a GPU
-(`COMBINE_CHUNK_TOKENS`), the routing sent and received in blocks over many programs.
+tokens per rank, n_comm 8, bench/results/ep_kernels.csv). On 2 x H200 at commit 3cca3d7: the
+fused GEMM1 886-893 us against 737 us for GEMM1 alone + 112 us to push the rows + 5 us to
+receive them. Its 8 pushing programs, beside the computing ones, push at ~0.4 of their idle
+rate, so the other ranks' rows arrive ~100 us after the own rows are done; leading with fewer
+experts' own rows (`lead_experts`) stalls sooner (956 us at half of them). At commit 1b57878 the
+fused GEMM2 + combine took 910 us against 604 us of GEMM2 (+ 114 us of slot sum and 110 us of
+push, unfused then): its few pushing programs must also sum each token's K slot rows (for K = 8,
+eight rows read per row pushed), more than they can while GEMM2 runs, and its input is read once
+per column chunk. On one rank (nothing to send) the fused kernels cost 3-6% over the unfused
+GEMMs: the SMs given to pushing. Fixes along the way: GEMM2 in a few column chunks, tile waits
+polling 64 chunk flags per atomic and remembering what has arrived, this rank's own tokens read
+from x in place, combine flag chunks of 64 tokens on a GPU (`COMBINE_CHUNK_TOKENS`), the routing
+sent and received in blocks over many programs, the slot sum pushing its own sums.
 `n_comm="auto"` takes the tuned table's measured best (bench/ep.py --write-table), and without an
 entry stays unfused unless the cost model predicts a clear gain.
 """
@@ -49,13 +52,11 @@ from comet.backends import resolve_backend
 from comet.comm import CommWorkspace
 from comet.config import MoEConfig
 from comet.functional import ExpertWeights
-from comet.kernels.ep_combine import combine_buffers, combine_push, combine_reduce, down_combine
+from comet.kernels.ep_combine import combine_buffers, combine_push, combine_reduce, down_combine, slot_sum_push
 from comet.kernels.ep_dispatch import (
     dispatch_buffers, dispatch_gate_up, dispatch_push, dispatch_receive, over_virtual_experts,
 )
-from comet.kernels.combine import combine_slots
 from comet.kernels.expert_gemm import down_gemm_args, gate_up_gemm_args, launch_gemm
-from comet.ops import routed_experts
 from comet.scheduler.configs import select_configs
 from comet.scheduler.ep_plan import plan_sends
 from comet.scheduler.ep_calibrate import group_rates
@@ -213,19 +214,15 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
                                                            lead_experts=lead_experts)
     recv_x = ws.buffer(dispatch.x, (world, max_tokens, hidden), x.dtype).view(-1, hidden)
     recv_ids, recv_weights = recv_ids.view(-1, top_k), recv_weights.view(-1, top_k)
-    w = local_weights
-    if fused:
-        _fused_experts(ws, dispatch, combine, epoch, x, plan, recv_x, recv_ids, recv_weights, recv_counts, w, cfg,
-                       split, lead_experts, programs)
+    if not fused and device.type == "cpu":
+        # The interpreter writes a kernel's tensor arguments back after the launch, and a
+        # workspace buffer shares its storage with the peers' copies, which they may be writing.
+        recv_x = recv_x.clone()
+    if experts:
+        _experts(ws, dispatch, combine, epoch, x, plan, recv_x, recv_ids, recv_weights, recv_counts, local_weights,
+                 cfg, split, lead_experts)
     else:
-        if device.type == "cpu":
-            # The interpreter writes a kernel's tensor arguments back after the launch, and a
-            # workspace buffer shares its storage with the peers' copies, which they may be writing.
-            recv_x = recv_x.clone()
-        partial = recv_x if not experts else routed_experts(
-            recv_x, recv_ids, recv_weights, w.gate_up, w.down, w.gate_up_bias, w.down_bias, w.interleaved,
-            cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit, cfg.weight_on_input)
-        combine_push(ws, combine, epoch, partial, recv_counts, programs)
+        combine_push(ws, combine, epoch, recv_x, recv_counts, programs)  # the received rows, as the partials
     return combine_reduce(ws, combine, epoch, plan.mask, plan.slot, torch.empty_like(x))
 
 
@@ -243,32 +240,36 @@ def call_split(ws: CommWorkspace, shape: EpShape, n_comm: int | str, column_chun
     return split if column_chunks is None else split._replace(column_chunks=column_chunks)
 
 
-def _fused_experts(ws, dispatch, combine, epoch, x, plan, recv_x, recv_ids, recv_weights, recv_counts,
-                   w: ExpertWeights, cfg: MoEConfig, split: EpSplit, lead: int, programs: int):
-    """`comet.ops.routed_experts` on the virtual tokens, with pushing the token rows fused into
-    GEMM1 (recv_x is the receive buffer, filled while GEMM1 runs) and, unless
-    split.column_chunks is 0, pushing the partial rows to their sources fused into GEMM2
-    (recv_ids are arrival bins with `lead` lead experts; `programs`: the unfused push's launch width)."""
+def _experts(ws, dispatch, combine, epoch, x, plan, recv_x, recv_ids, recv_weights, recv_counts,
+             w: ExpertWeights, cfg: MoEConfig, split: EpSplit, lead: int):
+    """This rank's experts on the received tokens (recv_x [W*C, H], the receive buffer; recv_ids
+    [W*C, K] local expert ids, or with split.n_comm > 0 arrival bins with `lead` lead experts),
+    their partial rows pushed to the sources' combine buffers. Unfused: routing, GEMM1, GEMM2 and
+    `slot_sum_push`, each on every SM. Fused: pushing the token rows inside GEMM1's launch
+    (recv_x is filled while GEMM1 runs) and, unless split.column_chunks is 0, the slot sums and
+    their push inside GEMM2's."""
     rows, top_k = recv_ids.numel(), recv_ids.shape[1]
     experts, hidden, ffn = w.down.shape
-    virtual_experts = ws.world_size * experts  # recv_ids are arrival bins
-    routing = analyze_routing(recv_ids, virtual_experts)
+    fused = split.n_comm > 0
+    bins = ws.world_size * experts if fused else experts
+    routing = analyze_routing(recv_ids, bins)
     row_weights = recv_weights.reshape(-1)
     cfg1, cfg2 = select_configs(rows, experts, hidden, ffn, x.dtype, x.device)
     act = torch.empty(rows, ffn, dtype=x.dtype, device=x.device)
     gemm1 = gate_up_gemm_args(recv_x, w.gate_up, w.gate_up_bias, w.interleaved, routing.sorted_rows, row_weights,
                               routing.hist, act, top_k=top_k, activation=cfg.activation, alpha=cfg.swiglu_alpha,
                               limit=cfg.swiglu_limit, weight_on_input=cfg.weight_on_input, cfg=cfg1)
-    gemm1 = over_virtual_experts(gemm1, virtual_experts, lead)
-    dispatch_gate_up(ws, dispatch, epoch, x, plan.send_tokens, plan.counts, gemm1, split.n_comm)
     slots = torch.empty(rows, hidden, dtype=x.dtype, device=x.device)
     gemm2 = down_gemm_args(act, w.down, w.down_bias, routing.sorted_rows, row_weights, routing.hist, slots,
                            top_k=top_k, weight_on_input=cfg.weight_on_input, cfg=cfg2)
-    gemm2 = over_virtual_experts(gemm2, virtual_experts, lead)
-    if split.column_chunks > 0:
-        down_combine(ws, combine, epoch, gemm2, recv_ids, recv_counts, split.n_comm, split.column_chunks)
-        return
-    # Only the dispatch fused: GEMM2 on every SM, the slot sum, then the push of the partial rows.
+    if fused:
+        dispatch_gate_up(ws, dispatch, epoch, x, plan.send_tokens, plan.counts, over_virtual_experts(gemm1, bins, lead),
+                         split.n_comm)
+        gemm2 = over_virtual_experts(gemm2, bins, lead)
+        if split.column_chunks > 0:
+            down_combine(ws, combine, epoch, gemm2, recv_ids, recv_counts, split.n_comm, split.column_chunks)
+            return
+    else:
+        launch_gemm(*gemm1)
     launch_gemm(*gemm2)
-    partial = combine_slots(slots, recv_ids, virtual_experts, torch.empty_like(recv_x))
-    combine_push(ws, combine, epoch, partial, recv_counts, programs)
+    slot_sum_push(ws, combine, epoch, slots, recv_ids, recv_counts, bins)

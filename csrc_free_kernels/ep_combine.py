@@ -5,10 +5,11 @@ Combine buffer on every rank: `partials` [2, W, C, H] (epoch parity, contributin
 token's receive slot on d), flags [2, W, ceil(C / CHUNK)] (rank d's slots of that chunk have
 arrived). One slot per contributing rank, summed in a fixed rank order: deterministic.
 
-Unfused: `combine_push` (no waits) sends the rows of the slot combine's output. Fused
-(`down_combine`): GEMM2's launch runs its tiles column chunk by column chunk in its first
-programs, while its last programs sum each received token's K slot rows of every finished
-column chunk and push them. More chunks hide more of the push (only the last chunk's is exposed)
+`slot_sum_push` sums each received token's K slot rows (GEMM2's output) and stores the sums
+straight into the source's buffer, one launch (no waits); `combine_push` sends rows already
+summed (the communication-only timing). Fused into GEMM2 (`down_combine`): GEMM2's launch runs
+its tiles column chunk by column chunk in its first programs, while its last programs sum each
+received token's K slot rows of every finished column chunk and push them. More chunks hide more of the push (only the last chunk's is exposed)
 but read GEMM2's input once more per chunk: `comet.scheduler.ep_split` picks the count. Either
 way, `combine_reduce` then waits on the chunks each token block reads and sums in fp32.
 """
@@ -78,11 +79,12 @@ def _combine_push_kernel(
 def _sum_push_unit(unit, column_chunk, chunk_n, num_n, recv_ids_ptr, recv_counts_ptr, chunk_done_ptr, partials_table,
                    flags_table, out_ptr, stride_om, rank, epoch, capacity, n_chunks, N, COLUMN_CHUNKS,
                    NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, WORLD: tl.constexpr,
-                   CHUNK: tl.constexpr):
+                   CHUNK: tl.constexpr, COUNTED: tl.constexpr):
     """One unit of the combine push: token chunk `unit % n_chunks` of the `unit // n_chunks`-th
     source (sources rotated by rank, as in the dispatch) over one column chunk: sum each token's
-    K slot rows, store the partial rows into the source's buffer. Whoever pushes a token chunk's
-    last column chunk raises its flag there."""
+    K slot rows, store the partial rows into the source's buffer. COUNTED: whoever pushes a token
+    chunk's last column chunk (counted in chunk_done_ptr) raises its flag there; else the unit
+    covers every column and raises it."""
     src = (rank + unit // n_chunks) % WORLD
     c = unit % n_chunks
     count = tl.load(recv_counts_ptr + src)
@@ -104,9 +106,13 @@ def _sum_push_unit(unit, column_chunk, chunk_n, num_n, recv_ids_ptr, recv_counts
                                mask=routed[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
             tl.store(dst_rows + slots.to(tl.int64)[:, None] * N + offs_n[None, :],
                      acc.to(out_ptr.dtype.element_ty), mask=s_mask[:, None] & n_mask[None, :])
-        tl.debug_barrier()  # every thread's stores before the count
-        if tl.atomic_add(chunk_done_ptr + src * n_chunks + c, 1, sem="acq_rel", scope="sys") == COLUMN_CHUNKS - 1:
-            signal_set(peer_ptr(flags_table, src, flags_table) + (parity * WORLD + rank) * n_chunks + c, epoch)
+        flag = peer_ptr(flags_table, src, flags_table) + (parity * WORLD + rank) * n_chunks + c
+        if COUNTED:
+            tl.debug_barrier()  # every thread's stores before the count
+            if tl.atomic_add(chunk_done_ptr + src * n_chunks + c, 1, sem="acq_rel", scope="sys") == COLUMN_CHUNKS - 1:
+                signal_set(flag, epoch)
+        else:
+            signal_set(flag, epoch)
 
 
 @triton.jit
@@ -119,8 +125,25 @@ def _claim_units(column_chunk, claims_ptr, chunk_n, num_n, recv_ids_ptr, recv_co
     while unit < WORLD * n_chunks:
         _sum_push_unit(unit, column_chunk, chunk_n, num_n, recv_ids_ptr, recv_counts_ptr, chunk_done_ptr,
                        partials_table, flags_table, out_ptr, stride_om, rank, epoch, capacity, n_chunks, N,
-                       COLUMN_CHUNKS, NUM_EXPERTS, TOP_K, BLOCK_N, WORLD, CHUNK)
+                       COLUMN_CHUNKS, NUM_EXPERTS, TOP_K, BLOCK_N, WORLD, CHUNK, True)
         unit = tl.atomic_add(claims_ptr + column_chunk, 1, sem="relaxed", scope="gpu")
+
+
+@triton.jit(do_not_specialize=["rank"])
+def _slot_sum_push_kernel(
+    slots_ptr, stride_s,  # local [W*C*K, H]: GEMM2's weighted rows, token-slot order
+    recv_ids_ptr, recv_counts_ptr,  # local: int32 [W*C, K] received routing (-1: unused), int32 [W]
+    partials_table, flags_table,
+    rank, epoch_ptr, capacity, n_chunks, N,
+    NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, WORLD: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    # One program per (source, token chunk): its sums go straight to the source, no local copy.
+    epoch = tl.load(epoch_ptr)
+    num_n = tl.cdiv(N, BLOCK_N)
+    _sum_push_unit(tl.program_id(0), 0, num_n, num_n, recv_ids_ptr, recv_counts_ptr, recv_counts_ptr, partials_table,
+                   flags_table, slots_ptr, stride_s, rank, epoch, capacity, n_chunks, N, 1,
+                   NUM_EXPERTS, TOP_K, BLOCK_N, WORLD, CHUNK, False)
 
 
 # Program and chunk counts are plain arguments here: a new split must not compile a new kernel.
@@ -239,6 +262,27 @@ def combine_push(ws: CommWorkspace, bufs: CombineBuffers, epoch: torch.Tensor, p
         ws.rank, epoch, bufs.capacity, hidden, triton.cdiv(bufs.capacity, bufs.chunk),
         WORLD=ws.world_size, CHUNK=bufs.chunk, BLOCK_H=hidden_block(bufs.chunk, hidden, PUSH_WARPS),
         NUM_PROGRAMS=num_programs, num_warps=PUSH_WARPS,
+    )
+
+
+# [chunk, BLOCK_N] fp32 sums of 2K elements per warp, so that a block's K slot loads fit in registers.
+SUM_PUSH_WARPS = 8
+
+
+def slot_sum_push(ws: CommWorkspace, bufs: CombineBuffers, epoch: torch.Tensor, slots: torch.Tensor,
+                  recv_ids: torch.Tensor, recv_counts: torch.Tensor, num_experts: int):
+    """The slot combine and the combine's push in one launch: each received token's K slot rows
+    (slots [W*C*K, H], GEMM2's output; recv_ids [W*C, K], rows with ids outside [0, num_experts)
+    are skipped) summed in fp32 in slot order and stored straight into its source's combine
+    buffer, a flag per token chunk. The push's stores to the peers overlap the sum's local reads,
+    where `combine_slots` then `combine_push` would run one after the other."""
+    hidden, top_k = slots.shape[1], recv_ids.shape[1]
+    n_chunks = triton.cdiv(bufs.capacity, bufs.chunk)
+    _slot_sum_push_kernel[(ws.world_size * n_chunks,)](
+        slots, slots.stride(0), recv_ids, recv_counts, ws.ptr_table(bufs.partials), ws.ptr_table(bufs.flags),
+        ws.rank, epoch, bufs.capacity, n_chunks, hidden,
+        NUM_EXPERTS=num_experts, TOP_K=top_k, BLOCK_N=hidden_block(bufs.chunk, hidden, SUM_PUSH_WARPS // 2),
+        WORLD=ws.world_size, CHUNK=bufs.chunk, num_warps=SUM_PUSH_WARPS,
     )
 
 

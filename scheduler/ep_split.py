@@ -25,12 +25,13 @@ Cost model:
   rank holding one of its experts: with uniform routing of K distinct experts over E, a rank gets a
   token with probability 1 - C(E - E/W, K) / C(E, K); a rank pushes W - 1 such shares to the
   others, and unfused also copies its own share to itself;
-- unfused: GEMM1 + GEMM2 + dispatch + combine at every SM's bandwidth + the slot sum (HBM);
+- unfused: GEMM1 + GEMM2 + dispatch at every SM's bandwidth + the slot sum and the combine's
+  push in one launch (the slower of the two);
 - fused: max(GEMM1, dispatch to the others on n_comm programs) + max(GEMM2 + GEMM2's input
   re-read once per extra column chunk, (C-1)/C of the combine on n_comm programs) + the last
   chunk's combine (its own tokens' partial rows included: every token has a slot there);
-  with 0 column chunks (only the dispatch fused): the same GEMM1 term + the unfused GEMM2, slot
-  sum and combine.
+  with 0 column chunks (only the dispatch fused): the same GEMM1 term + the unfused GEMM2 and
+  slot sum with the push.
   Plus the fused kernels' own costs: their structure (tile waits, counters, each token's K slot
   rows summed by the few pushing programs while GEMM2 runs) adds `FUSED_STRUCTURE` of the GEMM
   time, and GEMM1 in arrival order reads each local expert's weights once per source. The
@@ -197,9 +198,10 @@ def _parts(shape: EpShape, rates: MachineRates) -> dict:
 
 
 def _unfused_layer1(p: dict, rates: MachineRates) -> float:
-    """GEMM2, the slot sum and the combine's push (own share included), each on every SM."""
+    """GEMM2 on every SM, then the slot sum with the combine's push (own share included) in one
+    launch: the slower of its local reads and its stores to the sources."""
     pushed = p["remote_bytes"] + p["own_bytes"]
-    return p["gemm2"] + p["slot_sum"] + pushed / push_bytes_per_s(rates.sms, rates)
+    return p["gemm2"] + max(p["slot_sum"], pushed / push_bytes_per_s(rates.sms, rates))
 
 
 def unfused_seconds(shape: EpShape, rates: MachineRates = H200_RATES) -> float:
