@@ -61,7 +61,7 @@ for p in "$@"; do
     kernel_tests)
       phase kernel_tests 240 tests python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_hf_bf16_gpu.py ;;
     ep_tests)
-      phase ep_tests 300 tests python3 -m pytest -v -p no:cacheprovider tests/test_ep.py tests/test_comm.py -k "nccl and not four" ;;
+      phase ep_tests 480 tests python3 -m pytest -v -p no:cacheprovider tests/test_ep.py tests/test_comm.py -k "nccl and not four" ;;
     single)
       phase single_gpu 420 single python3 bench/single_gpu.py --quick --tokens 128 4096 16384 ;;
     gemms)
