@@ -9,9 +9,10 @@ arrived). One slot per contributing rank, summed in a fixed rank order: determin
 straight into the source's buffer, one launch (no waits); `combine_push` sends rows already
 summed (the communication-only timing). Fused into GEMM2 (`down_combine`): GEMM2's launch runs
 its tiles column chunk by column chunk in its first programs, while its last programs sum each
-received token's K slot rows of every finished column chunk and push them. More chunks hide more of the push (only the last chunk's is exposed)
-but read GEMM2's input once more per chunk: `comet.scheduler.ep_split` picks the count. Either
-way, `combine_reduce` then waits on the chunks each token block reads and sums in fp32.
+received token's K slot rows of every finished column chunk and push them. More chunks hide
+more of the push (only the last chunk's is exposed) but read GEMM2's input once more per chunk:
+`comet.scheduler.ep_split` picks the count. Either way, `combine_reduce` then waits on the
+chunks each token block reads and sums in fp32.
 """
 from __future__ import annotations
 
