@@ -9,7 +9,8 @@ Every call draws, from (seed, call index) alone so that every rank draws the sam
     rank goes to one rank's experts; sometimes a fifth of the slots carry id E (Hugging Face's
     "expert elsewhere", skipped);
   - n_comm, one of --n-comm (0: unfused; "auto": the split's choice; > 0: fused kernels; "N:0":
-    N pushing programs with only the dispatch fused).
+    N pushing programs with only the dispatch fused), and for the fused kernels the lead experts
+    of GEMM1's tile order: half the time the cost model's, else any from 0 to E/W.
 Each rank then makes its own tokens and checks its output (every element; any NaN or inf is a
 mismatch) against `comet.reference.experts_reference` in fp32 on its device, with the full weights
 (made once from the seed on every rank; each rank passes its slice of experts). Relative Frobenius
@@ -123,6 +124,7 @@ class CallParams:
     skew_std: float  # std of the per-expert logit skew
     one_rank: int | None  # every token's experts on this rank, or None
     skipped_share: float  # share of slots given id E (skipped)
+    lead_experts: int | None  # the fused GEMM1's lead experts (None: the cost model's)
 
     def describe(self, seed: int) -> str:
         return ", ".join(f"{k}={v}" for k, v in {"seed": seed, **asdict(self)}.items())
@@ -149,8 +151,9 @@ def call_params(seed: int, index: int, world: int, max_tokens: int, n_comm_choic
         counts[empty_rank] = 0
     # One rank's experts can serve every token only if it has top_k of them.
     one_rank = one_rank and cfg.top_k <= cfg.num_experts // world
+    model_lead, lead = draw() < 0.5, pick(cfg.num_experts // world + 1)
     return CallParams(index, tuple(counts), n_comm, round(skew_std, 4), target if one_rank else None,
-                      SKIPPED_SHARE if skipped else 0.0)
+                      SKIPPED_SHARE if skipped else 0.0, None if model_lead else lead)
 
 
 def rank_inputs(p: CallParams, seed: int, rank: int, world: int, cfg: comet.MoEConfig, dtype: torch.dtype,
@@ -237,7 +240,7 @@ def run(args) -> dict | None:
             x, ids, weights = rank_inputs(p, seed, rank, world, cfg, dtype, device)
             n_comm, column_chunks = parse_split(p.n_comm)
             out = ep_experts(x, ids, weights, local, cfg, max_tokens=args.max_tokens, n_comm=n_comm,
-                             column_chunks=column_chunks)
+                             column_chunks=column_chunks, lead_experts=p.lead_experts)
             ref = experts_reference(x.float(), ids, weights, *ref_w[:4], activation=cfg.activation,
                                     swiglu_alpha=cfg.swiglu_alpha, swiglu_limit=cfg.swiglu_limit,
                                     interleaved=ref_w.interleaved, weight_on_input=cfg.weight_on_input)

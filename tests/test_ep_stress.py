@@ -51,13 +51,15 @@ def test_calls_are_reproducible_and_cover_the_special_cases():
     assert any(0 in p.counts for p in calls)
     assert {p.one_rank for p in calls} == {None, 0, 1}
     assert any(p.skipped_share for p in calls)
+    assert {p.lead_experts for p in calls} == {None, *range(CFG.num_experts // world + 1)}
     # top_k above a rank's experts: no call can send every token to one rank
     wide = CFG.replace(top_k=5)
     assert all(ep_stress.call_params(7, i, world, max_tokens, choices, wide).one_rank is None for i in range(100))
 
 
 def test_rank_inputs_follow_the_call():
-    base = ep_stress.CallParams(index=3, counts=(9, 0), n_comm=0, skew_std=1.0, one_rank=None, skipped_share=0.0)
+    base = ep_stress.CallParams(index=3, counts=(9, 0), n_comm=0, skew_std=1.0, one_rank=None, skipped_share=0.0,
+                                lead_experts=None)
     x, ids, weights = ep_stress.rank_inputs(base, 5, 0, 2, CFG, torch.bfloat16, torch.device("cpu"))
     assert x.shape == (9, 16) and x.dtype == torch.bfloat16 and ids.shape == weights.shape == (9, 2)
     assert (ids.sort(dim=1).values.diff(dim=1) > 0).all()  # distinct experts per token
