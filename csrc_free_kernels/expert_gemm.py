@@ -305,9 +305,14 @@ def gemm_args(a, a_rows_gathered, b, b2, bias, bias2, out, sorted_rows, row_weig
     return args, max_tiles * triton.cdiv(n, cfg.block_n)
 
 
-def launch_gemm(args: dict, max_items: int):
-    """Launch `_expert_gemm_kernel` on `gemm_args` (or `*_gemm_args`) output."""
+def launch_gemm(args: dict, max_items: int, max_programs: int | None = None):
+    """Launch `_expert_gemm_kernel` on `gemm_args` (or `*_gemm_args`) output: one persistent
+    program per SM, or at most `max_programs` (leaving SMs to a kernel on another stream)."""
     num_programs = _num_programs(args["a_ptr"].device, max_items)
+    if max_programs is not None:
+        if max_programs < 1:
+            raise ValueError(f"max_programs: expected >= 1, got {max_programs}")
+        num_programs = min(num_programs, max_programs)
     _expert_gemm_kernel[(num_programs,)](**args, NUM_PROGRAMS=num_programs)
 
 

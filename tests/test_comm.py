@@ -203,3 +203,23 @@ def test_bench_smoke(tmp_path, monkeypatch, capsys):
     assert table[["gpu", "torch", "triton", "commit"]].notna().all().all()
     assert (tmp_path / "out" / "comm_probe.csv").is_file()
     assert "GB/s each rank pushes to its peers" in capsys.readouterr().out
+
+
+@needs_interpreter_loops
+def test_overlap_probe_smoke(tmp_path, monkeypatch, capsys):
+    """bench/overlap_probe.py's logic on 2 CPU ranks: both movers run alone and beside GEMM1, what
+    arrives is checked, and a row per mover is written."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        monkeypatch.syspath_prepend(root)
+    from bench import overlap_probe
+
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    assert overlap_probe.main(["--smoke", "--results-dir", str(tmp_path)]) == 0
+    table = pd.read_csv(tmp_path / "overlap_probe.csv")
+    assert list(table["mover"]) == ["push 2", "copy"] and (table["world_size"] == 2).all()
+    times = table[["gemm_full_us", "gemm_alone_us", "move_alone_us", "pair_us", "gemm_in_pair_us", "move_in_pair_us"]]
+    assert (times > 0).all().all() and (table["pair_us"] >= table["gemm_in_pair_us"]).all()
+    assert table[["gpu", "torch", "triton", "commit"]].notna().all().all()
+    assert (tmp_path / "out" / "overlap_probe.csv").is_file()
+    assert "hidden: 1 - (pair - GEMM1 on every SM) / move alone" in capsys.readouterr().out
