@@ -12,14 +12,15 @@
                   benchmark's routing (probs and routing map made outside the timing), so it computes
                   the same thing
   ours            `comet.ep.ep_experts` with n_comm=0: dispatch kernel (each token once per
-                  destination rank), the persistent expert GEMMs, combine kernel; no host sync
+                  destination rank), the persistent expert GEMMs, the slot sum pushing to the
+                  sources, combine kernel; no host sync
   ours_auto       the same with n_comm="auto" (the layer's default): `comet.scheduler.ep_split`'s
                   choice, noted in the row
   ours_fused      the same with n_comm > 0 (--n-comm, one row each): routing first, then the token
                   rows pushed by the first n_comm programs of GEMM1's launch while the others compute,
                   and the partial rows pushed by the last n_comm programs of GEMM2's launch
-  ours_fused_dispatch  the same with only the dispatch fused (column_chunks=0): GEMM2, the slot sum
-                  and the combine's push as separate launches on every SM
+  ours_fused_dispatch  the same with only the dispatch fused (column_chunks=0): GEMM2, then the slot
+                  sum pushing its sums to the sources, as separate launches on every SM
 
 and two diagnostic rows (not checked, not plotted) from which each row's `comm_hidden`, the share
 of the communication hidden behind computation, 1 - (t - t_compute_only) / t_comm_only, follows

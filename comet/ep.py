@@ -135,13 +135,13 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
 
     `n_comm`: "auto" (default) lets `comet.scheduler.ep_split` choose from the shapes (tuned table,
     else cost model; the same choice on every rank, no host sync). 0 runs the dispatch, the
-    single-GPU routed-experts op and the combine as separate launches; n_comm > 0 moves the
-    routing first, then fuses pushing the token rows into GEMM1's launch (its first `n_comm`
-    programs push while the others compute, each tile waiting only for the chunks it reads) and
-    pushing the partial rows back into GEMM2's (its last `n_comm` programs sum and push each
-    column chunk as soon as GEMM2 has finished it).
+    expert GEMMs and the slot sum that pushes the partial rows back as separate launches on every
+    SM; n_comm > 0 moves the routing first, then fuses pushing the token rows into GEMM1's launch
+    (its first `n_comm` programs push while the others compute, each tile waiting only for the
+    chunks up to its last row's) and pushing the partial rows back into GEMM2's (its last
+    `n_comm` programs sum and push each column chunk as soon as GEMM2 has finished it).
     `column_chunks`: GEMM2's column chunks in the fused path (None: the split's choice; 0: only
-    the dispatch fused, GEMM2 and the combine's push as separate launches on every SM).
+    the dispatch fused, GEMM2 and the slot sum with its push as separate launches on every SM).
     `lead_experts`: in the fused GEMM1, how many local experts' own rows run before any other
     rank's rows are read (`comet.kernels.routing.arrival_bin`; None: the cost model's
     `ep_split.lead_experts`; E/W or more: every source's rows after all own rows).
