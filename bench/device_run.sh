@@ -14,7 +14,7 @@
 #   leads    bench/ep_kernels.py on 2 ranks, every shape: the fused GEMM1 with the model's lead experts and others
 #   overlap  bench/overlap_probe.py on 2 ranks: SM pushes and copy-engine copies beside GEMM1
 #   host     bench/host_overhead.py: host time of eager calls at 128 tokens, profiled
-#   ep       bench/ep.py on 2 ranks, 8192 tokens, every shape, --write-table
+#   ep       bench/ep.py on 2 ranks, every shape and token count, --write-table
 #   ep_graphs  bench/ep.py --graphs on 2 ranks: every row timed as CUDA-graph replays (GPU time), --write-table
 #   ep_sweep bench/ep.py --graphs on 2 ranks: few pushing programs (2, 4, 8) for both fused splits, --write-table
 #   stress   bench/ep_stress.py, 1000 calls on 2 ranks
@@ -80,7 +80,7 @@ for p in "$@"; do
     overlap)
       phase overlap_probe 200 overlap $TORCHRUN --nproc-per-node 2 bench/overlap_probe.py ;;
     ep)
-      phase ep2 400 ep $TORCHRUN --nproc-per-node 2 bench/ep.py --tokens 8192 --n-comm 4 8 16 32 --write-table
+      phase ep2 480 ep $TORCHRUN --nproc-per-node 2 bench/ep.py --n-comm 8 16 --write-table
       cp scheduler/tables/ep_*.json "$RES/ep/" 2>/dev/null ;;
     ep_graphs)
       phase ep2_graphs 240 ep $TORCHRUN --nproc-per-node 2 bench/ep.py --quick --graphs --tokens 8192 --n-comm 8 16 \

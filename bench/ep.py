@@ -82,7 +82,8 @@ from comet.scheduler.ep_split import EpSplit, ep_shape, write_table_entry  # noq
 from bench.single_gpu import ROUTER_SKEW_STD, expert_flops, make_inputs, make_weights, reference_output  # noqa: E402
 
 SHAPES = ("Mixtral-8x7B", "Qwen3-30B-A3B", "OLMoE-1B-7B", "DeepSeek-V3")
-TOKENS = (4096, 16384)  # full default run: 4 shapes x 2 token counts x 10 rows (time not yet measured)
+# The token counts; at 8192 alone, 4 shapes with 2 n_comm values took ~45 s on 2 H200s.
+TOKENS = (1024, 4096, 8192, 16384)
 SMOKE_TOKENS = (8, 12)
 DIAGNOSTICS = ("comm_only", "compute_only")  # timed only, for comm_hidden
 BASELINES = ("a2a_grouped_mm", "megatron_alltoall")
