@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from bench.common import RESULTS_DIR, append_csv, environment, publish  # noqa: E402
+from bench.common import RESULTS_DIR, append_csv, environment, publish, run_probe  # noqa: E402
 
 # (elements, programs, chunk elements) of the correctness calls; each list is run twice in a row.
 CHECK_CALLS = [(1000, 2, None), (4096, 8, 512), (1 << 20, 16, None), (1 << 20, 32, 4096), (12345, 3, 1024)]
@@ -214,39 +214,13 @@ def report(rows: list[dict], results_dir: Path):
     print(f"appended {len(rows)} rows to {path}")
 
 
-def _smoke_rank(args) -> list[dict]:
-    return run(args)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.smoke:
-        from comet.multiprocess import run_ranks
-
-        rows = run_ranks(_smoke_rank, 2, args, env={"TRITON_INTERPRET": "1"}, timeout=600)[0]
-        report(rows, args.results_dir)
-        return 0
-    if "LOCAL_RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        sys.exit("bench/comm_probe.py: launch it with torchrun, e.g. torchrun --nproc-per-node 2 "
-                 "bench/comm_probe.py (or add --smoke for a CPU run)")
-    if not torch.cuda.is_available():
-        sys.exit("bench/comm_probe.py: needs CUDA GPUs (or --smoke)")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if local_rank >= torch.cuda.device_count():
-        sys.exit(f"bench/comm_probe.py: local rank {local_rank} but only {torch.cuda.device_count()} GPUs visible")
     try:
         import comet.kernels  # noqa: F401
     except ImportError as e:
         sys.exit(f"bench/comm_probe.py: comet.kernels is not importable ({e}); run `pip install -e .` first")
-    torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl")
-    try:
-        rows = run(args)
-        if dist.get_rank() == 0:
-            report(rows, args.results_dir)
-    finally:
-        dist.destroy_process_group()
-    return 0
+    return run_probe("bench/comm_probe.py", run, report, args)
 
 
 if __name__ == "__main__":

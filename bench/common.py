@@ -106,8 +106,32 @@ def init_torchrun_rank(script: str, cpu_option: str | None = None):
         sys.exit(f"{script}: launch it with torchrun, e.g. torchrun --nproc-per-node 2 {script}{instead}")
     if not torch.cuda.is_available():
         sys.exit(f"{script}: needs CUDA GPUs{instead}")
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if local_rank >= torch.cuda.device_count():
+        sys.exit(f"{script}: local rank {local_rank} but only {torch.cuda.device_count()} GPUs visible")
+    torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl")
+
+
+def run_probe(script: str, run: Callable, report: Callable, args) -> int:
+    """A multi-rank probe's main: `run(args)` on every rank (rank 0 returns the rows), then
+    `report(rows, args.results_dir)`; on 2 CPU ranks with the interpreter when `args.smoke`,
+    else on this torchrun rank's GPU."""
+    import torch.distributed as dist
+
+    if args.smoke:
+        from comet.multiprocess import run_ranks
+
+        report(run_ranks(run, 2, args, env={"TRITON_INTERPRET": "1"}, timeout=600)[0], args.results_dir)
+        return 0
+    init_torchrun_rank(script, cpu_option="--smoke")
+    try:
+        rows = run(args)
+        if dist.get_rank() == 0:
+            report(rows, args.results_dir)
+    finally:
+        dist.destroy_process_group()
+    return 0
 
 
 def parse_split(value: str) -> tuple[int | str, int | None]:

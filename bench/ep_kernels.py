@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--n-comm", nargs="+", default=["0", "8", "16"],
                    help="splits: N pushing programs (0: unfused) or N:0 (only the dispatch fused)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    p.add_argument("--leads", nargs="+", default=["model"],
+    p.add_argument("--leads", nargs="+", default=["model"], type=lead_value,
                    help="lead experts of the fused splits: 'model' or a share of a rank's experts (default: model)")
     p.add_argument("--calls", type=int, default=10, help="profiled calls per split (default %(default)s)")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
@@ -60,17 +60,17 @@ def parse_args(argv=None):
         [parse_split(v) for v in args.n_comm]
     except ValueError as err:
         p.error(f"--n-comm: {err}")
-    for lead in args.leads:
-        if lead != "model" and not 0.0 <= _share(lead) <= 1.0:
-            p.error(f"--leads: expected 'model' or a share in [0, 1], got {lead!r}")
     return args
 
 
-def _share(text: str) -> float:
+def lead_value(text: str) -> str:
+    """A --leads value, checked: 'model' or a share in [0, 1]."""
     try:
-        return float(text)
+        if text == "model" or 0.0 <= float(text) <= 1.0:
+            return text
     except ValueError:
-        return -1.0
+        pass
+    raise argparse.ArgumentTypeError(f"expected 'model' or a share in [0, 1], got {text!r}")
 
 
 def lead_count(lead: str, experts_per_rank: int) -> int | None:

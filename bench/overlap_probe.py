@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from bench.common import DTYPES, RESULTS_DIR, append_csv, environment, init_torchrun_rank, publish  # noqa: E402
+from bench.common import DTYPES, RESULTS_DIR, append_csv, environment, publish, run_probe  # noqa: E402
 from bench.shapes import model_shape  # noqa: E402
 
 
@@ -134,6 +134,7 @@ def timed(main, side, repeats: int, device: torch.device) -> dict[str, float]:
     of `main` (on the current stream), of `side` (on a side stream) and of both; either may be None.
     On CPU they run one after the other."""
     spans = {"main": [], "side": [], "both": []}
+    present = [key for key, fn in (("main", main), ("side", side)) if fn]
     side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     for repeat in range(repeats + 1):
         dist.barrier()
@@ -144,27 +145,26 @@ def timed(main, side, repeats: int, device: torch.device) -> dict[str, float]:
             t1 = time.perf_counter()
             if side:
                 side()
-            t2 = time.perf_counter()
-            ends = {"main": t1 - t0, "side": t2 - t1 if not main else t2 - t0}
+            ends = {"main": t1 - t0, "side": time.perf_counter() - t0}
         else:
             torch.cuda.synchronize(device)
-            events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-            events[0].record()
+            start, main_end, side_end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            start.record()
             if side:
-                side_stream.wait_event(events[0])
+                side_stream.wait_event(start)
                 with torch.cuda.stream(side_stream):
                     side()
-                    events[2].record(side_stream)
+                    side_end.record(side_stream)
             if main:
                 main()
-            events[1].record()
+            main_end.record()
             torch.cuda.synchronize(device)
-            ends = {k: events[0].elapsed_time(events[i]) / 1e3 for k, i in (("main", 1), ("side", 2))
-                    if (main if k == "main" else side)}
+            ends = {key: start.elapsed_time(end) / 1e3 for key, end in (("main", main_end), ("side", side_end))
+                    if key in present}
         if repeat:
-            for key, seconds in ends.items():
-                spans[key].append(seconds)
-            spans["both"].append(max(ends.values()))
+            for key in present:
+                spans[key].append(ends[key])
+            spans["both"].append(max(ends[key] for key in present))
     slowest = {}
     for key, values in spans.items():
         if values:  # the slowest rank's median
@@ -218,8 +218,7 @@ def run(args) -> list[dict]:
                 print(f"{name} {mover}: GEMM1 {r['gemm_full_us']:.0f} us (alone on its SMs {r['gemm_alone_us']:.0f}), "
                       f"move {r['move_alone_us']:.0f} us, both {r['pair_us']:.0f} us, hidden {r['hidden_share']:.2f}",
                       flush=True)
-        for buffer_name in (movers.copy_name,):
-            ws.free(buffer_name)
+        ws.free(movers.copy_name)
     ws.close()
     return rows if dist.get_rank() == 0 else []
 
@@ -239,26 +238,8 @@ def report(rows: list[dict], results_dir: Path):
     print(f"appended {len(rows)} rows to {path}")
 
 
-def _smoke_rank(args) -> list[dict]:
-    return run(args)
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.smoke:
-        from comet.multiprocess import run_ranks
-
-        rows = run_ranks(_smoke_rank, 2, args, env={"TRITON_INTERPRET": "1"}, timeout=600)[0]
-        report(rows, args.results_dir)
-        return 0
-    init_torchrun_rank("bench/overlap_probe.py", cpu_option="--smoke")
-    try:
-        rows = run(args)
-        if dist.get_rank() == 0:
-            report(rows, args.results_dir)
-    finally:
-        dist.destroy_process_group()
-    return 0
+    return run_probe("bench/overlap_probe.py", run, report, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from comet.config import MoEConfig
 from comet.functional import ExpertWeights
 from comet.kernels.ep_combine import combine_buffers, combine_push, combine_reduce, down_combine, slot_sum_push
 from comet.kernels.ep_dispatch import (
-    dispatch_buffers, dispatch_gate_up, dispatch_push, dispatch_receive, over_virtual_experts,
+    dispatch_buffers, dispatch_gate_up, dispatch_push, dispatch_receive, over_arrival_bins,
 )
 from comet.kernels.expert_gemm import down_gemm_args, gate_up_gemm_args, launch_gemm
 from comet.scheduler.configs import select_configs
@@ -263,9 +263,9 @@ def _experts(ws, dispatch, combine, epoch, x, plan, recv_x, recv_ids, recv_weigh
     gemm2 = down_gemm_args(act, w.down, w.down_bias, routing.sorted_rows, row_weights, routing.hist, slots,
                            top_k=top_k, weight_on_input=cfg.weight_on_input, cfg=cfg2)
     if fused:
-        dispatch_gate_up(ws, dispatch, epoch, x, plan.send_tokens, plan.counts, over_virtual_experts(gemm1, bins, lead),
+        dispatch_gate_up(ws, dispatch, epoch, x, plan.send_tokens, plan.counts, over_arrival_bins(gemm1, bins, lead),
                          split.n_comm)
-        gemm2 = over_virtual_experts(gemm2, bins, lead)
+        gemm2 = over_arrival_bins(gemm2, bins, lead)
         if split.column_chunks > 0:
             down_combine(ws, combine, epoch, gemm2, recv_ids, recv_counts, split.n_comm, split.column_chunks)
             return

@@ -140,9 +140,10 @@ def _slot_sum_push_kernel(
     CHUNK: tl.constexpr,
 ):
     # One program per (source, token chunk): its sums go straight to the source, no local copy.
+    # It covers every column, so no count of column chunks (COUNTED=False: no counter pointer).
     epoch = tl.load(epoch_ptr)
     num_n = tl.cdiv(N, BLOCK_N)
-    _sum_push_unit(tl.program_id(0), 0, num_n, num_n, recv_ids_ptr, recv_counts_ptr, recv_counts_ptr, partials_table,
+    _sum_push_unit(tl.program_id(0), 0, num_n, num_n, recv_ids_ptr, recv_counts_ptr, None, partials_table,
                    flags_table, slots_ptr, stride_s, rank, epoch, capacity, n_chunks, N, 1,
                    NUM_EXPERTS, TOP_K, BLOCK_N, WORLD, CHUNK, False)
 
@@ -289,7 +290,7 @@ def slot_sum_push(ws: CommWorkspace, bufs: CombineBuffers, epoch: torch.Tensor, 
 
 def down_combine(ws: CommWorkspace, bufs: CombineBuffers, epoch: torch.Tensor, gemm: tuple[dict, int],
                  recv_ids: torch.Tensor, recv_counts: torch.Tensor, n_comm: int, column_chunks: int):
-    """GEMM2 fused with the combine's push: `gemm` (`ep_dispatch.over_virtual_experts(
+    """GEMM2 fused with the combine's push: `gemm` (`ep_dispatch.over_arrival_bins(
     expert_gemm.down_gemm_args(...))` over the received tokens: its output holds the weighted slot
     rows) runs in the first programs, in `column_chunks` column chunks (at most one per N block)
     one after another; the last `n_comm` programs sum each received token's slots of a

@@ -318,7 +318,7 @@ def dispatch_receive(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tens
     mod W, lead_experts)` for source s (its place in the order the sources push to this rank):
     sorted by them, the own rows of the first `lead_experts` experts come first, then each later
     expert's rows of every source, then the first experts' rows from the other sources
-    (`over_virtual_experts`)."""
+    (`over_arrival_bins`)."""
     w, c = ws.world_size, bufs.capacity
     ids = torch.empty(w, c, top_k, dtype=torch.int32, device=ws.device)
     weights = torch.empty(w, c, top_k, dtype=torch.float32, device=ws.device)
@@ -335,16 +335,15 @@ def dispatch_receive(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tens
     return ids, weights, counts
 
 
-def over_virtual_experts(gemm: tuple[dict, int], virtual_experts: int, lead_experts: int) -> tuple[dict, int]:
-    """`gemm` (`expert_gemm.*_gemm_args`) with its tile map over `virtual_experts` arrival bins
+def over_arrival_bins(gemm: tuple[dict, int], bins: int, lead_experts: int) -> tuple[dict, int]:
+    """`gemm` (`expert_gemm.*_gemm_args`) with its tile map over `bins` arrival bins
     (`dispatch_receive(arrival_experts=..., lead_experts=...)`'s), each bin using its expert's
     weights: for the fused kernels."""
     args, _ = gemm
     rows = args["sorted_rows_ptr"].numel()
-    max_items = (triton.cdiv(rows, args["BLOCK_M"]) + virtual_experts) * triton.cdiv(args["N"], args["BLOCK_N"])
+    max_items = (triton.cdiv(rows, args["BLOCK_M"]) + bins) * triton.cdiv(args["N"], args["BLOCK_N"])
     # WEIGHT_EXPERTS stays the weights' expert count (`gemm_args` set it).
-    return {**args, "NUM_EXPERTS": virtual_experts, "NUM_BINS": histogram_bins(virtual_experts),
-            "lead_experts": lead_experts}, max_items
+    return {**args, "NUM_EXPERTS": bins, "NUM_BINS": histogram_bins(bins), "lead_experts": lead_experts}, max_items
 
 
 def dispatch_gate_up(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tensor, x: torch.Tensor,
@@ -353,7 +352,7 @@ def dispatch_gate_up(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tens
     """Dispatch fused with GEMM1: the first `n_comm` programs push this rank's x rows to the other
     ranks (after
     `dispatch_push(push_rows=False)` and `dispatch_receive(wait_rows=False)` moved the routing),
-    the others run the tiles of `gemm` (`over_virtual_experts(expert_gemm.gate_up_gemm_args(...))`
+    the others run the tiles of `gemm` (`over_arrival_bins(expert_gemm.gate_up_gemm_args(...))`
     over the receive buffer viewed [W*C, H], this rank's own rows read from x), each first waiting
     for the chunks of rows it reads."""
     args, max_items = gemm

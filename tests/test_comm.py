@@ -4,6 +4,7 @@ gloo: CPU ranks, buffers in /dev/shm, the probe kernel under the Triton interpre
 ranks even on a GPU machine). nccl (where there are enough GPUs): one GPU per rank, symmetric
 memory, the kernel compiled. The rank functions are module-level so that the ranks can import them.
 """
+import importlib
 import multiprocessing
 import os
 import sys
@@ -188,14 +189,18 @@ def test_run_ranks_times_out():
 # ----------------------------------------------------------------------------------------------
 # The GPU benchmark's logic, on CPU ranks
 # ----------------------------------------------------------------------------------------------
-@needs_interpreter_loops
-def test_bench_smoke(tmp_path, monkeypatch, capsys):
+def _bench_probe(name: str, tmp_path, monkeypatch):
+    """bench/<name>.py, importable, with $OUT pointing into tmp_path."""
     root = str(Path(__file__).resolve().parents[1])
     if root not in sys.path:
         monkeypatch.syspath_prepend(root)
-    from bench import comm_probe as bench
-
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    return importlib.import_module(f"bench.{name}")
+
+
+@needs_interpreter_loops
+def test_bench_smoke(tmp_path, monkeypatch, capsys):
+    bench = _bench_probe("comm_probe", tmp_path, monkeypatch)
     assert bench.main(["--smoke", "--results-dir", str(tmp_path)]) == 0
     table = pd.read_csv(tmp_path / "comm_probe.csv")
     assert list(table["programs"]) == [1, 3]
@@ -209,12 +214,7 @@ def test_bench_smoke(tmp_path, monkeypatch, capsys):
 def test_overlap_probe_smoke(tmp_path, monkeypatch, capsys):
     """bench/overlap_probe.py's logic on 2 CPU ranks: both movers run alone and beside GEMM1, what
     arrives is checked, and a row per mover is written."""
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        monkeypatch.syspath_prepend(root)
-    from bench import overlap_probe
-
-    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    overlap_probe = _bench_probe("overlap_probe", tmp_path, monkeypatch)
     assert overlap_probe.main(["--smoke", "--results-dir", str(tmp_path)]) == 0
     table = pd.read_csv(tmp_path / "overlap_probe.csv")
     assert list(table["mover"]) == ["push 2", "copy"] and (table["world_size"] == 2).all()

@@ -470,7 +470,7 @@ def _compile_ep_kernels() -> list:
     pointers = dict(tables, x_ptr="*bf16", topk_ids_ptr="*i64", topk_weights_ptr="*fp32", send_tokens_ptr="*i32",
                     send_counts_ptr="*i32", ids_out_ptr="*i32", weights_out_ptr="*fp32", counts_out_ptr="*i32",
                     recv_counts_ptr="*i32", recv_ids_ptr="*i32", partial_ptr="*bf16", counts_ptr="*i32",
-                    mask_ptr="*i1", slot_ptr="*i32", a_ptr="*bf16", b_ptr="*bf16", b2_ptr="*bf16", bias_ptr="*bf16",
+                    mask_ptr="*i1", slot_ptr="*i32", slots_ptr="*bf16", a_ptr="*bf16", b_ptr="*bf16", b2_ptr="*bf16", bias_ptr="*bf16",
                     bias2_ptr="*bf16", out_ptr="*bf16", sorted_rows_ptr="*i64", row_weights_ptr="*fp32",
                     hist_ptr="*i32", alpha="fp32", limit="fp32")
     gemm = dict(NUM_EXPERTS=16, NUM_BINS=32, TOP_K=8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8,
@@ -488,6 +488,7 @@ def _compile_ep_kernels() -> list:
         (ep_combine._down_combine_kernel, {**comm, **gemm, "GATHER_A": False, "GATED": False, "ROW_WEIGHT": 2,
                                            "SCATTER_OUT": True, "A_DESC": True}),
         (ep_combine._combine_push_kernel, comm),
+        (ep_combine._slot_sum_push_kernel, dict(comm, NUM_EXPERTS=16, BLOCK_N=256)),
         (ep_combine._combine_reduce_kernel, dict(comm, BLOCK_H=256)),
     ]
     compiled = []
@@ -511,7 +512,7 @@ def test_kernels_compile_for_hopper(tmp_path):
             f"print(test_ep._compile_ep_kernels())")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("True") == 8, done.stdout
+    assert done.stdout.count("True") == 9, done.stdout
 
 
 def test_split_table_then_model(tmp_path, monkeypatch):
