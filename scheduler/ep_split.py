@@ -88,8 +88,9 @@ LEAD_MARGIN = 1.25
 # The fused GEMM1's pushing programs run at this share of their idle rate (`push_gbps`) beside
 # the computing ones: fitted to the fused GEMM1 of Qwen3-30B-A3B on 2 x H200, 8 pushing programs,
 # 8192 tokens per rank (bench/results/ep_kernels.csv, commit 3cca3d7: 891 us with every source's
-# rows last, against 737 us for GEMM1 alone on every SM, 785 on the 124 computing ones: ~105 us
-# of waiting after the own rows, i.e. the rows took ~500 us: ~67 GB/s against 172 idle).
+# rows last, against 737 us for GEMM1 alone on every SM, i.e. ~785 us scaled to the 124
+# computing ones (not measured): ~105 us of waiting after the own rows, so the rows took ~500 us:
+# ~67 GB/s against 172 idle).
 PUSH_SHARE_BESIDE_GEMM = 0.4
 
 
