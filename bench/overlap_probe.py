@@ -4,7 +4,7 @@ alone and at the same time as GEMM1 (two streams):
 
   push N   N Triton programs storing into every rank's buffer (`comet.kernels.comm_probe`, which
            also waits for what the others push to this rank); GEMM1 on the other SMs (SMs - N
-           persistent programs);
+           persistent programs); "push N cs": the same with evict-first loads and streaming stores;
   copy     the copy engines: a tensor copy into every rank's buffer (`CommWorkspace.peer_buffer`)
            on a side stream, GEMM1 on every SM.
 
@@ -108,11 +108,12 @@ class Movers:
         self.copy_recv = ws.buffer(self.copy_name, (ws.world_size, n), dtype)
         self.pushed = None
 
-    def push(self, programs: int):
+    def push(self, programs: int, streaming: bool):
         from comet.kernels.comm_probe import comm_probe
 
         block = 4096 if self.ws.device.type == "cuda" else 256
-        self.pushed = comm_probe(self.ws, self.data, num_programs=programs, block=block, num_warps=8, check=False)
+        self.pushed = comm_probe(self.ws, self.data, num_programs=programs, block=block, num_warps=8, check=False,
+                                 streaming=streaming)
 
     def copy(self):
         ws = self.ws
@@ -194,9 +195,9 @@ def run(args) -> list[dict]:
         movers = Movers(ws, n, dtype)
         run_gemm = gemm1(cfg, args.tokens, world, dtype, device)
         gemm_full = timed(lambda: run_gemm(sms), None, args.repeats, device)["main"]
-        kinds = [(f"push {p}", p) for p in args.push_programs if p < sms] + [("copy", 0)]
-        for mover, programs in kinds:
-            move = (lambda p=programs: movers.push(p)) if programs else movers.copy
+        kinds = [(f"push {p}{tag}", p, tag == " cs") for p in args.push_programs if p < sms for tag in ("", " cs")]
+        for mover, programs, streaming in kinds + [("copy", 0, False)]:
+            move = (lambda p=programs, s=streaming: movers.push(p, s)) if programs else movers.copy
             gemm_alone = timed(lambda: run_gemm(sms - programs), None, args.repeats, device)["main"]
             alone = timed(None, move, args.repeats, device)
             dist.barrier()

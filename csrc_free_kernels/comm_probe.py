@@ -36,6 +36,7 @@ def _comm_probe_kernel(
     WAIT_KIND: tl.constexpr,
     BLOCK: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,  # a constexpr, not tl.num_programs: Triton 3.6's interpreter can't loop on that
+    STREAMING: tl.constexpr,  # loads evict first, stores stream (.cs): keep the pushed bytes out of the way in L2
 ):
     epoch = tl.load(epoch_ptr)
     pid = tl.program_id(0)
@@ -50,7 +51,11 @@ def _comm_probe_kernel(
             for off in range(start, end, BLOCK):
                 offs = tl.multiple_of(off, BLOCK) + tl.arange(0, BLOCK)
                 mask = offs < end
-                tl.store(recv + offs, tl.load(send_ptr + offs, mask=mask), mask=mask)
+                if STREAMING:
+                    tl.store(recv + offs, tl.load(send_ptr + offs, mask=mask, eviction_policy="evict_first"),
+                             mask=mask, cache_modifier=".cs")
+                else:
+                    tl.store(recv + offs, tl.load(send_ptr + offs, mask=mask), mask=mask)
             flags = peer_ptr(flag_table, dst, flag_table)  # flags are int64, like the table
             signal_set(flags + (parity * world_size + rank) * n_chunks + c, epoch)
     # Then the same chunks from every source, in the order the sources push to this rank.
@@ -71,6 +76,7 @@ def comm_probe(
     num_warps: int = 4,
     check: bool = True,
     keep_buffers: bool = True,
+    streaming: bool = False,
 ) -> torch.Tensor:
     """Send `data` [n] to every rank of `ws` (itself included); return what arrived, [W, n]
     (row s = rank s's data). `num_programs` programs push `chunk_elems`-element chunks (default:
@@ -80,7 +86,8 @@ def comm_probe(
     the workspace's receive buffer, valid until the call after next (without `keep_buffers`: a
     copy, and the probe's buffers of this size are freed, collectively). `check` reads the
     workspace's error record back (a host sync) and raises `CommTimeoutError` if a wait timed out;
-    without it, call `ws.check_errors()` later.
+    without it, call `ws.check_errors()` later. `streaming` marks the loads evict-first and the stores
+    cache-streaming (what the pushes beside a GEMM would use, if it keeps its data in L2).
     """
     if not isinstance(data, torch.Tensor) or data.dim() != 1 or not data.is_contiguous():
         raise ValueError(f"data: expected a contiguous 1-D tensor, got {getattr(data, 'shape', type(data))}")
@@ -118,7 +125,8 @@ def comm_probe(
     _comm_probe_kernel[(grid,)](
         data, ws.ptr_table(recv_name), ws.ptr_table(flags_name), ws.errors,
         ws.rank, w, epoch, parity, n, chunk, n_chunks, ws.max_spins,
-        WAIT_KIND=int(WaitKind.PROBE_CHUNK), BLOCK=block, NUM_PROGRAMS=grid, num_warps=num_warps,
+        WAIT_KIND=int(WaitKind.PROBE_CHUNK), BLOCK=block, NUM_PROGRAMS=grid, STREAMING=streaming,
+        num_warps=num_warps,
     )
     if check:
         ws.check_errors()

@@ -217,7 +217,7 @@ def test_overlap_probe_smoke(tmp_path, monkeypatch, capsys):
     overlap_probe = _bench_probe("overlap_probe", tmp_path, monkeypatch)
     assert overlap_probe.main(["--smoke", "--results-dir", str(tmp_path)]) == 0
     table = pd.read_csv(tmp_path / "overlap_probe.csv")
-    assert list(table["mover"]) == ["push 2", "copy"] and (table["world_size"] == 2).all()
+    assert list(table["mover"]) == ["push 2", "push 2 cs", "copy"] and (table["world_size"] == 2).all()
     times = table[["gemm_full_us", "gemm_alone_us", "move_alone_us", "pair_us", "gemm_in_pair_us", "move_in_pair_us"]]
     assert (times > 0).all().all() and (table["pair_us"] >= table["gemm_in_pair_us"]).all()
     assert table[["gpu", "torch", "triton", "commit"]].notna().all().all()
