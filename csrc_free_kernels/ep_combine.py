@@ -84,9 +84,8 @@ def _sum_push_unit(unit, column_chunk, chunk_n, num_n, recv_ids_ptr, recv_counts
     """One unit of the combine push: token chunk `unit % n_chunks` of the `unit // n_chunks`-th
     source (sources rotated by rank, as in the dispatch) over one column chunk: sum each token's
     K slot rows, store the partial rows into the source's buffer. COUNTED: whoever pushes a token
-    chunk's last column chunk raises its flag there: the one whose count in chunk_done_ptr reaches
-    a multiple of COLUMN_CHUNKS (counts only grow, so they need no reset between calls); else the
-    unit covers every column and raises it."""
+    chunk's last column chunk (counted in chunk_done_ptr) raises its flag there; else the unit
+    covers every column and raises it."""
     src = (rank + unit // n_chunks) % WORLD
     c = unit % n_chunks
     count = tl.load(recv_counts_ptr + src)
@@ -111,8 +110,7 @@ def _sum_push_unit(unit, column_chunk, chunk_n, num_n, recv_ids_ptr, recv_counts
         flag = peer_ptr(flags_table, src, flags_table) + (parity * WORLD + rank) * n_chunks + c
         if COUNTED:
             tl.debug_barrier()  # every thread's stores before the count
-            done = tl.atomic_add(chunk_done_ptr + src * n_chunks + c, 1, sem="acq_rel", scope="sys") + 1
-            if done % COLUMN_CHUNKS == 0:
+            if tl.atomic_add(chunk_done_ptr + src * n_chunks + c, 1, sem="acq_rel", scope="sys") == COLUMN_CHUNKS - 1:
                 signal_set(flag, epoch)
         else:
             signal_set(flag, epoch)
@@ -132,24 +130,22 @@ def _claim_units(column_chunk, claims_ptr, chunk_n, num_n, recv_ids_ptr, recv_co
         unit = tl.atomic_add(claims_ptr + column_chunk, 1, sem="relaxed", scope="gpu")
 
 
-@triton.jit(do_not_specialize=["rank", "column_splits"])
+@triton.jit(do_not_specialize=["rank"])
 def _slot_sum_push_kernel(
     slots_ptr, stride_s,  # local [W*C*K, H]: GEMM2's weighted rows, token-slot order
     recv_ids_ptr, recv_counts_ptr,  # local: int32 [W*C, K] received routing (-1: unused), int32 [W]
-    split_done_ptr,  # local int64 [W, n_chunks]: column splits pushed per token chunk, over all calls
     partials_table, flags_table,
-    rank, epoch_ptr, capacity, n_chunks, N, column_splits,
+    rank, epoch_ptr, capacity, n_chunks, N,
     NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, WORLD: tl.constexpr,
-    CHUNK: tl.constexpr, COUNTED: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
-    # Program (unit, split): one column split of one (source, token chunk) unit; its sums go
-    # straight to the source, no local copy. The last split of a unit to finish raises the flag
-    # (COUNTED; with one split the program covers every column and raises it).
+    # One program per (source, token chunk): its sums go straight to the source, no local copy.
+    # It covers every column, so no count of column chunks (COUNTED=False: no counter pointer).
     epoch = tl.load(epoch_ptr)
     num_n = tl.cdiv(N, BLOCK_N)
-    _sum_push_unit(tl.program_id(0), tl.program_id(1), tl.cdiv(num_n, column_splits), num_n, recv_ids_ptr,
-                   recv_counts_ptr, split_done_ptr, partials_table, flags_table, slots_ptr, stride_s, rank, epoch,
-                   capacity, n_chunks, N, column_splits, NUM_EXPERTS, TOP_K, BLOCK_N, WORLD, CHUNK, COUNTED)
+    _sum_push_unit(tl.program_id(0), 0, num_n, num_n, recv_ids_ptr, recv_counts_ptr, None, partials_table,
+                   flags_table, slots_ptr, stride_s, rank, epoch, capacity, n_chunks, N, 1,
+                   NUM_EXPERTS, TOP_K, BLOCK_N, WORLD, CHUNK, False)
 
 
 # Program and chunk counts are plain arguments here: a new split must not compile a new kernel.
@@ -273,10 +269,6 @@ def combine_push(ws: CommWorkspace, bufs: CombineBuffers, epoch: torch.Tensor, p
 
 # [chunk, BLOCK_N] fp32 sums of 2K elements per warp, so that a block's K slot loads fit in registers.
 SUM_PUSH_WARPS = 8
-# Columns per program of the slot-sum push (a power of two): one program per (source, token chunk)
-# looping over every column kept too few loads and stores in flight. The interpreter's are few, so
-# that the tests' small rows cross several programs.
-SUM_PUSH_COLUMNS = {"cpu": 8, "cuda": 512}
 
 
 def slot_sum_push(ws: CommWorkspace, bufs: CombineBuffers, epoch: torch.Tensor, slots: torch.Tensor,
@@ -288,16 +280,11 @@ def slot_sum_push(ws: CommWorkspace, bufs: CombineBuffers, epoch: torch.Tensor, 
     where `combine_slots` then `combine_push` would run one after the other."""
     hidden, top_k = slots.shape[1], recv_ids.shape[1]
     n_chunks = triton.cdiv(bufs.capacity, bufs.chunk)
-    columns = SUM_PUSH_COLUMNS[slots.device.type]
-    block_n = min(hidden_block(bufs.chunk, hidden, SUM_PUSH_WARPS // 2), columns)
-    splits = triton.cdiv(hidden, columns)
-    # Counts of their own per split count: they stay multiples of it between calls.
-    split_done = ws.flags(f"ep.sum_push_counts.{n_chunks}.S{splits}", (ws.world_size, n_chunks))
-    _slot_sum_push_kernel[(ws.world_size * n_chunks, splits)](
-        slots, slots.stride(0), recv_ids, recv_counts, split_done, ws.ptr_table(bufs.partials),
-        ws.ptr_table(bufs.flags), ws.rank, epoch, bufs.capacity, n_chunks, hidden, splits,
-        NUM_EXPERTS=num_experts, TOP_K=top_k, BLOCK_N=block_n, WORLD=ws.world_size, CHUNK=bufs.chunk,
-        COUNTED=splits > 1, num_warps=SUM_PUSH_WARPS,
+    _slot_sum_push_kernel[(ws.world_size * n_chunks,)](
+        slots, slots.stride(0), recv_ids, recv_counts, ws.ptr_table(bufs.partials), ws.ptr_table(bufs.flags),
+        ws.rank, epoch, bufs.capacity, n_chunks, hidden,
+        NUM_EXPERTS=num_experts, TOP_K=top_k, BLOCK_N=hidden_block(bufs.chunk, hidden, SUM_PUSH_WARPS // 2),
+        WORLD=ws.world_size, CHUNK=bufs.chunk, num_warps=SUM_PUSH_WARPS,
     )
 
 

@@ -466,7 +466,7 @@ def _compile_ep_kernels() -> list:
 
     tables = {name: "*i64" for name in ("recv_x_table", "recv_ids_table", "recv_weights_table", "recv_count_table",
                                         "meta_table", "chunk_table", "partials_table", "flags_table", "error_ptr",
-                                        "column_done_ptr", "claims_ptr", "chunk_done_ptr", "split_done_ptr", "epoch_ptr")}
+                                        "column_done_ptr", "claims_ptr", "chunk_done_ptr", "epoch_ptr")}
     pointers = dict(tables, x_ptr="*bf16", topk_ids_ptr="*i64", topk_weights_ptr="*fp32", send_tokens_ptr="*i32",
                     send_counts_ptr="*i32", ids_out_ptr="*i32", weights_out_ptr="*fp32", counts_out_ptr="*i32",
                     recv_counts_ptr="*i32", recv_ids_ptr="*i32", partial_ptr="*bf16", counts_ptr="*i32",
@@ -488,7 +488,7 @@ def _compile_ep_kernels() -> list:
         (ep_combine._down_combine_kernel, {**comm, **gemm, "GATHER_A": False, "GATED": False, "ROW_WEIGHT": 2,
                                            "SCATTER_OUT": True, "A_DESC": True}),
         (ep_combine._combine_push_kernel, comm),
-        (ep_combine._slot_sum_push_kernel, dict(comm, NUM_EXPERTS=16, BLOCK_N=256, COUNTED=True)),
+        (ep_combine._slot_sum_push_kernel, dict(comm, NUM_EXPERTS=16, BLOCK_N=256)),
         (ep_combine._combine_reduce_kernel, dict(comm, BLOCK_H=256)),
     ]
     compiled = []
