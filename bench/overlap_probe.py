@@ -5,13 +5,13 @@ alone and at the same time as GEMM1 (two streams):
   push N   N Triton programs storing into every rank's buffer (`comet.kernels.comm_probe`, which
            also waits for what the others push to this rank); GEMM1 on the other SMs (SMs - N
            persistent programs); "push N cs": the same with evict-first loads and streaming stores;
-  copy     the copy engines: a tensor copy into every rank's buffer (`CommWorkspace.peer_buffer`)
+  copy     the copy engines: a tensor copy into every other rank's buffer (`CommWorkspace.peer_buffer`)
            on a side stream, GEMM1 on every SM.
 
 GEMM1 is the gate/up GEMM of one balanced rank of an expert-parallel call of the shape (tokens x
 top_k rows over the rank's E/W experts, random routing, the tuned tile configs); the bytes per rank
-are what its dispatch sends one rank (the tokens using one of that rank's experts), to every rank
-itself included (as comm_probe moves them). Per shape and mover: GEMM1 alone on the SMs it gets and
+are what its dispatch sends one rank (the tokens using one of that rank's experts), to every rank:
+the pushes to itself as well (as comm_probe moves them), the copies only to the others. Per shape and mover: GEMM1 alone on the SMs it gets and
 on every SM, the mover alone, both together (from the common start to the last end), each one's time
 inside the pair, the mover's GB/s to the other ranks alone and beside GEMM1, and the share of the
 mover's time hidden: 1 - (pair - GEMM1 alone on every SM) / mover alone. Every time is the slowest
@@ -116,16 +116,20 @@ class Movers:
                                  streaming=streaming)
 
     def copy(self):
+        # Only to the other ranks: the dispatch reads a rank's own rows in place, and a copy within
+        # one GPU would wait for SMs that the persistent GEMM holds.
         ws = self.ws
-        for j in range(ws.world_size):  # the next rank first, so that no two sources start on one target
-            dst = (ws.rank + 1 + j) % ws.world_size
+        for j in range(1, ws.world_size):  # the next rank first, so that no two sources start on one target
+            dst = (ws.rank + j) % ws.world_size
             ws.peer_buffer(self.copy_name, dst)[ws.rank].copy_(self.data, non_blocking=True)
 
     def check(self, mover: str):
-        """After a barrier: every source's data arrived whole."""
+        """After a barrier: every source's data arrived whole (the copy's: every other source's)."""
         self.ws.check_errors()
         got = self.pushed if mover.startswith("push") else self.copy_recv
         for src in range(self.ws.world_size):
+            if mover == "copy" and src == self.ws.rank:
+                continue
             if not torch.equal(got[src], rank_data(src, self.n, self.data.dtype, self.ws.device)):
                 raise AssertionError(f"{mover}: rank {self.ws.rank} got wrong data from rank {src}")
 
