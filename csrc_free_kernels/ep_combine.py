@@ -81,13 +81,14 @@ def _sum_push_unit(unit, column_chunk, chunk_n, num_n, recv_ids_ptr, recv_counts
                    flags_table, out_ptr, stride_om, rank, epoch, capacity, n_chunks, N, COLUMN_CHUNKS,
                    NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, WORLD: tl.constexpr,
                    CHUNK: tl.constexpr, COUNTED: tl.constexpr):
-    """One unit of the combine push: token chunk `unit % n_chunks` of the `unit // n_chunks`-th
-    source (sources rotated by rank, as in the dispatch) over one column chunk: sum each token's
-    K slot rows, store the partial rows into the source's buffer. COUNTED: whoever pushes a token
-    chunk's last column chunk (counted in chunk_done_ptr) raises its flag there; else the unit
-    covers every column and raises it."""
-    src = (rank + unit // n_chunks) % WORLD
-    c = unit % n_chunks
+    """One unit of the combine push: token chunk `unit // WORLD` of the `unit % WORLD`-th source
+    (sources rotated by rank, as in the dispatch) over one column chunk: sum each token's K slot
+    rows, store the partial rows into the source's buffer. Consecutive units go to different
+    sources, so that the stores over NVLink run all along beside the local ones, not after them.
+    COUNTED: whoever pushes a token chunk's last column chunk (counted in chunk_done_ptr) raises
+    its flag there; else the unit covers every column and raises it."""
+    src = (rank + unit % WORLD) % WORLD
+    c = unit // WORLD
     count = tl.load(recv_counts_ptr + src)
     if c * CHUNK < count:  # chunks past the count are empty: nothing to send, no flag
         parity = epoch % 2
