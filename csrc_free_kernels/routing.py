@@ -18,25 +18,41 @@ def histogram_bins(num_experts: int) -> int:
 
 
 @triton.jit
-def _expert_histogram_kernel(ids_ptr, hist_ptr, num_ids, NUM_EXPERTS: tl.constexpr,
-                             NUM_BINS: tl.constexpr, BLOCK: tl.constexpr):
+def _expert_histogram_kernel(ids_ptr, hist_ptr, keys_ptr, num_ids, NUM_EXPERTS: tl.constexpr,
+                             NUM_BINS: tl.constexpr, BLOCK: tl.constexpr, WRITE_KEYS: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ids = tl.load(ids_ptr + offs, mask=offs < num_ids, other=0).to(tl.int32)
     bins = tl.minimum(tl.maximum(ids, -1), NUM_EXPERTS) + 1
+    if WRITE_KEYS:
+        tl.store(keys_ptr + offs, bins.to(keys_ptr.dtype.element_ty), mask=offs < num_ids)
     bins = tl.where(offs < num_ids, bins, NUM_BINS - 1)
     counts = tl.histogram(bins, NUM_BINS)
     tl.atomic_add(hist_ptr + tl.arange(0, NUM_BINS), counts, sem="relaxed")
 
 
-def expert_histogram(topk_ids: torch.Tensor, num_experts: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """int32 [histogram_bins(E)]: bin 0 = ids < 0, bin 1+e = expert e, bin E+1 = ids >= E."""
+def expert_histogram(topk_ids: torch.Tensor, num_experts: int, out: torch.Tensor | None = None,
+                     keys: torch.Tensor | None = None) -> torch.Tensor:
+    """int32 [histogram_bins(E)]: bin 0 = ids < 0, bin 1+e = expert e, bin E+1 = ids >= E. `keys`
+    (as many as ids, an integer dtype that holds E + 1) also gets each id's bin."""
     num_bins = histogram_bins(num_experts)
     hist = torch.zeros(num_bins, dtype=torch.int32, device=topk_ids.device) if out is None else out.zero_()
     num_ids = topk_ids.numel()
     block = 1024
     _expert_histogram_kernel[(triton.cdiv(num_ids, block),)](
-        topk_ids, hist, num_ids, NUM_EXPERTS=num_experts, NUM_BINS=num_bins, BLOCK=block)
+        topk_ids, hist, keys, num_ids, NUM_EXPERTS=num_experts, NUM_BINS=num_bins, BLOCK=block,
+        WRITE_KEYS=keys is not None)
     return hist
+
+
+def sorted_routing_plan(flat_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted rows int64 [n], histogram) of any number of ids, equal to `torch.argsort(ids,
+    stable=True)` (where ids are in [-1, E]) and `expert_histogram`. The histogram launch also
+    writes each id's bin in the narrowest integer type that holds E + 1: the library's radix sort
+    then runs over 8 (or 16) key bits instead of the ids' 32 or 64."""
+    key_type = torch.uint8 if num_experts < 255 else torch.int16 if num_experts < 32767 else torch.int32
+    keys = torch.empty(flat_ids.numel(), dtype=key_type, device=flat_ids.device)
+    hist = expert_histogram(flat_ids, num_experts, keys=keys)
+    return torch.argsort(keys, stable=True), hist
 
 
 # Up to this many routed rows one program counts and sorts them (a bitonic sort in registers): one

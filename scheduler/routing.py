@@ -19,4 +19,4 @@ def analyze_routing(topk_ids: torch.Tensor, num_experts: int) -> RoutingPlan:
     flat = topk_ids.reshape(-1)
     if 0 < flat.numel() <= routing_kernels.SMALL_ROUTING_ROWS:
         return RoutingPlan(*routing_kernels.small_routing_plan(flat, num_experts))
-    return RoutingPlan(torch.argsort(flat, stable=True), routing_kernels.expert_histogram(flat, num_experts))
+    return RoutingPlan(*routing_kernels.sorted_routing_plan(flat, num_experts))
