@@ -35,6 +35,10 @@ def plan_sends(topk_ids: torch.Tensor, num_experts: int, world_size: int, every_
         mask[every_token_to] = True
     taken = mask.to(torch.int32)
     inclusive = taken.cumsum(dim=1, dtype=torch.int32)
-    # A stable sort puts each rank's tokens first, in token order: the inverse of `slot`.
-    send_tokens = torch.argsort(1 - taken, dim=1, stable=True).to(torch.int32)
-    return SendPlan(mask, inclusive - taken, taken.sum(dim=1, dtype=torch.int32), send_tokens)
+    slot, counts = inclusive - taken, taken.sum(dim=1, dtype=torch.int32)
+    # The inverse of `slot`: each rank's tokens first, in token order, then the others (what a
+    # stable sort of 1 - taken gives, by one scatter instead of a sort).
+    tokens = torch.arange(topk_ids.shape[0], dtype=torch.int32, device=topk_ids.device)
+    position = torch.where(mask, slot, counts[:, None] + tokens - inclusive)
+    send_tokens = torch.empty_like(slot).scatter_(1, position.long(), tokens.expand_as(slot))
+    return SendPlan(mask, slot, counts, send_tokens)

@@ -392,6 +392,7 @@ def test_send_plan():
         assert plan.mask[d].nonzero().flatten().tolist() == tokens
         assert plan.counts[d].item() == len(tokens)
         assert plan.send_tokens[d, :len(tokens)].tolist() == tokens
+        assert sorted(plan.send_tokens[d].tolist()) == list(range(num_tokens))  # every entry written
         assert plan.slot[d, tokens].tolist() == list(range(len(tokens)))
     # The fused path's own rank gets every token, slot t = token t; the others' plans are unchanged.
     everything = plan_sends(ids, E, world, every_token_to=1)
