@@ -1,7 +1,9 @@
 """Tile configurations of the expert GEMMs, chosen per call from the shape bucket.
 
 Source, in order: the tuned table for this GPU (`scheduler/tables/<gpu>.json`, written by
-`python -m comet tune`), else a heuristic on the mean rows per expert. No autotuning at call time.
+`python -m comet tune`): the shape's entry, else the entry of the same hidden and FFN sizes with
+the nearest expert count (an expert-parallel rank's E/W experts are the full model's GEMMs over
+fewer experts); else a heuristic on the mean rows per expert. No autotuning at call time.
 """
 from __future__ import annotations
 
@@ -77,10 +79,24 @@ def select_configs(num_rows: int, num_experts: int, hidden: int, ffn: int, dtype
     return _bucket_configs(rows_bucket(num_rows, num_experts), num_experts, hidden, ffn, dtype, device)
 
 
+def shape_entries(table: dict, num_experts: int, hidden: int, ffn: int, dtype: torch.dtype) -> dict | None:
+    """The table's buckets for this shape, else for the same hidden, FFN and dtype with the expert
+    count nearest in log scale (ties: the larger count), else None."""
+    exact = table.get(shape_key(num_experts, hidden, ffn, dtype))
+    if exact:
+        return exact
+    suffix = shape_key(0, hidden, ffn, dtype).removeprefix("E0")
+    counts = [int(key[1:-len(suffix)]) for key in table if key.endswith(suffix) and key[1:-len(suffix)].isdigit()]
+    if not counts:
+        return None
+    nearest = min(counts, key=lambda e: (abs(e.bit_length() - num_experts.bit_length()), -e))
+    return table[shape_key(nearest, hidden, ffn, dtype)]
+
+
 @functools.lru_cache(maxsize=None)  # a call's host time matters at decode sizes
 def _bucket_configs(bucket: int, num_experts: int, hidden: int, ffn: int, dtype: torch.dtype,
                     device: torch.device) -> tuple[GemmConfig, GemmConfig]:
-    entries = load_table(gpu_key(device)).get(shape_key(num_experts, hidden, ffn, dtype))
+    entries = shape_entries(load_table(gpu_key(device)), num_experts, hidden, ffn, dtype)
     if entries:
         # The tuned bucket nearest (in log scale) to this call's.
         best = min(entries, key=lambda b: abs(int(b).bit_length() - bucket.bit_length()))

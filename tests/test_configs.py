@@ -1,4 +1,5 @@
-"""Tile-config selection: tuned table first (nearest bucket), else the heuristic; shared memory fits."""
+"""Tile-config selection: tuned table first (nearest bucket; a missing expert count takes the nearest one's
+entry), else the heuristic; shared memory fits."""
 import json
 
 import torch
@@ -35,8 +36,22 @@ def test_table_entry_nearest_bucket_wins_over_heuristic(tmp_path, monkeypatch):
         assert (first.block_m, second.block_m) == (32, 64)
         other = configs.select_configs(64, 8, 512, 128, torch.bfloat16, cpu)  # no entry: heuristic
         assert other == configs.heuristic_configs(8, cpu)
+        # An expert-parallel rank's 4 experts of the same GEMMs: the E=8 entry, same buckets.
+        first, second = configs.select_configs(4 * 8, 4, 256, 128, torch.bfloat16, cpu)
+        assert (first.block_m, second.block_m) == (64, 32)
     finally:
         configs.clear_table_cache()
+
+
+def test_shape_entries_nearest_expert_count():
+    bf16 = torch.bfloat16
+    table = {configs.shape_key(e, 256, 128, bf16): {"1": e} for e in (8, 32, 128)}
+    table[configs.shape_key(64, 512, 128, bf16)] = {"1": "other H"}
+    table[configs.shape_key(16, 256, 128, torch.float16)] = {"1": "other dtype"}
+    nearest = {e: configs.shape_entries(table, e, 256, 128, bf16) for e in (1, 8, 16, 24, 64, 1024)}
+    assert nearest == {1: {"1": 8}, 8: {"1": 8}, 16: {"1": 32}, 24: {"1": 32}, 64: {"1": 128}, 1024: {"1": 128}}
+    assert configs.shape_entries(table, 8, 256, 64, bf16) is None
+    assert configs.shape_entries(table, 64, 512, 128, bf16) == {"1": "other H"}
 
 
 def test_shipped_h200_table_is_well_formed():
