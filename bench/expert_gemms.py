@@ -404,7 +404,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", metavar="SHAPE:TOKENS",
                    help="(shape, tokens) pairs; shapes: those of bench/shapes.py with gate-first weights and no "
-                        f"expert biases, of {', '.join(MODELS)} (default: {' '.join(DEFAULT_RUNS)})")
+                        f"expert biases, of {', '.join(MODELS)} (default: {' '.join(DEFAULT_RUNS)}); SHAPE/W: "
+                        "the experts of one of W expert-parallel ranks")
     p.add_argument("--configs", nargs="+", metavar="CONFIG",
                    help="candidate configs besides the selected one, as BLOCK_MxBLOCK_NxBLOCK_K-g<GROUP_M>w<warps>"
                         f"s<stages> (default: {' '.join(DEFAULT_CONFIGS)})")
@@ -425,9 +426,10 @@ def parse_args(argv):
     args.pairs = []
     for run in args.runs or (SMOKE_RUNS if args.smoke else DEFAULT_RUNS):
         name, _, tokens = run.rpartition(":")
-        if name.lower() not in by_key or not tokens.isdigit() or int(tokens) < 1:
-            p.error(f"--runs: expected SHAPE:TOKENS with SHAPE one of {names} and TOKENS > 0, got {run!r}")
-        args.pairs.append((by_key[name.lower()], int(tokens)))
+        base, slash, ranks = name.partition("/")
+        if base.lower() not in by_key or not tokens.isdigit() or int(tokens) < 1:
+            p.error(f"--runs: expected SHAPE[/W]:TOKENS with SHAPE one of {names} and TOKENS > 0, got {run!r}")
+        args.pairs.append((by_key[base.lower()] + slash + ranks, int(tokens)))
     for name in dict.fromkeys(name for name, _ in args.pairs):
         try:
             check_shape(model_shape(name))

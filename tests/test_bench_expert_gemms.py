@@ -66,3 +66,18 @@ def test_smoke_profile_checks_times_skips_and_writes(tmp_path, monkeypatch, caps
     assert switches() == switches_before
     assert "ours shipped" in log and "ours best" in log
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"expert_gemms.csv", "expert_gemms.log"}
+
+
+def test_expert_parallel_rank_shapes():
+    """SHAPE/W: one of W expert-parallel ranks' experts, the same GEMMs; bad W named in the error."""
+    from bench.shapes import model_shape
+
+    full, rank = model_shape("tiny-mixtral").cfg, model_shape("tiny-mixtral/2").cfg
+    assert rank.num_experts == full.num_experts // 2 and rank.top_k == full.top_k
+    assert (rank.hidden_size, rank.ffn_size) == (full.hidden_size, full.ffn_size)
+    assert model_shape(f"tiny-mixtral/{full.num_experts}").cfg.top_k == 1  # at most E/W
+    args = expert_gemms.parse_args(["--smoke", "--runs", "tiny-mixtral/2:8"])
+    assert args.pairs == [("tiny-mixtral/2", 8)]
+    for bad in ("tiny-mixtral/3:8", "tiny-mixtral/x:8", "tiny-mixtral/0:8"):
+        with pytest.raises(SystemExit):
+            expert_gemms.parse_args(["--smoke", "--runs", bad])
