@@ -3,7 +3,8 @@
 For each model shape and token count, GEMM1 and GEMM2 are timed separately (CUDA events, median)
 over every candidate that fits the bucket, on the same routing; the fastest pair is stored under
 the shape key and rows-per-expert bucket in `scheduler/tables/<gpu>.json` (merged with what is
-there), where `select_configs` finds it on the next call.
+there), where `select_configs` finds it on the next call. `--ep-ranks 2` also tunes each shape as
+one of 2 expert-parallel ranks (E/2 experts), the GEMMs such a rank runs.
 """
 from __future__ import annotations
 
@@ -102,6 +103,20 @@ def model_shape(name: str) -> tuple[int, int, int, int]:
     return cfg.num_experts, cfg.hidden_size, cfg.ffn_size, cfg.top_k
 
 
+def tuning_shapes(names, ep_ranks=(1,)) -> dict:
+    """name -> (experts, hidden, ffn, top_k) to tune: each model whole (W = 1) and, for each W > 1
+    of `ep_ranks`, as one of W expert-parallel ranks ("name/W": E/W experts, top_k at most E/W;
+    the token counts then mean tokens per rank)."""
+    shapes = {}
+    for name in names:
+        e, h, f, k = model_shape(name)
+        for w in ep_ranks:
+            if w < 1 or e % w:
+                raise ValueError(f"ep_ranks: {name}'s {e} experts do not split over {w} ranks")
+            shapes[name if w == 1 else f"{name}/{w}"] = (e // w, h, f, min(k, e // w))
+    return shapes
+
+
 def run(shapes: dict, token_counts, dtype: torch.dtype, device: torch.device, write: bool = True) -> dict:
     from tqdm import tqdm
 
@@ -130,15 +145,22 @@ def add_arguments(parser: argparse.ArgumentParser):
                         help="model shapes to tune (default: all)")
     parser.add_argument("--tokens", nargs="+", type=int, default=list(DEFAULT_TOKENS),
                         help="token counts; each gives a rows-per-expert bucket (default: %(default)s)")
+    parser.add_argument("--ep-ranks", nargs="+", type=int, default=[1], metavar="W",
+                        help="tune each shape as one of W expert-parallel ranks (E/W experts; the token counts "
+                             "are then per rank); 1: the whole layer (default: %(default)s)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--dry-run", action="store_true", help="print the table, do not write it")
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        shapes = tuning_shapes(args.shapes, args.ep_ranks)
+    except ValueError as err:
+        print(f"comet tune: {err}")
+        return 2
     if not torch.cuda.is_available():
         print("comet tune: needs a CUDA GPU (it times compiled kernels)")
         return 2
-    run({name: model_shape(name) for name in args.shapes}, args.tokens, DTYPES[args.dtype],
-        torch.device("cuda"), write=not args.dry_run)
+    run(shapes, args.tokens, DTYPES[args.dtype], torch.device("cuda"), write=not args.dry_run)
     return 0
 

@@ -2,6 +2,7 @@
 entry), else the heuristic; shared memory fits."""
 import json
 
+import pytest
 import torch
 
 from comet.kernels.expert_gemm import GemmConfig
@@ -77,3 +78,21 @@ def test_tuner_candidates():
     assert {c.group_m for c in big if c.block_m == 128} == {8, 16} and {c.group_m for c in big if c.block_m < 128} == {8}
     assert all((c.block_m + 2 * c.block_n) * c.block_k * 2 * c.num_stages <= SHARED_MEMORY_BUDGET for c in big)
     assert max(c.block_m for c in _candidates(GATE_UP_CANDIDATES, 4, 2, 2)) == 16
+
+
+def test_tuning_shapes_for_expert_parallel_ranks(capsys):
+    """`python -m comet tune --ep-ranks W`: each shape also as one rank's E/W experts; W must divide E."""
+    import argparse
+
+    from comet.scheduler import tune
+
+    shapes = tune.tuning_shapes(["mixtral-8x7b-shape"], [1, 2, 8])
+    e, h, f, k = tune.model_shape("mixtral-8x7b-shape")
+    assert shapes == {"mixtral-8x7b-shape": (e, h, f, k), "mixtral-8x7b-shape/2": (e // 2, h, f, k),
+                      "mixtral-8x7b-shape/8": (1, h, f, 1)}
+    with pytest.raises(ValueError, match="do not split over 3 ranks"):
+        tune.tuning_shapes(["mixtral-8x7b-shape"], [3])
+    parser = argparse.ArgumentParser()
+    tune.add_arguments(parser)
+    assert tune.main(parser.parse_args(["--shapes", "mixtral-8x7b-shape", "--ep-ranks", "3"])) == 2
+    assert "do not split over 3 ranks" in capsys.readouterr().out
