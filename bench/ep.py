@@ -463,7 +463,9 @@ def report(rows: list[dict], results_dir: Path, table: Path | None = None):
             hidden = timed.dropna(subset=["comm_hidden"])
             print(hidden.pivot_table(index=["shape", "tokens_per_rank"], columns="series", values="comm_hidden")
                   .to_string(float_format=lambda v: f"{v:.2f}"))
-            print("(share of the communication hidden: 1 - (t - t_compute_only) / t_comm_only)")
+            eager = "" if timed["cuda_graph"].any() else (
+                "; eager calls: comm_only is bound by the host's launches, --graphs gives the GPU's share")
+            print(f"(share of the communication hidden: 1 - (t - t_compute_only) / t_comm_only{eager})")
         for baseline in BASELINES:
             column = f"speedup_vs_{baseline}"
             if column in timed and timed[column].notna().any():
