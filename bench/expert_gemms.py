@@ -427,7 +427,7 @@ def parse_args(argv):
     for run in args.runs or (SMOKE_RUNS if args.smoke else DEFAULT_RUNS):
         name, _, tokens = run.rpartition(":")
         base, slash, ranks = name.partition("/")
-        if base.lower() not in by_key or not tokens.isdigit() or int(tokens) < 1:
+        if base.lower() not in by_key or not tokens.isdecimal() or int(tokens) < 1:
             p.error(f"--runs: expected SHAPE[/W]:TOKENS with SHAPE one of {names} and TOKENS > 0, got {run!r}")
         args.pairs.append((by_key[base.lower()] + slash + ranks, int(tokens)))
     for name in dict.fromkeys(name for name, _ in args.pairs):

@@ -45,16 +45,18 @@ def _routed_experts(hf_config) -> MoEConfig:
 
 def model_shape(name: str) -> ModelShape:
     """The shape called `name` in MODELS or SMOKE_MODELS; "NAME/W": the routed experts one of W
-    expert-parallel ranks keeps (E/W experts, the same GEMMs; top_k at most E/W)."""
+    expert-parallel ranks keeps (E/W experts, the same GEMMs; top_k at most E/W; plain top-k)."""
     base, _, ranks = name.partition("/")
     if ranks:
-        if not ranks.isdigit() or int(ranks) < 1:
+        if not ranks.isdecimal() or int(ranks) < 1:
             raise ValueError(f"name: expected NAME/W with W a positive integer, got {name!r}")
         cfg, world = model_shape(base).cfg, int(ranks)
         if cfg.num_experts % world:
             raise ValueError(f"name: {base}'s {cfg.num_experts} experts do not split over {world} ranks")
         experts = cfg.num_experts // world
-        return ModelShape(name, cfg.replace(num_experts=experts, top_k=min(cfg.top_k, experts)))
+        # A rank's GEMMs do not depend on the router: no group-limited routing over its experts.
+        return ModelShape(name, cfg.replace(num_experts=experts, top_k=min(cfg.top_k, experts), n_group=1,
+                                            topk_group=1))
     if name in MODELS:
         from comet.model_shapes import shape_config
 

@@ -254,6 +254,7 @@ def _experts(ws, dispatch, combine, epoch, x, plan, recv_x, recv_ids, recv_weigh
     bins = ws.world_size * experts if fused else experts
     routing = analyze_routing(recv_ids, bins)
     row_weights = recv_weights.reshape(-1)
+    # Looked up for the receive buffer's W*C*K slots (`comet tune --ep-ranks` stores under that).
     cfg1, cfg2 = select_configs(rows, experts, hidden, ffn, x.dtype, x.device)
     act = torch.empty(rows, ffn, dtype=x.dtype, device=x.device)
     gemm1 = gate_up_gemm_args(recv_x, w.gate_up, w.gate_up_bias, w.interleaved, routing.sorted_rows, row_weights,

@@ -21,8 +21,8 @@ def histogram_bins(num_experts: int) -> int:
 def _expert_histogram_kernel(ids_ptr, hist_ptr, keys_ptr, num_ids, NUM_EXPERTS: tl.constexpr,
                              NUM_BINS: tl.constexpr, BLOCK: tl.constexpr, WRITE_KEYS: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + offs, mask=offs < num_ids, other=0).to(tl.int32)
-    bins = tl.minimum(tl.maximum(ids, -1), NUM_EXPERTS) + 1
+    ids = tl.load(ids_ptr + offs, mask=offs < num_ids, other=0)
+    bins = (tl.minimum(tl.maximum(ids, -1), NUM_EXPERTS) + 1).to(tl.int32)  # clamped first: int64 ids stay put
     if WRITE_KEYS:
         tl.store(keys_ptr + offs, bins.to(keys_ptr.dtype.element_ty), mask=offs < num_ids)
     bins = tl.where(offs < num_ids, bins, NUM_BINS - 1)
@@ -48,7 +48,7 @@ def sorted_routing_plan(flat_ids: torch.Tensor, num_experts: int) -> tuple[torch
     """(sorted rows int64 [n], histogram) of any number of ids, equal to `torch.argsort(ids,
     stable=True)` (where ids are in [-1, E]) and `expert_histogram`. The histogram launch also
     writes each id's bin in the narrowest integer type that holds E + 1: the library's radix sort
-    then runs over 8 (or 16) key bits instead of the ids' 32 or 64."""
+    then runs over 8 key bits (16 from 255 experts, 32 from 32767) instead of the ids' 32 or 64."""
     key_type = torch.uint8 if num_experts < 255 else torch.int16 if num_experts < 32767 else torch.int32
     keys = torch.empty(flat_ids.numel(), dtype=key_type, device=flat_ids.device)
     hist = expert_histogram(flat_ids, num_experts, keys=keys)

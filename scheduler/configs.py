@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import re
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def shape_entries(table: dict, num_experts: int, hidden: int, ffn: int, dtype: t
     counts = [int(key[1:-len(suffix)]) for key in table if key.endswith(suffix) and key[1:-len(suffix)].isdigit()]
     if not counts:
         return None
-    nearest = min(counts, key=lambda e: (abs(e.bit_length() - num_experts.bit_length()), -e))
+    nearest = min(counts, key=lambda e: (abs(math.log2(e / num_experts)), -e))
     return table[shape_key(nearest, hidden, ffn, dtype)]
 
 

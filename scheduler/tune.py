@@ -3,8 +3,8 @@
 For each model shape and token count, GEMM1 and GEMM2 are timed separately (CUDA events, median)
 over every candidate that fits the bucket, on the same routing; the fastest pair is stored under
 the shape key and rows-per-expert bucket in `scheduler/tables/<gpu>.json` (merged with what is
-there), where `select_configs` finds it on the next call. `--ep-ranks 2` also tunes each shape as
-one of 2 expert-parallel ranks (E/2 experts), the GEMMs such a rank runs.
+there), where `select_configs` finds it on the next call. `--ep-ranks 1 2` tunes each shape whole
+and as one of 2 expert-parallel ranks (E/2 experts, the GEMMs such a rank runs).
 """
 from __future__ import annotations
 
@@ -104,16 +104,16 @@ def model_shape(name: str) -> tuple[int, int, int, int]:
 
 
 def tuning_shapes(names, ep_ranks=(1,)) -> dict:
-    """name -> (experts, hidden, ffn, top_k) to tune: each model whole (W = 1) and, for each W > 1
-    of `ep_ranks`, as one of W expert-parallel ranks ("name/W": E/W experts, top_k at most E/W;
-    the token counts then mean tokens per rank)."""
+    """name -> (experts, hidden, ffn, top_k, W) to tune, for each W of `ep_ranks`: W = 1 the model
+    whole, W > 1 one of W expert-parallel ranks ("name/W": E/W experts, top_k at most E/W; the
+    token counts then mean tokens per rank)."""
     shapes = {}
     for name in names:
         e, h, f, k = model_shape(name)
         for w in ep_ranks:
             if w < 1 or e % w:
                 raise ValueError(f"ep_ranks: {name}'s {e} experts do not split over {w} ranks")
-            shapes[name if w == 1 else f"{name}/{w}"] = (e // w, h, f, min(k, e // w))
+            shapes[name if w == 1 else f"{name}/{w}"] = (e // w, h, f, min(k, e // w), w)
     return shapes
 
 
@@ -123,9 +123,11 @@ def run(shapes: dict, token_counts, dtype: torch.dtype, device: torch.device, wr
     gpu = gpu_key(device)
     table = {key: dict(value) for key, value in load_table(gpu).items()}
     jobs = [(name, shape, t) for name, shape in shapes.items() for t in token_counts]
-    for name, (e, h, f, k), tokens in tqdm(jobs, desc=f"tuning on {gpu}", unit="shape"):
+    for name, (e, h, f, k, w), tokens in tqdm(jobs, desc=f"tuning on {gpu}", unit="shape"):
         cfg1, cfg2, ms1, ms2 = tune_shape(e, h, f, k, tokens, dtype, device)
-        bucket = rows_bucket(tokens * k, e)
+        # Timed on the ~T*K rows a rank receives, stored under the bucket an expert-parallel call
+        # looks up: that of its receive buffer's W*T*K slots (comet/ep.py).
+        bucket = rows_bucket(w * tokens * k, e)
         table.setdefault(shape_key(e, h, f, dtype), {})[str(bucket)] = [cfg1, cfg2]
         tqdm.write(f"{name:15s} tokens={tokens:6d} bucket={bucket:5d}  gemm1 {ms1:8.3f} ms {cfg1}  "
                    f"gemm2 {ms2:8.3f} ms {cfg2}")

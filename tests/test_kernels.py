@@ -177,6 +177,8 @@ def test_routing_histogram_guards():
     hist = expert_histogram(ids, 4)
     assert hist[:6].tolist() == [1, 1, 0, 3, 2, 1]
     assert hist[6:-1].sum().item() == 0  # the last bin only takes masked-off lanes
+    far = expert_histogram(torch.tensor([2**32, -(2**32) + 1, 3], device=DEVICE), 4)  # int64 ids past int32
+    assert far[:6].tolist() == [1, 0, 0, 0, 1, 1]
 
 
 @pytest.mark.parametrize("num_ids,num_experts", [(1, 4), (37, 8), (300, 256), (4096, 64)])
