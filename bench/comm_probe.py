@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from bench.common import RESULTS_DIR, append_csv, environment, publish, run_probe  # noqa: E402
+from bench.common import RESULTS_DIR, append_csv, environment, run_probe  # noqa: E402
 
 # (elements, programs, chunk elements) of the correctness calls; each list is run twice in a row.
 CHECK_CALLS = [(1000, 2, None), (4096, 8, 512), (1 << 20, 16, None), (1 << 20, 32, 4096), (12345, 3, 1024)]
@@ -210,7 +210,6 @@ def report(rows: list[dict], results_dir: Path):
     print("(GB/s each rank pushes to its peers: rows MiB per peer, columns programs)")
     path = results_dir / "comm_probe.csv"
     append_csv(path, rows)
-    publish([path])
     print(f"appended {len(rows)} rows to {path}")
 
 

@@ -224,11 +224,13 @@ def within_tolerance(error: float, dtype: torch.dtype) -> bool:
 # Results
 # ----------------------------------------------------------------------------------------------
 def append_csv(path: Path, rows: list[dict]):
-    """Append `rows` to the CSV at `path` (columns are the union of old and new)."""
+    """Append `rows` to the CSV at `path` (columns are the union of old and new) and copy it to
+    `$OUT` when set (`publish`)."""
     new = pd.DataFrame(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pd.concat([pd.read_csv(path), new], ignore_index=True) if path.exists() else new
     table.to_csv(path, index=False)
+    publish([path])
 
 
 def plot_panels(df: pd.DataFrame, path: Path, *, panel: str, x: str, y: str, series: str,

@@ -38,7 +38,7 @@ import torch.distributed as dist  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    DTYPES, RESULTS_DIR, append_csv, environment, init_torchrun_rank, parse_split, publish,
+    DTYPES, RESULTS_DIR, append_csv, environment, init_torchrun_rank, parse_split,
 )
 from bench.shapes import model_shape  # noqa: E402
 from bench.single_gpu import ROUTER_SKEW_STD, make_inputs, make_weights  # noqa: E402
@@ -147,7 +147,6 @@ def main(argv=None) -> int:
         if dist.get_rank() == 0:
             csv = args.results_dir / "ep_kernels.csv"
             append_csv(csv, rows)
-            publish([csv])
             df = pd.DataFrame(rows)
             for name, part in df.groupby("shape"):
                 table = part.pivot_table(index="kernel", columns="n_comm", values="us_per_call", aggfunc="sum")

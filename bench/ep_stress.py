@@ -56,7 +56,7 @@ import torch.distributed as dist  # noqa: E402
 import comet  # noqa: E402
 from bench.common import (  # noqa: E402
     DTYPES, RESULTS_DIR, TOLERANCE, RunLog, append_csv, environment, init_torchrun_rank, parse_split, progress,
-    publish, relative_error, within_tolerance,
+    relative_error, within_tolerance,
 )
 from bench.shapes import MODELS, SMOKE_MODELS, model_shape  # noqa: E402
 from bench.single_gpu import make_weights  # noqa: E402
@@ -325,7 +325,6 @@ def report(summary: dict, args) -> int:
            "elapsed_s": round(summary["elapsed_s"], 2), "status": status, "note": " | ".join(summary["failures"])[:300]}
     csv = args.results_dir / "ep_stress.csv"
     append_csv(csv, [row])
-    publish([csv])
     log(f"{status}: appended a row to {csv}")
     log.close()
     return 0 if status == "ok" else 1

@@ -50,7 +50,7 @@ import torch
 
 from bench.baselines import grouped_mm_missing
 from bench.common import (
-    DTYPES, RESULTS_DIR, TOLERANCE, RunLog, append_csv, environment, progress, publish, relative_error,
+    DTYPES, RESULTS_DIR, TOLERANCE, RunLog, append_csv, environment, progress, relative_error,
     run_on_cpu, time_calls, within_tolerance,
 )
 from bench.shapes import MODELS, SMOKE_MODELS, ModelShape, model_shape
@@ -490,7 +490,6 @@ def run(args, device: torch.device) -> int:
             run_rows = profile_run(problem, configs, selected, shipped, args.timing, env, log, bar, device)
             # Appended and published run by run, so a run cut short keeps what it measured.
             append_csv(csv_path, run_rows)
-            publish([csv_path])
             rows += run_rows
             first_calls = sum(r.get("first_call_s", 0.0) for r in run_rows if r["impl"] == "ours")
             log(f"{shape.name} T={tokens}: {time.perf_counter() - started:.1f} s, of which {first_calls:.1f} s "

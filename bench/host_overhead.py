@@ -35,7 +35,7 @@ import torch
 
 import comet
 from bench.common import (
-    RESULTS_DIR, append_csv, environment, graph_replays, output_dir, publish, relative_error, run_on_cpu,
+    RESULTS_DIR, append_csv, environment, graph_replays, output_dir, relative_error, run_on_cpu,
     within_tolerance,
 )
 from bench.shapes import MODELS, SMOKE_MODELS, model_shape
@@ -161,7 +161,6 @@ def run(args, device: torch.device) -> int:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     csv = args.results_dir / "host_overhead.csv"
     append_csv(csv, rows)
-    publish([csv])
     table = pd.DataFrame(rows).pivot_table(index=["shape", "tokens"], columns="variant",
                                            values=["host_us_per_call", "gpu_us_per_call"])
     print(table.round(1).to_string())

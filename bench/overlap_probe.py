@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from bench.common import DTYPES, RESULTS_DIR, append_csv, environment, publish, run_probe  # noqa: E402
+from bench.common import DTYPES, RESULTS_DIR, append_csv, environment, run_probe  # noqa: E402
 from bench.shapes import model_shape  # noqa: E402
 
 
@@ -239,7 +239,6 @@ def report(rows: list[dict], results_dir: Path):
     print("(us; GB/s each rank moves to the other ranks; hidden: 1 - (pair - GEMM1 on every SM) / move alone)")
     path = results_dir / "overlap_probe.csv"
     append_csv(path, rows)
-    publish([path])
     print(f"appended {len(rows)} rows to {path}")
 
 

@@ -373,7 +373,6 @@ def run(args, device: torch.device) -> int:
             for dtype_name in args.dtypes:
                 shape_rows = run_shape(session, shape, dtype_name)
                 append_csv(csv_path, shape_rows)
-                publish([csv_path])
                 rows += shape_rows
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -35,6 +35,10 @@ class CombineBuffers(NamedTuple):
     capacity: int
     chunk: int
 
+    @property
+    def n_chunks(self) -> int:
+        return triton.cdiv(self.capacity, self.chunk)
+
 
 def combine_buffers(ws: CommWorkspace, capacity: int, hidden: int, dtype: torch.dtype, chunk: int) -> CombineBuffers:
     """The combine buffers for `capacity` tokens per rank (made collectively on first use)."""
@@ -262,7 +266,7 @@ def combine_push(ws: CommWorkspace, bufs: CombineBuffers, epoch: torch.Tensor, p
     hidden = partial.shape[1]
     _combine_push_kernel[(num_programs,)](
         partial, counts, ws.ptr_table(bufs.partials), ws.ptr_table(bufs.flags),
-        ws.rank, epoch, bufs.capacity, hidden, triton.cdiv(bufs.capacity, bufs.chunk),
+        ws.rank, epoch, bufs.capacity, hidden, bufs.n_chunks,
         WORLD=ws.world_size, CHUNK=bufs.chunk, BLOCK_H=hidden_block(bufs.chunk, hidden, PUSH_WARPS),
         NUM_PROGRAMS=num_programs, num_warps=PUSH_WARPS,
     )
@@ -280,10 +284,9 @@ def slot_sum_push(ws: CommWorkspace, bufs: CombineBuffers, epoch: torch.Tensor, 
     buffer, a flag per token chunk. The push's stores to the peers overlap the sum's local reads,
     where `combine_slots` then `combine_push` would run one after the other."""
     hidden, top_k = slots.shape[1], recv_ids.shape[1]
-    n_chunks = triton.cdiv(bufs.capacity, bufs.chunk)
-    _slot_sum_push_kernel[(ws.world_size * n_chunks,)](
+    _slot_sum_push_kernel[(ws.world_size * bufs.n_chunks,)](
         slots, slots.stride(0), recv_ids, recv_counts, ws.ptr_table(bufs.partials), ws.ptr_table(bufs.flags),
-        ws.rank, epoch, bufs.capacity, n_chunks, hidden,
+        ws.rank, epoch, bufs.capacity, bufs.n_chunks, hidden,
         NUM_EXPERTS=num_experts, TOP_K=top_k, BLOCK_N=hidden_block(bufs.chunk, hidden, SUM_PUSH_WARPS // 2),
         WORLD=ws.world_size, CHUNK=bufs.chunk, num_warps=SUM_PUSH_WARPS,
     )
@@ -313,7 +316,7 @@ def down_combine(ws: CommWorkspace, bufs: CombineBuffers, epoch: torch.Tensor, g
     if column_chunks < 1:
         raise ValueError(f"column_chunks: expected >= 1, got {column_chunks}")
     column_chunks = min(column_chunks, triton.cdiv(args["N"], args["BLOCK_N"]))  # at most one per N block
-    n_chunks = triton.cdiv(bufs.capacity, bufs.chunk)
+    n_chunks = bufs.n_chunks
     counters = torch.zeros(2 * column_chunks + ws.world_size * n_chunks, dtype=torch.int64, device=device)
     _down_combine_kernel[(compute + n_comm,)](
         recv_ids, recv_counts, counters, counters[column_chunks:], counters[2 * column_chunks:],
@@ -334,7 +337,7 @@ def combine_reduce(ws: CommWorkspace, bufs: CombineBuffers, epoch: torch.Tensor,
     block_h = max(16, min(triton.next_power_of_2(hidden), 4096 // block_t))
     _combine_reduce_kernel[(triton.cdiv(num_tokens, block_t),)](
         out, mask, slot, ws.ptr_table(bufs.partials), ws.ptr_table(bufs.flags), ws.errors,
-        ws.rank, epoch, num_tokens, bufs.capacity, hidden, triton.cdiv(bufs.capacity, bufs.chunk), ws.max_spins,
+        ws.rank, epoch, num_tokens, bufs.capacity, hidden, bufs.n_chunks, ws.max_spins,
         WORLD=ws.world_size, CHUNK=bufs.chunk, BLOCK_T=block_t, BLOCK_H=block_h,
         WAIT_KIND=int(WaitKind.COMBINE_CHUNK), num_warps=4,
     )
