@@ -1,9 +1,11 @@
-"""The fused routed-experts op (`torch.ops.comet.routed_experts`) and the "triton" backend.
+"""The fused routed-experts ops (`torch.ops.comet.routed_experts`, `routed_experts_train`,
+`routed_experts_backward`) and the "triton" backend.
 
 Forward: routing analysis -> GEMM1 (gather, gate/up, activation) -> GEMM2 (down, weight) ->
-deterministic combine. Registered as a custom op so `torch.compile(fullgraph=True)` sees one node
-and CUDA graphs capture it. Backward recomputes the experts through the fp32 reference (correct,
-not fast): training works, the kernels speed up inference and the forward of training.
+deterministic combine. Backward (`comet.kernels.expert_backward`): dgrad of GEMM2 with the
+activation's backward and the routing-weight gradient, weight gradients of both GEMMs, dgrad of
+GEMM1 and the same deterministic combine into dx. Custom ops, so `torch.compile(fullgraph=True)`
+sees one node each and CUDA graphs capture them; no host sync anywhere.
 """
 from __future__ import annotations
 
@@ -17,10 +19,34 @@ from comet.backends import register_backend
 from comet.config import MoEConfig
 from comet.functional import ExpertWeights
 from comet.kernels.combine import combine_slots
+from comet.kernels.expert_backward import down_dgrad, dw_partial_blocks, expert_wgrad, gate_up_dgrad
 from comet.kernels.expert_gemm import down_gemm, gate_up_gemm
-from comet.reference import experts_reference
-from comet.scheduler.configs import select_configs
-from comet.scheduler.routing import analyze_routing
+from comet.kernels.routing import histogram_bins
+from comet.scheduler.configs import select_configs, wgrad_config
+from comet.scheduler.routing import RoutingPlan, analyze_routing
+
+
+def _forward(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, interleaved, activation,
+             swiglu_alpha, swiglu_limit, weight_on_input, pre_act=None, plan=None):
+    """The forward's kernels: (output [T, H], routing plan). `pre_act` [T*K, 2F] or None also
+    gets GEMM1's activation input; `plan` (from `analyze_routing`) is computed if not given."""
+    num_tokens, top_k = topk_ids.shape
+    num_experts, hidden, ffn = down.shape
+    topk_ids = topk_ids.contiguous()
+    row_weights = topk_weights.reshape(-1).float().contiguous()
+    if plan is None:
+        plan = analyze_routing(topk_ids, num_experts)
+    cfg1, cfg2 = select_configs(num_tokens * top_k, num_experts, hidden, ffn, x.dtype, x.device)
+
+    act = torch.empty(num_tokens * top_k, ffn, dtype=x.dtype, device=x.device)
+    gate_up_gemm(x, gate_up, gate_up_bias, interleaved, plan.sorted_rows, row_weights, plan.hist, act,
+                 top_k=top_k, activation=activation, alpha=swiglu_alpha, limit=swiglu_limit,
+                 weight_on_input=weight_on_input, cfg=cfg1, pre_act=pre_act)
+    slots = torch.empty(num_tokens * top_k, hidden, dtype=x.dtype, device=x.device)
+    down_gemm(act, down, down_bias, plan.sorted_rows, row_weights, plan.hist, slots, top_k=top_k,
+              weight_on_input=weight_on_input, cfg=cfg2)
+    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
+    return combine_slots(slots, topk_ids, num_experts, out), plan
 
 
 @torch.library.custom_op("comet::routed_experts", mutates_args=())
@@ -38,59 +64,190 @@ def routed_experts(
     swiglu_limit: float,
     weight_on_input: bool,
 ) -> torch.Tensor:
-    num_tokens, top_k = topk_ids.shape
-    num_experts, hidden, ffn = down.shape
-    topk_ids = topk_ids.contiguous()
-    row_weights = topk_weights.reshape(-1).float().contiguous()
-    plan = analyze_routing(topk_ids, num_experts)
-    cfg1, cfg2 = select_configs(num_tokens * top_k, num_experts, hidden, ffn, x.dtype, x.device)
-
-    act = torch.empty(num_tokens * top_k, ffn, dtype=x.dtype, device=x.device)
-    gate_up_gemm(x, gate_up, gate_up_bias, interleaved, plan.sorted_rows, row_weights, plan.hist, act,
-                 top_k=top_k, activation=activation, alpha=swiglu_alpha, limit=swiglu_limit,
-                 weight_on_input=weight_on_input, cfg=cfg1)
-    slots = torch.empty(num_tokens * top_k, hidden, dtype=x.dtype, device=x.device)
-    down_gemm(act, down, down_bias, plan.sorted_rows, row_weights, plan.hist, slots, top_k=top_k,
-              weight_on_input=weight_on_input, cfg=cfg2)
-    return combine_slots(slots, topk_ids, num_experts, torch.empty_like(x))
+    """The routed experts' output [T, H]. Differentiable; its backward computes the routing plan
+    and GEMM1's activation input again (training through `MoELayer` saves them instead)."""
+    return _forward(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, interleaved, activation,
+                    swiglu_alpha, swiglu_limit, weight_on_input)[0]
 
 
 @routed_experts.register_fake
-def _(x, *args):
-    return torch.empty_like(x)
+def _(x, topk_ids, *args):
+    return x.new_empty(topk_ids.shape[0], x.shape[1])
 
 
-_DIFFERENTIABLE = (0, 2, 3, 4, 5, 6)  # x, topk_weights, gate_up, down, gate_up_bias, down_bias
+@torch.library.custom_op("comet::routed_experts_train", mutates_args=())
+def routed_experts_train(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    gate_up_bias: Optional[torch.Tensor],
+    down_bias: Optional[torch.Tensor],
+    interleaved: bool,
+    activation: str,
+    swiglu_alpha: float,
+    swiglu_limit: float,
+    weight_on_input: bool,
+    save_pre_act: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`routed_experts` for training: (output [T, H], pre-activation [T*K, 2F] in expert-sorted
+    order, or [0, 2F] unless `save_pre_act`, sorted rows int64 [T*K], histogram int32). The last
+    three are what its backward reads: the routing plan is computed once per step."""
+    rows, two_f = topk_ids.numel(), gate_up.shape[1]
+    pre_act = x.new_empty(rows if save_pre_act else 0, two_f)
+    out, plan = _forward(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, interleaved, activation,
+                         swiglu_alpha, swiglu_limit, weight_on_input, pre_act=pre_act if save_pre_act else None)
+    return out, pre_act, plan.sorted_rows, plan.hist
+
+
+@routed_experts_train.register_fake
+def _(x, topk_ids, topk_weights, gate_up, down, *args):
+    save_pre_act = args[-1]
+    rows = topk_ids.numel()
+    return (x.new_empty(topk_ids.shape[0], x.shape[1]), x.new_empty(rows if save_pre_act else 0, gate_up.shape[1]),
+            topk_ids.new_empty(rows, dtype=torch.int64),
+            topk_ids.new_empty(histogram_bins(gate_up.shape[0]), dtype=torch.int32))
+
+
+@torch.library.custom_op("comet::routed_experts_backward", mutates_args=())
+def routed_experts_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    gate_up_bias: Optional[torch.Tensor],
+    down_bias: Optional[torch.Tensor],
+    pre_act: torch.Tensor,
+    sorted_rows: torch.Tensor,
+    hist: torch.Tensor,
+    interleaved: bool,
+    activation: str,
+    swiglu_alpha: float,
+    swiglu_limit: float,
+    weight_on_input: bool,
+    need_x_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `routed_experts` for grad_out [T, H]: (x [T, H] (empty unless `need_x_grad`
+    or `weight_on_input`), topk_weights [T, K], gate_up, down, gate_up_bias, down_bias (the bias
+    gradients empty where there is no bias)). `pre_act` is GEMM1's saved activation input, or
+    [0, 2F] to compute it again; (sorted_rows, hist) the forward's routing plan. No host sync."""
+    return experts_backward(grad_out, x, topk_ids, topk_weights, ExpertWeights(gate_up, down, gate_up_bias, down_bias,
+                                                                                  interleaved),
+                            RoutingPlan(sorted_rows, hist), pre_act, activation=activation, alpha=swiglu_alpha,
+                            limit=swiglu_limit, weight_on_input=weight_on_input, need_x_grad=need_x_grad)
+
+
+@routed_experts_backward.register_fake
+def _(grad_out, x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, *args):
+    need_x = args[-1] or args[-2]
+    return (x.new_empty(x.shape[0] if need_x else 0, x.shape[1]), topk_weights.new_empty(topk_weights.shape),
+            gate_up.new_empty(gate_up.shape), down.new_empty(down.shape),
+            gate_up.new_empty(gate_up_bias.shape if gate_up_bias is not None else (0,)),
+            down.new_empty(down_bias.shape if down_bias is not None else (0,)))
+
+
+def experts_backward(grad_out, x, topk_ids, topk_weights, w: ExpertWeights, plan: RoutingPlan, pre_act, *,
+                     activation, alpha, limit, weight_on_input, need_x_grad=True):
+    """The backward kernels (see `comet.kernels.expert_backward`) on one routing: returns the
+    gradients of (x, topk_weights, gate_up, down, gate_up_bias, down_bias) as
+    `routed_experts_backward` does. Rows whose id lies outside [0, E) get zero weight gradients
+    and add nothing to x's. No host sync."""
+    num_tokens, top_k = topk_ids.shape
+    num_experts, hidden, ffn = w.down.shape
+    rows = num_tokens * top_k
+    device, dtype = x.device, x.dtype
+    row_weights = topk_weights.reshape(-1).float().contiguous()
+    cfg1, cfg2 = select_configs(rows, num_experts, hidden, ffn, dtype, device)
+    wcfg = wgrad_config(rows, num_experts, dtype, device)
+    act = torch.empty(rows, ffn, dtype=dtype, device=device)
+    if pre_act.shape[0] == 0:
+        pre_act = torch.empty(rows, 2 * ffn, dtype=dtype, device=device)
+        gate_up_gemm(x, w.gate_up, w.gate_up_bias, w.interleaved, plan.sorted_rows, row_weights, plan.hist, act,
+                     top_k=top_k, activation=activation, alpha=alpha, limit=limit, weight_on_input=weight_on_input,
+                     cfg=cfg1, pre_act=pre_act)
+    d_pre_act = torch.empty(rows, 2 * ffn, dtype=dtype, device=device)
+    dw_partial = torch.zeros(dw_partial_blocks(hidden if weight_on_input else ffn, cfg2 if weight_on_input else cfg1),
+                             rows, dtype=torch.float32, device=device)
+    down_dgrad(grad_out, w.down, w.down_bias, pre_act, plan.sorted_rows, row_weights, plan.hist, d_pre_act, act,
+               dw_partial, top_k=top_k, interleaved=w.interleaved, activation=activation, alpha=alpha, limit=limit,
+               weight_on_input=weight_on_input, cfg=cfg1)
+
+    # dW2_e = sum_p a_p^T (w_r g_t), written through the transposed view: [E, F, H]
+    d_down = torch.empty(w.down.shape, dtype=dtype, device=device)
+    d_down_bias = torch.empty(w.down_bias.shape if w.down_bias is not None else (0,), dtype=dtype, device=device)
+    expert_wgrad(act, False, grad_out, True, d_down.transpose(1, 2), d_down_bias if w.down_bias is not None else None,
+                 plan.sorted_rows, row_weights, plan.hist, top_k=top_k, scale_b=not weight_on_input, cfg=wcfg)
+    # dW1_e = sum_p x_t^T dh_p (x_t w_r with the weight on the input): [E, H, 2F]
+    d_gate_up = torch.empty(w.gate_up.shape, dtype=dtype, device=device)
+    d_gate_up_bias = torch.empty(w.gate_up_bias.shape if w.gate_up_bias is not None else (0,), dtype=dtype,
+                                 device=device)
+    expert_wgrad(x, True, d_pre_act, False, d_gate_up.transpose(1, 2),
+                 d_gate_up_bias if w.gate_up_bias is not None else None, plan.sorted_rows, row_weights, plan.hist,
+                 top_k=top_k, scale_a=weight_on_input, cfg=wcfg)
+
+    dx = x.new_empty(0, hidden)
+    if need_x_grad or weight_on_input:
+        slots = torch.empty(rows, hidden, dtype=dtype, device=device)
+        gate_up_dgrad(d_pre_act, w.gate_up, x, plan.sorted_rows, row_weights, plan.hist, slots, dw_partial,
+                      top_k=top_k, weight_on_input=weight_on_input, cfg=cfg2)
+        dx = combine_slots(slots, topk_ids.contiguous(), num_experts,
+                           torch.empty(num_tokens, hidden, dtype=dtype, device=device))
+    d_weights = dw_partial.sum(dim=0).view(num_tokens, top_k).to(topk_weights.dtype)
+    return dx, d_weights, d_gate_up, d_down, d_gate_up_bias, d_down_bias
+
+
+_OPTIONS = slice(7, 12)  # interleaved, activation, swiglu_alpha, swiglu_limit, weight_on_input
+
+
+def _input_grads(ctx, grads) -> tuple:
+    """The op's backward result: each differentiable input's gradient where it is wanted."""
+    dx, d_weights, d_gate_up, d_down, d_gate_up_bias, d_down_bias = grads
+    wanted = (dx, None, d_weights, d_gate_up, d_down, d_gate_up_bias, d_down_bias)
+    return tuple(g if i < len(wanted) and ctx.needs_input_grad[i] else None for i, g in
+                 enumerate(wanted + (None,) * (len(ctx.needs_input_grad) - len(wanted))))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*(inputs[i] for i in range(7)))
-    ctx.options = inputs[7:]
+    ctx.save_for_backward(*inputs[:7])
+    ctx.options = inputs[_OPTIONS]
 
 
 def _backward(ctx, grad_out):
     x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias = ctx.saved_tensors
-    interleaved, activation, alpha, limit, weight_on_input = ctx.options
-    leaves = [x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias]
-    wanted = [i for i in _DIFFERENTIABLE if ctx.needs_input_grad[i] and leaves[i] is not None]
-    with torch.enable_grad():
-        for i in wanted:
-            leaves[i] = leaves[i].detach().requires_grad_()
-        out = experts_reference(*leaves, activation=activation, swiglu_alpha=alpha, swiglu_limit=limit,
-                                interleaved=interleaved, weight_on_input=weight_on_input)
-        grads = torch.autograd.grad(out, [leaves[i] for i in wanted], grad_out)
-    result = [None] * 12
-    for i, g in zip(wanted, grads):
-        result[i] = g
-    return tuple(result)
+    plan = analyze_routing(topk_ids.contiguous(), down.shape[0])
+    grads = routed_experts_backward(grad_out, x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias,
+                                    x.new_empty(0, gate_up.shape[1]), plan.sorted_rows, plan.hist, *ctx.options,
+                                    ctx.needs_input_grad[0])
+    return _input_grads(ctx, grads)
 
 
 routed_experts.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _triton_backend(x, topk_ids, topk_weights, w: ExpertWeights, cfg: MoEConfig) -> torch.Tensor:
-    return routed_experts(x, topk_ids, topk_weights, w.gate_up, w.down, w.gate_up_bias, w.down_bias,
-                          w.interleaved, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit, cfg.weight_on_input)
+def _train_setup_context(ctx, inputs, output):
+    _, pre_act, sorted_rows, hist = output
+    ctx.save_for_backward(*inputs[:7], pre_act, sorted_rows, hist)
+    ctx.options = inputs[_OPTIONS]
+    ctx.set_materialize_grads(False)
+
+
+def _train_backward(ctx, grad_out, *_):
+    grads = routed_experts_backward(grad_out, *ctx.saved_tensors, *ctx.options, ctx.needs_input_grad[0])
+    return _input_grads(ctx, grads)
+
+
+routed_experts_train.register_autograd(_train_backward, setup_context=_train_setup_context)
+
+
+def _triton_backend(x, topk_ids, topk_weights, w: ExpertWeights, cfg: MoEConfig, recompute: bool = False) -> torch.Tensor:
+    args = (x, topk_ids, topk_weights, w.gate_up, w.down, w.gate_up_bias, w.down_bias, w.interleaved,
+            cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit, cfg.weight_on_input)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7]):
+        return routed_experts_train(*args, not recompute)[0]
+    return routed_experts(*args)
 
 
 def _triton_unavailable(device: torch.device) -> str | None:

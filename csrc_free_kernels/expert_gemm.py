@@ -74,6 +74,7 @@ def _expert_gemm_kernel(
     ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr, A_DESC: tl.constexpr,
     WEIGHT_EXPERTS: tl.constexpr,  # < NUM_EXPERTS: the tile map has arrival bins (routing.arrival_bin)
+    pre_act_ptr=None, stride_pm=0, SAVE_PRE_ACT: tl.constexpr = False,
 ):
     row_start, counts, tile_start, tile_end, num_tiles = expert_segments(
         hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK_M)
@@ -88,7 +89,8 @@ def _expert_gemm_kernel(
             bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
             sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
             TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, INTERLEAVED, ACTIVATION, HAS_BIAS,
-            ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC, A_DESC)
+            ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC, A_DESC,
+            pre_act_ptr, stride_pm, SAVE_PRE_ACT)
 
 
 @triton.jit
@@ -105,34 +107,41 @@ def _load_b(src, n0, k, offs_k, K, EVEN_K: tl.constexpr, B_DESC: tl.constexpr):
 
 
 @triton.jit
-def expert_gemm_tile(
-    expert, first_row, end_row, n_block,
-    a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
-    bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
-    sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
-    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr, A_DESC: tl.constexpr,
-):
-    """One [BLOCK_M, BLOCK_N] output tile: rows [first_row, end_row) of `expert` (sorted order)."""
+def tile_rows(first_row, end_row, sorted_rows_ptr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
+              GATHER_A: tl.constexpr):
+    """Rows of a tile over sorted positions [first_row, first_row + BLOCK_M) of one expert, which
+    ends at `end_row`: (sorted positions, their mask, row ids token * TOP_K + slot, A row of each).
+    Positions past the expert's end repeat its last row (always a valid address, whatever A's
+    base; the fused EP kernel's may lie before its rows) and are not stored."""
     offs_m = first_row + tl.arange(0, BLOCK_M)
     m_mask = offs_m < end_row
-    # Row ids are token * TOP_K + slot. Rows past the expert's end repeat its last row (always a
-    # valid address, whatever A's base; the fused EP kernel's may lie before its rows) and are not stored.
     rows = tl.load(sorted_rows_ptr + tl.minimum(offs_m, end_row - 1)).to(tl.int64)
     a_rows = rows // TOP_K if GATHER_A else tl.where(m_mask, offs_m, 0).to(tl.int64)
-    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, m_mask, rows, a_rows
+
+
+@triton.jit
+def tile_mainloop(
+    expert, first_row, end_row, n_block, a_rows,
+    a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk, N, K,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
+    INTERLEAVED: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    B_DESC: tl.constexpr, A_DESC: tl.constexpr,
+):
+    """fp32 accumulators of A[a_rows] @ B_e[:, block] over all of K: (acc [BLOCK_M, TILE_N],
+    acc2 [BLOCK_M, BLOCK_N]). B_e[k, n] = b[expert, n, k]; with GATED and not INTERLEAVED, acc2
+    holds the product with b2 (the up rows); with INTERLEAVED, acc holds 2*BLOCK_N adjacent
+    columns of the one [2N, K] matrix (gate at even columns)."""
     # B columns of this block: with INTERLEAVED gate/up (gate at even rows of one [2N, K]
     # matrix) one tile of 2*BLOCK_N adjacent rows holds both, read contiguously.
     if INTERLEAVED:
         offs_bn = (2 * n_block * BLOCK_N + tl.arange(0, 2 * BLOCK_N)) % (2 * N)
     else:
-        offs_bn = offs_n % N  # in-bounds loads; the extra columns are not stored
+        offs_bn = (n_block * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # in-bounds loads; extra columns not stored
     offs_k = tl.arange(0, BLOCK_K)
     if A_DESC:
-        # Contiguous A (GEMM2's expert-sorted input): one descriptor over this expert's rows, so
-        # the copy engine zero-fills past them and past K.
+        # Contiguous A (expert-sorted input): one descriptor over this expert's rows, so the copy
+        # engine zero-fills past them and past K.
         a_desc = tl.make_tensor_descriptor(a_ptr + first_row.to(tl.int64) * stride_am, shape=[end_row - first_row, K],
                                            strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
     else:
@@ -187,7 +196,35 @@ def expert_gemm_tile(
             a_ptrs += BLOCK_K * stride_ak
         if B_DESC == 0:
             b_ptrs += BLOCK_K * stride_bk
+    return acc, acc2
 
+
+@triton.jit
+def expert_gemm_tile(
+    expert, first_row, end_row, n_block,
+    a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
+    bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
+    sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr, A_DESC: tl.constexpr,
+    pre_act_ptr=None, stride_pm=0, SAVE_PRE_ACT: tl.constexpr = False,
+):
+    """One [BLOCK_M, BLOCK_N] output tile: rows [first_row, end_row) of `expert` (sorted order).
+    With SAVE_PRE_ACT (GATED only) the pre-activation (after bias and input weight) is also stored
+    at the tile's sorted positions of `pre_act_ptr` [rows, 2N], in the weights' gate/up order."""
+    offs_m, m_mask, rows, a_rows = tile_rows(first_row, end_row, sorted_rows_ptr, TOP_K, BLOCK_M, GATHER_A)
+    acc, acc2 = tile_mainloop(
+        expert, first_row, end_row, n_block, a_rows,
+        a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk, N, K,
+        BLOCK_M, BLOCK_N, BLOCK_K, GATED, INTERLEAVED, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC, A_DESC)
+    SECOND_B: tl.constexpr = GATED and not INTERLEAVED
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    if INTERLEAVED:
+        offs_bn = (2 * n_block * BLOCK_N + tl.arange(0, 2 * BLOCK_N)) % (2 * N)
+    else:
+        offs_bn = offs_n % N
     if ROW_WEIGHT != 0:
         w = tl.load(row_weights_ptr + rows, mask=m_mask, other=0.0).to(tl.float32)[:, None]
     if ROW_WEIGHT == 1:
@@ -199,6 +236,16 @@ def expert_gemm_tile(
         acc += tl.load(bias_ptr + bias_off).to(tl.float32)[None, :]
         if SECOND_B:
             acc2 += tl.load(bias2_ptr + bias_off).to(tl.float32)[None, :]
+    if SAVE_PRE_ACT:
+        pre_rows = pre_act_ptr + offs_m.to(tl.int64)[:, None] * stride_pm
+        if INTERLEAVED:
+            offs_pn = 2 * n_block * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+            tl.store(pre_rows + offs_pn[None, :], acc.to(pre_act_ptr.dtype.element_ty),
+                     mask=m_mask[:, None] & (offs_pn < 2 * N)[None, :])
+        else:
+            pre_mask = m_mask[:, None] & (offs_n < N)[None, :]
+            tl.store(pre_rows + offs_n[None, :], acc.to(pre_act_ptr.dtype.element_ty), mask=pre_mask)
+            tl.store(pre_rows + N + offs_n[None, :], acc2.to(pre_act_ptr.dtype.element_ty), mask=pre_mask)
     if GATED:
         if INTERLEAVED:
             gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
@@ -261,12 +308,13 @@ def input_descriptor_mode(a: torch.Tensor, gathered: bool, block_m: int) -> bool
 
 
 @functools.lru_cache(maxsize=None)
-def _set_descriptor_allocator():
+def set_descriptor_allocator():
     """Device-side tensor descriptors live in global scratch memory that Triton asks the host for."""
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
-def _num_programs(device: torch.device, upper_bound: int) -> int:
+def persistent_programs(device: torch.device, upper_bound: int) -> int:
+    """Programs of a persistent launch with `upper_bound` work items: one per SM at most."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
@@ -281,7 +329,7 @@ def gemm_args(a, a_rows_gathered, b, b2, bias, bias2, out, sorted_rows, row_weig
     an upper bound on its work items)."""
     max_tiles = triton.cdiv(sorted_rows.numel(), cfg.block_m) + num_experts
     if a.is_cuda:
-        _set_descriptor_allocator()
+        set_descriptor_allocator()
     has_bias = bias is not None
     args = dict(
         a_ptr=a, stride_am=a.stride(0), stride_ak=a.stride(1),
@@ -305,26 +353,33 @@ def gemm_args(a, a_rows_gathered, b, b2, bias, bias2, out, sorted_rows, row_weig
     return args, max_tiles * triton.cdiv(n, cfg.block_n)
 
 
-def launch_gemm(args: dict, max_items: int, max_programs: int | None = None):
+def launch_gemm(args: dict, max_items: int, max_programs: int | None = None, pre_act: torch.Tensor | None = None):
     """Launch `_expert_gemm_kernel` on `gemm_args` (or `*_gemm_args`) output: one persistent
-    program per SM, or at most `max_programs` (leaving SMs to a kernel on another stream)."""
-    num_programs = _num_programs(args["a_ptr"].device, max_items)
+    program per SM, or at most `max_programs` (leaving SMs to a kernel on another stream).
+    `pre_act` [rows, 2N] (a gated GEMM only) also gets the pre-activation in sorted order."""
+    num_programs = persistent_programs(args["a_ptr"].device, max_items)
     if max_programs is not None:
         if max_programs < 1:
             raise ValueError(f"max_programs: expected >= 1, got {max_programs}")
         num_programs = min(num_programs, max_programs)
+    if pre_act is not None:
+        if not args["GATED"]:
+            raise ValueError("pre_act: only a gated GEMM (GEMM1) has a pre-activation")
+        args = dict(args, pre_act_ptr=pre_act, stride_pm=pre_act.stride(0), SAVE_PRE_ACT=True)
     _expert_gemm_kernel[(num_programs,)](**args, NUM_PROGRAMS=num_programs)
 
 
 def gate_up_gemm(x, gate_up, gate_up_bias, interleaved, sorted_rows, row_weights, hist, out, *, top_k,
-                 activation, alpha, limit, weight_on_input, cfg: GemmConfig):
+                 activation, alpha, limit, weight_on_input, cfg: GemmConfig, pre_act=None):
     """out[p] = act(x[row_p // top_k] @ gate_e.T (+b), x[..] @ up_e.T (+b)) for sorted position p.
 
     x [T, H]; gate_up [E, 2F, H] (any strides; gate rows first, or interleaved); gate_up_bias
-    [E, 2F] or None; out [T*top_k, F] in expert-sorted order."""
+    [E, 2F] or None; out [T*top_k, F] in expert-sorted order; `pre_act` [T*top_k, 2F] (row
+    stride any, columns contiguous) or None also gets the activation's input, columns in
+    gate_up's row order."""
     launch_gemm(*gate_up_gemm_args(x, gate_up, gate_up_bias, interleaved, sorted_rows, row_weights, hist, out,
                                top_k=top_k, activation=activation, alpha=alpha, limit=limit,
-                               weight_on_input=weight_on_input, cfg=cfg))
+                               weight_on_input=weight_on_input, cfg=cfg), pre_act=pre_act)
 
 
 def gate_up_gemm_args(x, gate_up, gate_up_bias, interleaved, sorted_rows, row_weights, hist, out, *, top_k,

@@ -106,3 +106,11 @@ def _bucket_configs(bucket: int, num_experts: int, hidden: int, ffn: int, dtype:
         gemm1, gemm2 = heuristic_configs(bucket, device)
     size = dtype.itemsize
     return fit_shared_memory(gemm1, size, 2), fit_shared_memory(gemm2, size, 1)
+
+
+def wgrad_config(num_rows: int, num_experts: int, dtype: torch.dtype, device: torch.device) -> GemmConfig:
+    """Tile config of the weight-gradient GEMMs (`comet.kernels.expert_backward.expert_wgrad`):
+    block_m x block_n output tiles, block_k rows of the reduction per step."""
+    if device.type != "cuda":
+        return GemmConfig(16, 32, 16, group_m=1)
+    return fit_shared_memory(GemmConfig(128, 128, 64, group_m=1, num_warps=8, num_stages=3), dtype.itemsize, 1)

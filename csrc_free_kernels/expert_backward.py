@@ -1,0 +1,276 @@
+"""Backward of the routed experts: two persistent grouped GEMMs over the forward's expert-sorted
+rows (the data gradients) and one persistent "k-grouped" GEMM that reduces over each expert's rows
+(the weight gradients).
+
+Notation as in `expert_gemm`: row r = token * K + slot, sorted position p (rows by expert), h_p the
+pre-activation [2F] GEMM1 saved (or recomputed), a_p = act(h_p) [F], w_r the routing weight,
+g_t the output gradient of token t.
+
+- `down_dgrad` (dgrad of GEMM2): dA'_p = g_t @ down_e, the g rows gathered in the loads; in the
+  epilogue a_p is rebuilt from h_p, the routing-weight gradient dw_r = <dA'_p, a_p> (+ <g_t, b2_e>)
+  is reduced per N block into a partial sum (no expert output stored in the forward), and
+  dh_p = act'(h_p) * (w_r dA'_p) and a_p are written in sorted order.
+- `gate_up_dgrad` (dgrad of GEMM1): dx_r = dh_p @ gate_up_e, contiguous sorted input, rows scattered
+  to token-slot order (the forward's combine then sums each token's K slots in a fixed order);
+  with the weight on the input (Llama4) dw_r = <dh_p @ gate_up_e, x_t> is reduced here instead.
+- `expert_wgrad`: C_e = sum over the expert's rows of A_r^T B_r, each operand gathered by token or
+  read in sorted order and optionally scaled by w_r, any output strides (a transposed write costs
+  nothing), plus the column sum of B (the bias gradient) from the tiles of the first M block.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from comet.kernels.expert_gemm import (
+    ACTIVATION_IDS, GemmConfig, _activation, input_descriptor_mode, locate_item, persistent_programs,
+    set_descriptor_allocator, tile_mainloop, tile_rows, weight_descriptor_mode,
+)
+from comet.kernels.routing import expert_segments, histogram_bins
+
+
+@triton.jit
+def _activation_backward(gate, up, grad, alpha, limit, ACTIVATION: tl.constexpr):
+    """(d gate, d up) of `expert_gemm._activation` at (gate, up) for the output gradient `grad`."""
+    if ACTIVATION == 0:
+        sig = tl.sigmoid(gate)
+        silu = gate * sig
+        return grad * up * (sig + silu * (1.0 - sig)), grad * silu
+    elif ACTIVATION == 1:
+        cdf = 0.5 * (1.0 + tl.erf(gate * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * gate * gate) * 0.3989422804014327
+        return grad * up * (cdf + gate * pdf), grad * gate * cdf
+    else:
+        # Clamps pass the gradient where the input lies inside them, bounds included (as torch.clamp).
+        g = tl.minimum(gate, limit)
+        u = tl.minimum(tl.maximum(up, -limit), limit)
+        sig = tl.sigmoid(alpha * g)
+        d_gate = grad * (u + 1.0) * (sig + alpha * g * sig * (1.0 - sig))
+        d_up = grad * g * sig
+        return tl.where(gate <= limit, d_gate, 0.0), tl.where((up >= -limit) & (up <= limit), d_up, 0.0)
+
+
+@triton.jit
+def _expert_dgrad_kernel(
+    a_ptr, stride_am, stride_ak, b_ptr, stride_be, stride_bn, stride_bk,
+    out_ptr, stride_om, sorted_rows_ptr, row_weights_ptr, hist_ptr, dw_partial_ptr, num_rows,
+    pre_act_ptr, stride_pm, act_ptr, stride_actm, x_ptr, stride_xm, stride_xk,
+    bias_ptr, stride_bias_e, stride_bias_n,
+    N, K, alpha, limit,
+    NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    B_DESC: tl.constexpr, A_DESC: tl.constexpr,
+    ACT_BACKWARD: tl.constexpr,  # True: dgrad of GEMM2 (+ activation backward); False: dgrad of GEMM1
+    INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr, WEIGHT_GRAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    row_start, counts, tile_start, tile_end, num_tiles = expert_segments(hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    for item in range(tl.program_id(0), num_tiles * num_n, NUM_PROGRAMS):
+        expert, first_row, end_row, n_block = locate_item(
+            item, row_start, counts, tile_start, tile_end, num_tiles, num_n, NUM_BINS, BLOCK_M, GROUP_M)
+        offs_m, m_mask, rows, a_rows = tile_rows(first_row, end_row, sorted_rows_ptr, TOP_K, BLOCK_M, ACT_BACKWARD)
+        acc, _ = tile_mainloop(
+            expert, first_row, end_row, n_block, a_rows,
+            a_ptr, stride_am, stride_ak, b_ptr, b_ptr, stride_be, stride_bn, stride_bk, N, K,
+            BLOCK_M, BLOCK_N, BLOCK_K, False, False, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC, A_DESC)
+        offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        mask = m_mask[:, None] & n_mask[None, :]
+        positions = offs_m.to(tl.int64)[:, None]
+        w = tl.load(row_weights_ptr + rows, mask=m_mask, other=0.0).to(tl.float32)
+        if ACT_BACKWARD:
+            # acc = dA' (unweighted) for activation columns offs_n; h's gate/up columns as in gate_up.
+            if INTERLEAVED:
+                gate_cols, up_cols = 2 * offs_n, 2 * offs_n + 1
+            else:
+                gate_cols, up_cols = offs_n, N + offs_n
+            pre = pre_act_ptr + positions * stride_pm
+            gate = tl.load(pre + gate_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(pre + up_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            act = _activation(gate, up, alpha, limit, ACTIVATION)
+            tl.store(act_ptr + positions * stride_actm + offs_n[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
+            if WEIGHT_GRAD:  # the weight scales the output: dw = <g, y> = <dA', a> (+ <g, b2>)
+                dw = tl.sum(tl.where(mask, acc * act, 0.0), axis=1)
+                if HAS_BIAS:
+                    if n_block == 0:
+                        offs_k = tl.arange(0, BLOCK_K)
+                        bias_dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                        for k in range(0, K, BLOCK_K):
+                            k_mask = offs_k < K - k
+                            g = tl.load(a_ptr + a_rows[:, None] * stride_am + (k + offs_k)[None, :] * stride_ak,
+                                        mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                            b2 = tl.load(bias_ptr + expert.to(tl.int64) * stride_bias_e + (k + offs_k) * stride_bias_n,
+                                         mask=k_mask, other=0.0).to(tl.float32)
+                            bias_dot += tl.sum(g * b2[None, :], axis=1)
+                        dw += bias_dot
+                tl.store(dw_partial_ptr + n_block.to(tl.int64) * num_rows + rows, dw, mask=m_mask)
+                acc = acc * w[:, None]
+            d_gate, d_up = _activation_backward(gate, up, acc, alpha, limit, ACTIVATION)
+            d_pre = out_ptr + positions * stride_om
+            tl.store(d_pre + gate_cols[None, :], d_gate.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(d_pre + up_cols[None, :], d_up.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            # acc = dh @ gate_up_e for hidden columns offs_n; rows go back to token-slot order.
+            if WEIGHT_GRAD:  # the weight scales the input: dw = <dh @ gate_up_e, x>
+                x = tl.load(x_ptr + (rows // TOP_K)[:, None] * stride_xm + offs_n[None, :] * stride_xk, mask=mask,
+                            other=0.0).to(tl.float32)
+                tl.store(dw_partial_ptr + n_block.to(tl.int64) * num_rows + rows,
+                         tl.sum(tl.where(mask, acc * x, 0.0), axis=1), mask=m_mask)
+                acc = acc * w[:, None]
+            tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=mask)
+
+
+def _dgrad_args(a, a_gathered, b, out, sorted_rows, row_weights, hist, dw_partial, *, top_k, n, k,
+                cfg: GemmConfig):
+    """The kernel arguments every dgrad launch shares; `b` [E, N, K] (any strides)."""
+    if a.is_cuda:
+        set_descriptor_allocator()
+    num_experts = b.shape[0]
+    return dict(
+        a_ptr=a, stride_am=a.stride(0), stride_ak=a.stride(1),
+        b_ptr=b, stride_be=b.stride(0), stride_bn=b.stride(1), stride_bk=b.stride(2),
+        out_ptr=out, stride_om=out.stride(0), sorted_rows_ptr=sorted_rows, row_weights_ptr=row_weights,
+        hist_ptr=hist, dw_partial_ptr=dw_partial, num_rows=sorted_rows.numel(), N=n, K=k,
+        NUM_EXPERTS=num_experts, NUM_BINS=histogram_bins(num_experts), TOP_K=top_k,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        EVEN_K=k % cfg.block_k == 0, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        UPCAST_DOT=a.device.type != "cuda",  # the interpreter's dot mishandles 16-bit floats
+        B_DESC=weight_descriptor_mode(b, b, cfg.block_m) if cfg.weight_descriptors else 0,
+        A_DESC=input_descriptor_mode(a, a_gathered, cfg.block_m),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    ), (triton.cdiv(sorted_rows.numel(), cfg.block_m) + num_experts) * triton.cdiv(n, cfg.block_n)
+
+
+def _launch_dgrad(args: dict, max_items: int, **epilogue):
+    programs = persistent_programs(args["a_ptr"].device, max_items)
+    _expert_dgrad_kernel[(programs,)](**args, **epilogue, NUM_PROGRAMS=programs)
+
+
+def dw_partial_blocks(n: int, cfg: GemmConfig) -> int:
+    """Rows of the routing-weight gradient's partial sums a dgrad launch over N columns writes."""
+    return triton.cdiv(n, cfg.block_n)
+
+
+def down_dgrad(grad_out, down, down_bias, pre_act, sorted_rows, row_weights, hist, d_pre_act, act, dw_partial, *,
+               top_k, interleaved, activation, alpha, limit, weight_on_input, cfg: GemmConfig):
+    """dgrad of GEMM2 with the activation's backward.
+
+    grad_out [T, H] (rows gathered by token); down [E, H, F]; down_bias [E, H] or None;
+    pre_act [T*K, 2F] sorted (GEMM1's saved activation input); row_weights fp32 [T*K].
+    Writes, at the sorted positions of the experts' rows: d_pre_act [T*K, 2F] (gate_up's column
+    order) and act [T*K, F] = act(pre_act), unweighted; and unless `weight_on_input`,
+    dw_partial fp32 [dw_partial_blocks(F, cfg), T*K] (zeroed by the caller), whose column sums are
+    the routing weights' gradient. No host sync."""
+    num_experts, hidden, ffn = down.shape
+    args, items = _dgrad_args(grad_out, True, down.transpose(1, 2), d_pre_act, sorted_rows, row_weights, hist,
+                              dw_partial, top_k=top_k, n=ffn, k=hidden, cfg=cfg)
+    has_bias = down_bias is not None and not weight_on_input
+    _launch_dgrad(args, items, pre_act_ptr=pre_act, stride_pm=pre_act.stride(0), act_ptr=act,
+                  stride_actm=act.stride(0), x_ptr=grad_out, stride_xm=0, stride_xk=0,
+                  bias_ptr=down_bias if has_bias else down, stride_bias_e=down_bias.stride(0) if has_bias else 0,
+                  stride_bias_n=down_bias.stride(1) if has_bias else 0, alpha=alpha, limit=limit,
+                  ACT_BACKWARD=True, INTERLEAVED=interleaved, ACTIVATION=ACTIVATION_IDS[activation],
+                  WEIGHT_GRAD=not weight_on_input, HAS_BIAS=has_bias)
+
+
+def gate_up_dgrad(d_pre_act, gate_up, x, sorted_rows, row_weights, hist, slots, dw_partial, *, top_k,
+                  weight_on_input, cfg: GemmConfig):
+    """dgrad of GEMM1: slots[r] = d_pre_act[p] @ gate_up_e (times w_r with `weight_on_input`) in
+    token-slot order [T*K, H] (rows of skipped ids are not written); with `weight_on_input`
+    also dw_partial fp32 [dw_partial_blocks(H, cfg), T*K] (zeroed by the caller). x [T, H] is read
+    only then. No host sync."""
+    num_experts, two_f, hidden = gate_up.shape
+    args, items = _dgrad_args(d_pre_act, False, gate_up.transpose(1, 2), slots, sorted_rows, row_weights, hist,
+                              dw_partial, top_k=top_k, n=hidden, k=two_f, cfg=cfg)
+    _launch_dgrad(args, items, pre_act_ptr=d_pre_act, stride_pm=0, act_ptr=slots, stride_actm=0,
+                  x_ptr=x, stride_xm=x.stride(0), stride_xk=x.stride(1),
+                  bias_ptr=gate_up, stride_bias_e=0, stride_bias_n=0, alpha=0.0, limit=0.0,
+                  ACT_BACKWARD=False, INTERLEAVED=False, ACTIVATION=0, WEIGHT_GRAD=weight_on_input, HAS_BIAS=False)
+
+
+@triton.jit
+def _expert_wgrad_kernel(
+    a_ptr, stride_ar, stride_am, b_ptr, stride_br, stride_bn,
+    out_ptr, stride_oe, stride_om, stride_on, bias_grad_ptr, stride_ge, stride_gn,
+    sorted_rows_ptr, row_weights_ptr, hist_ptr, M, N,
+    NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr, SCALE_B: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    row_start, counts, _, _, _ = expert_segments(hist_ptr, NUM_EXPERTS, NUM_BINS, 1)
+    idx = tl.arange(0, NUM_BINS)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_expert = num_m * num_n
+    offs_r = tl.arange(0, BLOCK_K)
+    for item in range(tl.program_id(0), NUM_EXPERTS * per_expert, NUM_PROGRAMS):
+        expert = item // per_expert
+        m_block = (item % per_expert) // num_n
+        n_block = item % num_n
+        start = tl.sum(tl.where(idx == expert, row_start, 0), axis=0)
+        end = start + tl.sum(tl.where(idx == expert, counts, 0), axis=0)
+        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_in = offs_m < M
+        n_in = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        col_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for r0 in range(start, end, BLOCK_K):
+            positions = r0 + offs_r
+            r_mask = positions < end
+            rows = tl.load(sorted_rows_ptr + positions, mask=r_mask, other=0).to(tl.int64)
+            a_rows = rows // TOP_K if GATHER_A else positions.to(tl.int64)
+            b_rows = rows // TOP_K if GATHER_B else positions.to(tl.int64)
+            a = tl.load(a_ptr + a_rows[:, None] * stride_ar + offs_m[None, :] * stride_am,
+                        mask=r_mask[:, None] & m_in[None, :], other=0.0)
+            b = tl.load(b_ptr + b_rows[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                        mask=r_mask[:, None] & n_in[None, :], other=0.0)
+            if SCALE_A or SCALE_B:
+                w = tl.load(row_weights_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)[:, None]
+                if SCALE_A:
+                    a = (a.to(tl.float32) * w).to(a_ptr.dtype.element_ty)
+                if SCALE_B:
+                    b = (b.to(tl.float32) * w).to(b_ptr.dtype.element_ty)
+            if BIAS_GRAD:
+                col_sum += tl.sum(b.to(tl.float32), axis=0)
+            if UPCAST_DOT:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PRECISION)
+        e64 = expert.to(tl.int64)
+        tl.store(out_ptr + e64 * stride_oe + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
+        if BIAS_GRAD:
+            if m_block == 0:
+                tl.store(bias_grad_ptr + e64 * stride_ge + offs_n * stride_gn,
+                         col_sum.to(bias_grad_ptr.dtype.element_ty), mask=n_in)
+
+
+def expert_wgrad(a, gather_a, b, gather_b, out, bias_grad, sorted_rows, row_weights, hist, *, top_k,
+                 scale_a=False, scale_b=False, cfg: GemmConfig):
+    """out[e] = sum over expert e's rows r (sorted position p) of A_r^T B_r, for every expert (zeros
+    for one with no rows): the weight gradient of a grouped GEMM.
+
+    a [rows_a, M], b [rows_b, N]: row r of an operand is its row token (r // top_k) if gathered,
+    else its row p (expert-sorted); `scale_*` multiplies the operand's row by row_weights[r].
+    out [E, M, N] (any strides); bias_grad [E, N] or None gets sum_r B_r (after scaling).
+    No host sync; deterministic (each output element is one program's)."""
+    num_experts, m, n = out.shape
+    if a.is_cuda:
+        set_descriptor_allocator()
+    items = num_experts * triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    programs = persistent_programs(a.device, items)
+    has_bias = bias_grad is not None
+    _expert_wgrad_kernel[(programs,)](
+        a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1),
+        out, out.stride(0), out.stride(1), out.stride(2),
+        bias_grad if has_bias else out, bias_grad.stride(0) if has_bias else 0, bias_grad.stride(1) if has_bias else 0,
+        sorted_rows, row_weights, hist, m, n,
+        NUM_EXPERTS=num_experts, NUM_BINS=histogram_bins(num_experts), TOP_K=top_k,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_PROGRAMS=programs,
+        GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=scale_a, SCALE_B=scale_b, BIAS_GRAD=has_bias,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", UPCAST_DOT=a.device.type != "cuda",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
