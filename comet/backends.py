@@ -1,7 +1,8 @@
 """Registry of expert-compute backends: where kernel backends plug into `MoELayer`.
 
 A backend computes the routed experts: ``fn(x [T,H], topk_ids [T,K], topk_weights [T,K],
-weights: ExpertWeights, cfg: MoEConfig) -> [T,H]``. ``why_unavailable(device)`` returns None when
+weights: ExpertWeights, cfg: MoEConfig, recompute: bool = False) -> [T,H]``, differentiable;
+``recompute`` asks it to save less for the backward and compute it again there. ``why_unavailable(device)`` returns None when
 the backend can run on ``device``, else the reason.
 """
 from __future__ import annotations

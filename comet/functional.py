@@ -29,7 +29,8 @@ class ExpertWeights(NamedTuple):
         return self.gate_up.shape[0]
 
 
-def _experts_reference_backend(x, topk_ids, topk_weights, w: ExpertWeights, cfg: MoEConfig):
+def _experts_reference_backend(x, topk_ids, topk_weights, w: ExpertWeights, cfg: MoEConfig, recompute: bool = False):
+    # `recompute` does not apply: autograd through the reference saves what its ops save.
     return experts_reference(
         x, topk_ids, topk_weights, w.gate_up, w.down, w.gate_up_bias, w.down_bias,
         activation=cfg.activation, swiglu_alpha=cfg.swiglu_alpha, swiglu_limit=cfg.swiglu_limit,
@@ -63,11 +64,15 @@ def moe_experts(
     cfg: MoEConfig,
     backend: str = "auto",
     check_values: bool = True,
+    recompute: bool = False,
 ) -> torch.Tensor:
-    """Routed experts on a given routing: x [T, H] -> [T, H].
+    """Routed experts on a given routing: x [T, H] -> [T, H]. Differentiable in x, topk_weights
+    and the weights.
 
     `check_values` verifies ids in range and finite weights; it reads them back to the host, so
-    hot paths that built the routing themselves pass False.
+    hot paths that built the routing themselves pass False. `recompute` (training with a kernel
+    backend): the forward saves only the routing plan and the backward runs GEMM1 again, instead
+    of saving its [T*K, 2F] activation input.
     """
     check_hidden(x, cfg.hidden_size, weights.gate_up, name="x")
     if x.dim() != 2:
@@ -76,7 +81,7 @@ def moe_experts(
     check_expert_weights(weights, cfg, x)
     if x.shape[0] == 0:
         return torch.empty_like(x)
-    return resolve_backend(backend, x.device).fn(x, topk_ids, topk_weights, weights, cfg)
+    return resolve_backend(backend, x.device).fn(x, topk_ids, topk_weights, weights, cfg, recompute=recompute)
 
 
 def moe(

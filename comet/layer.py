@@ -76,6 +76,9 @@ class MoELayer(nn.Module):
 
     backend: "reference" (plain PyTorch, fp32 accumulation), a kernel backend registered in
     `comet.backends`, or "auto" (the fastest one usable on the weights' device, chosen at call time).
+    Training runs the backend's backward kernels; set the attribute `recompute_experts = True` to
+    save only the routing plan for them (GEMM1 runs again in the backward) instead of also GEMM1's
+    [T*K, 2F] output.
 
     process_group: expert parallelism (`comet.ep`) over this group of W ranks. Each rank keeps
     only its experts, `expert_range` = [r*E/W, (r+1)*E/W) (router and shared experts are
@@ -94,6 +97,8 @@ class MoELayer(nn.Module):
         self.process_group = process_group
         self.backend = backend
         check_backend_name(backend)
+        # Training: the routed experts' backward computes GEMM1 again instead of saving its output.
+        self.recompute_experts = False
         self.router = Router(config)
         self.expert_range = range(config.num_experts)
         if process_group is not None:
@@ -128,7 +133,8 @@ class MoELayer(nn.Module):
             out = ep_experts(x, topk_ids, topk_weights, self.experts.weights(), cfg, self.process_group,
                              max_tokens=self.max_tokens_per_rank, n_comm=self.ep_n_comm)
         else:
-            out = resolve_backend(self.backend, x.device).fn(x, topk_ids, topk_weights, self.experts.weights(), cfg)
+            out = resolve_backend(self.backend, x.device).fn(x, topk_ids, topk_weights, self.experts.weights(), cfg,
+                                                             recompute=self.recompute_experts)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
         return out.view(hidden_states.shape)

@@ -52,7 +52,7 @@ def test_smoke_run_checks_times_and_writes_results(tmp_path, monkeypatch, capsys
 
 @pytest.mark.timeout(120)
 def test_wrong_backend_is_reported_as_mismatch(tmp_path, monkeypatch, capsys):
-    def off_by_a_bit(x, topk_ids, topk_weights, weights, cfg):
+    def off_by_a_bit(x, topk_ids, topk_weights, weights, cfg, recompute=False):
         return backends.resolve_backend("reference", x.device).fn(x, topk_ids, topk_weights, weights, cfg) * 1.1
 
     monkeypatch.setitem(backends._BACKENDS, "bench_broken",
