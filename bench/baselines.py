@@ -25,32 +25,48 @@ def grouped_mm_missing() -> str | None:
 
 
 def grouped_mm_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                       w: ExpertWeights, cfg: MoEConfig) -> torch.Tensor:
+                       w: ExpertWeights, cfg: MoEConfig, group_align: int = 1) -> torch.Tensor:
     """x [T, H] -> [T, H]. `torch._grouped_mm` wants int32 end offsets per expert and operands whose
     non-unit stride is 16-byte aligned: the [E, 2F, H] weights are passed transposed ([E, H, 2F]
-    views), the gathered activations are contiguous."""
+    views), the gathered activations are contiguous. Its backward (the weight gradient, which
+    reduces over each group's rows) also wants every group's rows 16 bytes apart: `group_align` > 1
+    pads each expert's rows with zero rows to a multiple of it (8 for 16-bit floats)."""
     if cfg.weight_on_input:
         raise ValueError("grouped_mm_experts: cfg.weight_on_input is not supported by this baseline")
     num_tokens, top_k = topk_ids.shape
+    num_experts = cfg.num_experts
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)  # expert-sorted position -> row token*K + slot
     sorted_ids = flat_ids.index_select(0, order)
-    counts = torch.zeros(cfg.num_experts, dtype=torch.int32, device=x.device)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
     counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
-    offsets = counts.cumsum(0, dtype=torch.int32)
-
+    padded = (counts + group_align - 1) // group_align * group_align
+    offsets = padded.cumsum(0, dtype=torch.int32)
     rows = x.index_select(0, order // top_k)
+    if group_align > 1:  # sorted position -> its row in the padded layout (sized for the worst case)
+        shift = (offsets - padded) - (counts.cumsum(0, dtype=torch.int32) - counts)
+        position = torch.arange(order.numel(), device=x.device) + shift.index_select(0, sorted_ids)
+        capacity = -(-(order.numel() + num_experts * (group_align - 1)) // group_align) * group_align
+        rows = rows.new_zeros(capacity, rows.shape[1]).index_copy(0, position, rows)
+        # The last group takes the spare rows (zeros, never read back): no row is outside a group.
+        offsets[-1] = capacity
+        row_experts = torch.searchsorted(offsets, torch.arange(capacity, device=x.device, dtype=torch.int32),
+                                         right=True).clamp_(max=num_experts - 1)
+    else:
+        row_experts = sorted_ids
     h = torch._grouped_mm(rows, w.gate_up.transpose(1, 2), offs=offsets)  # [S, 2F]
     if w.gate_up_bias is not None:
-        h += w.gate_up_bias.index_select(0, sorted_ids)
+        h = h + w.gate_up_bias.index_select(0, row_experts)
     gate, up = split_gate_up(h.mT, w.interleaved)
     a = activation_reference(gate.mT, up.mT, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
     y = torch._grouped_mm(a, w.down.transpose(1, 2), offs=offsets)  # [S, H]
     if w.down_bias is not None:
-        y += w.down_bias.index_select(0, sorted_ids)
+        y = y + w.down_bias.index_select(0, row_experts)
+    if group_align > 1:
+        y = y.index_select(0, position)
 
     # Back to (token, slot) order, then the K-way weighted sum as one batched [1,K]x[K,H] product.
-    per_slot = torch.empty_like(y).index_copy_(0, order, y).view(num_tokens, top_k, -1)
+    per_slot = torch.empty_like(y).index_copy(0, order, y).view(num_tokens, top_k, -1)
     return torch.bmm(topk_weights.to(x.dtype).unsqueeze(1), per_slot).squeeze(1)
 
 

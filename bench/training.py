@@ -6,7 +6,8 @@ routing and output gradient, gradients of x, the routing weights and every exper
                   routing plan for the backward kernels
   ours_recompute  the same with `recompute=True`: saves only the routing plan, GEMM1 runs again
   liger           Liger-Kernel's `LigerFusedMoEFunction` (SwiGLU, gate-first layout, no biases)
-  grouped_mm      the `torch._grouped_mm` pipeline (bench/baselines.py) under autograd
+  grouped_mm      the `torch._grouped_mm` pipeline (bench/baselines.py) under autograd, each expert's
+                  rows padded to 16 bytes (its weight gradient needs that)
   hf              transformers' experts module, "grouped_mm" implementation, under autograd
 
 Every implementation's output and gradients are checked first against autograd through the fp32
@@ -86,8 +87,9 @@ def build_impls(shape, w: comet.ExpertWeights):
     if why:
         skipped["grouped_mm"] = why
     else:
+        align = 16 // w.gate_up.element_size()  # the weight gradients' groups 16 bytes apart
         calls["grouped_mm"] = lambda x, ids, weights, p: grouped_mm_experts(
-            x, ids, weights, comet.ExpertWeights(*p, interleaved=w.interleaved), cfg)
+            x, ids, weights, comet.ExpertWeights(*p, interleaved=w.interleaved), cfg, group_align=align)
     try:
         module = hf_experts_module(w, cfg, shape.hf_layout)
         names = (["gate_up_proj", "down_proj"] + (["gate_up_proj_bias", "down_proj_bias"]
@@ -195,7 +197,7 @@ def check(impl, got, ref, dtype, log) -> tuple[bool, float]:
     """Worst relative error over the output and the gradients that exist."""
     worst = 0.0
     for name, g, r in zip(("out",) + GRAD_NAMES, got, ref):
-        error = relative_error(g, r)
+        error = relative_error(g.detach(), r)
         worst = max(worst, error) if error == error else float("nan")
         if not within_tolerance(error, dtype):
             log(f"!!! MISMATCH: {impl} {name}: relative error {error:.3g} > {TOLERANCE[dtype]:.1g}")
