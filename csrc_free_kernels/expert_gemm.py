@@ -307,10 +307,15 @@ def input_descriptor_mode(a: torch.Tensor, gathered: bool, block_m: int) -> bool
     return USE_INPUT_DESCRIPTORS and not gathered and a.stride(1) == 1 and _descriptors_allowed(a, block_m)
 
 
-@functools.lru_cache(maxsize=None)
 def set_descriptor_allocator():
-    """Device-side tensor descriptors live in global scratch memory that Triton asks the host for."""
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    """Device-side tensor descriptors live in global scratch memory that Triton asks the host for.
+    Triton keeps the allocator per thread (autograd runs backward kernels on a thread of its own),
+    so every launcher sets it."""
+    triton.set_allocator(_descriptor_scratch)
+
+
+def _descriptor_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def persistent_programs(device: torch.device, upper_bound: int) -> int:
