@@ -1,0 +1,247 @@
+"""The routed experts' backward kernels (interpreter on CPU, compiled on GPU) against autograd
+through the reference in float64: every gradient (x, routing weights, both weights, both biases),
+every activation and layout, odd routings, determinism, and training through the layer."""
+import pytest
+import torch
+
+import comet
+import comet.reference
+from comet.reference import experts_reference
+from conftest import DEVICE
+
+# Relative Frobenius error per gradient. fp32 allows for TF32 dot products on a GPU.
+TOL = {torch.float32: 1e-5 if DEVICE == "cpu" else 5e-3, torch.bfloat16: 3e-2}
+
+
+def make_case(T, E, K, H=32, F=24, dtype=torch.float32, activation="swiglu", bias=False, interleaved=False,
+              weight_on_input=False, ids=None, scale=1.0):
+    cfg = comet.MoEConfig(hidden_size=H, ffn_size=F, num_experts=E, top_k=K, activation=activation,
+                          expert_bias=bias, weight_on_input=weight_on_input, swiglu_limit=1.5)
+    x = (torch.randn(T, H, device=DEVICE) * scale).to(dtype)
+    if ids is None:
+        ids = torch.rand(T, E, device=DEVICE).argsort(dim=1)[:, :K]  # distinct experts per token
+    weights = torch.rand(T, K, device=DEVICE) + 0.1
+    w = comet.ExpertWeights(
+        (torch.randn(E, 2 * F, H, device=DEVICE) * H**-0.5).to(dtype),
+        (torch.randn(E, H, F, device=DEVICE) * F**-0.5).to(dtype),
+        (torch.randn(E, 2 * F, device=DEVICE) * 0.5).to(dtype) if bias else None,
+        (torch.randn(E, H, device=DEVICE) * 0.5).to(dtype) if bias else None,
+        interleaved,
+    )
+    return cfg, x, ids, weights, w
+
+
+def leaves_of(x, weights, w):
+    return [t for t in (x, weights, w.gate_up, w.down, w.gate_up_bias, w.down_bias) if t is not None]
+
+
+def kernel_grads(cfg, x, ids, weights, w, grad_out, recompute=False):
+    leaves = [t.detach().requires_grad_() for t in leaves_of(x, weights, w)]
+    params = leaves[2:] + [None] * (6 - len(leaves))
+    experts = comet.ExpertWeights(*params, interleaved=w.interleaved)
+    out = comet.moe_experts(leaves[0], ids, leaves[1], experts, cfg, backend="triton", check_values=False,
+                            recompute=recompute)
+    return [out] + list(torch.autograd.grad(out, leaves, grad_out))
+
+
+def oracle_grads(cfg, x, ids, weights, w, grad_out):
+    """Autograd through the reference on float64 copies of every input."""
+    leaves = [t.detach().double().requires_grad_() for t in leaves_of(x, weights, w)]
+    params = leaves[2:] + [None] * (6 - len(leaves))
+    out = experts_reference(leaves[0], ids, leaves[1], *params, activation=cfg.activation,
+                            swiglu_alpha=cfg.swiglu_alpha, swiglu_limit=cfg.swiglu_limit,
+                            interleaved=w.interleaved, weight_on_input=cfg.weight_on_input)
+    return [out] + list(torch.autograd.grad(out, leaves, grad_out.double()))
+
+
+def check(case, grad_out=None, **kw):
+    cfg, x, ids, weights, w = case
+    grad_out = torch.randn_like(x) if grad_out is None else grad_out
+    got = kernel_grads(cfg, x, ids, weights, w, grad_out, **kw)
+    want = oracle_grads(cfg, x, ids, weights, w, grad_out)
+    names = ["out", "x", "topk_weights", "gate_up", "down", "gate_up_bias", "down_bias"]
+    names = names[:3] + [n for n, t in zip(names[3:], (w.gate_up, w.down, w.gate_up_bias, w.down_bias))
+                         if t is not None]
+    for name, g, r in zip(names, got, want):
+        assert g.shape == r.shape and g.dtype == (weights.dtype if name == "topk_weights" else x.dtype), name
+        assert torch.isfinite(g).all(), f"{name}: non-finite values"
+        err = ((g.double() - r).norm() / r.norm().clamp_min(1e-30)).item()
+        assert err <= TOL[x.dtype], f"{name}: relative error {err:.3g} > {TOL[x.dtype]}"
+    return got
+
+
+@pytest.mark.parametrize("activation,bias,interleaved,weight_on_input", [
+    ("swiglu", False, False, False),
+    ("swiglu", True, False, False),
+    ("geglu", False, False, False),
+    ("geglu", True, True, False),
+    ("clamped_swiglu", True, True, False),
+    ("clamped_swiglu", False, False, False),
+    ("swiglu", False, False, True),
+    ("swiglu", True, False, True),
+])
+def test_gradients_of_every_variant(activation, bias, interleaved, weight_on_input):
+    # scale 3: pre-activations cross the clamped SwiGLU's limits, so its masked gradients are covered
+    check(make_case(29, 6, 2, activation=activation, bias=bias, interleaved=interleaved,
+                    weight_on_input=weight_on_input, scale=3.0))
+
+
+@pytest.mark.parametrize("T,E,K", [(1, 4, 2), (1, 4, 1), (37, 4, 1), (19, 16, 8), (50, 8, 3)])
+def test_token_and_expert_counts(T, E, K):
+    """1 token, K = 1, tokens not a multiple of any tile, experts left without tokens (16 > 19 * 8 / ...)."""
+    check(make_case(T, E, K))
+
+
+def test_expert_without_tokens_and_all_tokens_on_one_expert():
+    T, E = 23, 5
+    ids = torch.full((T, 1), 3, device=DEVICE)  # every token on expert 3; experts 0, 1, 2, 4 idle
+    got = check(make_case(T, E, 1, ids=ids))
+    d_gate_up, d_down = got[3], got[4]
+    idle = [0, 1, 2, 4]
+    assert (d_gate_up[idle] == 0).all() and (d_down[idle] == 0).all()  # written, as zeros
+
+
+def test_skipped_ids_get_zero_weight_gradients():
+    """Ids outside [0, E) (Hugging Face's expert-parallel convention) are skipped: their slots add
+    nothing and their routing weights get a zero gradient."""
+    cfg, x, ids, weights, w = make_case(17, 4, 2)
+    ids[::3, 1] = -1
+    ids[1::4, 0] = 4
+    got = check((cfg, x, ids, weights, w))
+    skipped = (ids < 0) | (ids >= 4)
+    assert (got[2][skipped] == 0).all()
+
+
+def test_bf16_gradients():
+    check(make_case(40, 8, 2, dtype=torch.bfloat16, bias=True))
+
+
+def test_strided_and_transposed_inputs():
+    """x as a column-major view, GPT-OSS's weights as transposed views of [E, H, 2F] / [E, F, H]."""
+    cfg, x, ids, weights, w = make_case(21, 4, 2, activation="clamped_swiglu", bias=True, interleaved=True)
+    x_col = x.t().contiguous().t()
+    w_t = w._replace(gate_up=w.gate_up.transpose(1, 2).contiguous().transpose(1, 2),
+                     down=w.down.transpose(1, 2).contiguous().transpose(1, 2))
+    check((cfg, x_col, ids, weights, w_t))
+
+
+def test_recompute_gives_the_same_gradients():
+    """Saving only the routing plan (GEMM1 again in the backward) gives bit-identical gradients."""
+    cfg, x, ids, weights, w = make_case(25, 8, 2, bias=True)
+    g = torch.randn_like(x)
+    saved = kernel_grads(cfg, x, ids, weights, w, g)
+    recomputed = kernel_grads(cfg, x, ids, weights, w, g, recompute=True)
+    for a, b in zip(saved, recomputed):
+        assert torch.equal(a, b)
+
+
+def test_backward_is_deterministic():
+    cfg, x, ids, weights, w = make_case(33, 4, 3, bias=True)
+    g = torch.randn_like(x)
+    first = kernel_grads(cfg, x, ids, weights, w, g)
+    second = kernel_grads(cfg, x, ids, weights, w, g)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_backward_does_not_run_the_reference(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the backward recomputed through comet.reference.experts_reference")
+
+    cfg, x, ids, weights, w = make_case(12, 4, 2)
+    g = torch.randn_like(x)
+    want = oracle_grads(cfg, x, ids, weights, w, g)
+    monkeypatch.setattr(comet.reference, "experts_reference", fail)
+    for module in ("comet.ops", "comet.functional"):
+        import importlib
+
+        mod = importlib.import_module(module)
+        if hasattr(mod, "experts_reference"):
+            monkeypatch.setattr(mod, "experts_reference", fail)
+    got = kernel_grads(cfg, x, ids, weights, w, g)
+    assert ((got[1].double() - want[1]).norm() / want[1].norm()).item() <= TOL[x.dtype]
+
+
+def test_direct_op_call_is_differentiable():
+    """`torch.ops.comet.routed_experts` (inference op) also has a backward: it computes the plan and
+    GEMM1's output again."""
+    cfg, x, ids, weights, w = make_case(14, 4, 2)
+    g = torch.randn_like(x)
+    leaves = [t.detach().requires_grad_() for t in (x, weights, w.gate_up, w.down)]
+    out = torch.ops.comet.routed_experts(leaves[0], ids, leaves[1], leaves[2], leaves[3], None, None, False,
+                                         "swiglu", cfg.swiglu_alpha, cfg.swiglu_limit, False)
+    got = torch.autograd.grad(out, leaves, g)
+    want = oracle_grads(cfg, x, ids, weights, w, g)[1:]
+    for a, b in zip(got, want):
+        assert ((a.double() - b).norm() / b.norm()).item() <= TOL[x.dtype]
+
+
+def _layer_pair(cfg):
+    layer = comet.MoELayer(cfg, backend="triton").to(DEVICE)
+    ref = comet.MoELayer(cfg, backend="reference").to(DEVICE)
+    ref.load_state_dict(layer.state_dict())
+    return layer, ref
+
+
+def test_layer_with_shared_experts_trains_through_the_kernels():
+    cfg = comet.MoEConfig(hidden_size=32, ffn_size=16, num_experts=8, top_k=2, shared_ffn_size=16,
+                          shared_expert_gate=True)
+    layer, ref = _layer_pair(cfg)
+    x = torch.randn(3, 5, 32, device=DEVICE)
+    for model in (layer, ref):
+        (model(x) ** 2).sum().backward()
+    for (name, p), q in zip(layer.named_parameters(), ref.parameters()):
+        assert p.grad is not None, name
+        assert ((p.grad - q.grad).norm() / q.grad.norm()).item() <= 1e-4, name
+
+
+def test_compiled_training_step_without_graph_breaks():
+    """The layer compiled with fullgraph=True (router, custom ops, shared expert in one graph); the
+    backward runs AOTAutograd's compiled backward, which calls the backward op."""
+    cfg = comet.MoEConfig(hidden_size=32, ffn_size=16, num_experts=4, top_k=2, shared_ffn_size=8)
+    layer, ref = _layer_pair(cfg)
+    x = torch.randn(9, 32, device=DEVICE)
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
+    for _ in range(2):  # the second step reuses the compiled graphs
+        for model in (compiled, ref):
+            model.zero_grad()
+            loss = (model(x) ** 2).mean()
+            loss.backward()
+        for p, q in zip(layer.parameters(), ref.parameters()):
+            assert ((p.grad - q.grad).norm() / q.grad.norm()).item() <= 1e-4
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs and sync checks need a GPU")
+def test_cuda_graph_training_step_replays_without_host_sync():
+    cfg, x, ids, weights, w = make_case(512, 16, 4, H=256, F=128, dtype=torch.bfloat16)
+    leaves = [t.detach().requires_grad_() for t in leaves_of(x, weights, w)]
+    g = torch.randn_like(x)
+    experts = comet.ExpertWeights(*leaves[2:])
+
+    def step():
+        out = comet.moe_experts(leaves[0], ids, leaves[1], experts, cfg, backend="triton", check_values=False)
+        return torch.autograd.grad(out, leaves, g)
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        grads = step()
+    for _ in range(3):
+        ids.copy_(torch.rand(512, 16, device=DEVICE).argsort(dim=1)[:, :4])
+        for t in leaves[:2]:
+            t.detach().copy_(torch.rand_like(t))
+        graph.replay()
+        want = oracle_grads(cfg, leaves[0].detach(), ids, leaves[1].detach(), w._replace(
+            gate_up=leaves[2].detach(), down=leaves[3].detach()), g)[1:]
+        for a, b in zip(grads, want):
+            assert ((a.double() - b).norm() / b.norm()).item() <= TOL[torch.bfloat16]
