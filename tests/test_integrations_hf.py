@@ -98,15 +98,16 @@ def test_llama4_block_replacement_keeps_parameters_and_state_dict():
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys  # same tensors, no copy
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
-def test_gradients_match_through_reference_backend(family):
+def test_gradients_match_through_the_backend(family, backend):
     model = build_tiny_model(family).to(DEVICE)
     ids = torch.randint(3, model.config.vocab_size, (2, 6), device=DEVICE)
     experts = find_moe_blocks(model)[0][1].experts
     grads = []
     for patched in (False, True):
         if patched:
-            comet_hf.apply(model, backend="reference")
+            comet_hf.apply(model, backend=backend)
         model.zero_grad(set_to_none=True)
         model(ids, labels=ids).loss.backward()
         grads.append((experts.gate_up_proj.grad, experts.down_proj.grad))

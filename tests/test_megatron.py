@@ -123,15 +123,16 @@ def test_revert_restores_class_and_output():
         comet_megatron.revert(layer)
 
 
-def test_gradients_match_megatron():
-    """The reference backend is differentiable: input, expert and router gradients equal Megatron's."""
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gradients_match_megatron(backend):
+    """Both backends are differentiable: input, expert and router gradients equal Megatron's."""
     layer = build_layer(moe_shared_expert_intermediate_size=24)
     x = torch.randn(4, 2, H, device=DEVICE)
     grad_out = torch.randn_like(x)
     grads = []
     for patched in (False, True):
         if patched:
-            comet_megatron.apply(layer, backend="reference")
+            comet_megatron.apply(layer, backend=backend)
         layer.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_()
         out, _ = layer(xi)
