@@ -234,8 +234,9 @@ def append_csv(path: Path, rows: list[dict]):
 
 
 def plot_panels(df: pd.DataFrame, path: Path, *, panel: str, x: str, y: str, series: str,
-                ylabel: str, title: str):
-    """One panel per value of `panel`, `y` against `x` (log2 axis), one line per value of `series`."""
+                ylabel: str, title: str, log_x: bool = True):
+    """One panel per value of `panel`, `y` against `x` (a log2 axis unless not `log_x`), one line
+    per value of `series`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,10 +254,11 @@ def plot_panels(df: pd.DataFrame, path: Path, *, panel: str, x: str, y: str, ser
         for label, line in part.groupby(series, sort=False):
             line = line.sort_values(x)
             ax.plot(line[x], line[y], marker="o", label=str(label))
-        ax.set_xscale("log", base=2)
-        ticks = sorted(part[x].unique())
-        ax.set_xticks(ticks, [str(t) for t in ticks])
-        ax.minorticks_off()
+        if log_x:
+            ax.set_xscale("log", base=2)
+            ticks = sorted(part[x].unique())
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.minorticks_off()
         ax.set_title(str(name), fontsize=9)
         ax.set_xlabel(x)
         ax.set_ylabel(ylabel)
