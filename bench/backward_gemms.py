@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
-"""Diagnostic: GPU time of each backward kernel of the routed experts, per tile config, on one
-shape's real routing: the dgrad of GEMM2 (+ activation backward), the dgrad of GEMM1, and the
-weight gradients of both GEMMs (`comet.kernels.expert_backward`). Output checked against the
-default config's before it is timed. Prints a table (kernel, config, us, TFLOP/s) and appends it
-to bench/results/backward_gemms.csv.
+"""Diagnostic and tuner: GPU time of each backward kernel of the routed experts per tile config
+(with descriptor loads and with pointer loads), on one shape's real routing: the dgrad of GEMM2
+(+ activation backward), the dgrad of GEMM1 and the weight gradients of both GEMMs
+(`comet.kernels.expert_backward`). Each output is checked against the first config's before it
+is timed. Prints a table (kernel, config, us, TFLOP/s), appends it to
+bench/results/backward_gemms.csv; `--write-table` stores each kernel's fastest config in
+scheduler/tables/backward_<gpu>.json, which `comet.scheduler.configs.backward_configs` reads.
 
-    python bench/backward_gemms.py --shape Qwen3-30B-A3B --tokens 8192
-    python bench/backward_gemms.py --wgrad-configs 128x128x64-g1w8s3 128x256x64-g1w8s3 --dgrad-configs
+    python bench/backward_gemms.py --shapes Qwen3-30B-A3B --tokens 8192
+    python bench/backward_gemms.py --shapes Qwen3-30B-A3B OLMoE-1B-7B --write-table
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -32,7 +36,7 @@ DGRAD_CONFIGS = ("128x128x64-g8w8s3", "128x64x64-g8w4s4", "128x128x64-g8w4s4", "
 
 
 def problems(shape_name: str, tokens: int, device):
-    """The backward kernels of one layer as callables of a GemmConfig, with their FLOPs."""
+    """(shape config, {BackwardConfigs field: (call of a GemmConfig, FLOPs, "dgrad" or "wgrad")})."""
     from comet.kernels.expert_backward import down_dgrad, dw_partial_blocks, expert_wgrad, gate_up_dgrad
     from comet.ops import routed_experts_train
 
@@ -51,83 +55,108 @@ def problems(shape_name: str, tokens: int, device):
     act = torch.empty(rows, f, dtype=s.x.dtype, device=device)
     d_pre = torch.empty(rows, 2 * f, dtype=s.x.dtype, device=device)
     slots = torch.empty(rows, h, dtype=s.x.dtype, device=device)
-    gemm_flops = 2 * rows * h * 2 * f
+    d_down = torch.empty(e, h, f, dtype=s.x.dtype, device=device)
+    d_gate_up = torch.empty(e, 2 * f, h, dtype=s.x.dtype, device=device)
+    gemm1_flops = 2 * rows * h * 2 * f
 
-    def dgrad2(c):
+    def down_dgrad_call(c):
         dw = torch.zeros(dw_partial_blocks(f, c), rows, device=device)
         down_dgrad(g, w.down, w.down_bias, pre_act, sorted_rows, rw, hist, d_pre, act, dw, top_k=k,
                    interleaved=w.interleaved, activation=cfg.activation, alpha=cfg.swiglu_alpha,
                    limit=cfg.swiglu_limit, weight_on_input=cfg.weight_on_input, cfg=c)
         return d_pre
 
-    def dgrad1(c):
+    def gate_up_dgrad_call(c):
         dw = torch.zeros(dw_partial_blocks(h, c), rows, device=device)
         gate_up_dgrad(d_pre, w.gate_up, s.x, sorted_rows, rw, hist, slots, dw, top_k=k,
                       weight_on_input=cfg.weight_on_input, cfg=c)
         return slots
 
-    d_down = torch.empty(e, h, f, dtype=s.x.dtype, device=device)
-    d_gate_up = torch.empty(e, 2 * f, h, dtype=s.x.dtype, device=device)
+    def down_wgrad_call(c):
+        expert_wgrad(act, False, g, True, d_down.transpose(1, 2), None, sorted_rows, rw, hist, top_k=k, cfg=c)
+        return d_down
 
-    def wgrad2(scale):
-        def call(c):
-            expert_wgrad(act, False, g, True, d_down.transpose(1, 2), None, sorted_rows, rw, hist, top_k=k,
-                         scale_b=scale, cfg=c)
-            return d_down
-        return call
-
-    def wgrad1(c):
+    def gate_up_wgrad_call(c):
         expert_wgrad(s.x, True, d_pre, False, d_gate_up.transpose(1, 2), None, sorted_rows, rw, hist, top_k=k,
                      cfg=c)
         return d_gate_up
 
-    return {"dgrad_gemm2": (dgrad2, gemm_flops / 2, "dgrad"), "dgrad_gemm1": (dgrad1, gemm_flops, "dgrad"),
-            "wgrad_gemm2_weighted": (wgrad2(True), gemm_flops / 2, "wgrad"),
-            "wgrad_gemm2_unweighted": (wgrad2(False), gemm_flops / 2, "wgrad"),
-            "wgrad_gemm1": (wgrad1, gemm_flops, "wgrad")}
+    return cfg, {"down_dgrad": (down_dgrad_call, gemm1_flops / 2, "dgrad"),
+                 "gate_up_dgrad": (gate_up_dgrad_call, gemm1_flops, "dgrad"),
+                 "down_wgrad": (down_wgrad_call, gemm1_flops / 2, "wgrad"),
+                 "gate_up_wgrad": (gate_up_wgrad_call, gemm1_flops, "wgrad")}
+
+
+def write_table(best: dict, device):
+    """Merge `best` ({(shape_key, bucket): {kernel: GemmConfig}}) into this GPU's backward table."""
+    from comet.scheduler.configs import TABLE_DIR, backward_table_name, clear_table_cache, gpu_key, load_table
+
+    name = backward_table_name(gpu_key(device))
+    table = {key: dict(value) for key, value in load_table(name).items()}
+    for (key, bucket), kernels in best.items():
+        table.setdefault(key, {})[str(bucket)] = {k: dataclasses.asdict(c) for k, c in kernels.items()}
+    path = TABLE_DIR / f"{name}.json"
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    clear_table_cache()
+    print(f"wrote {path}")
 
 
 def main(argv=None) -> int:
+    from comet.scheduler.configs import rows_bucket, shape_key
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="Qwen3-30B-A3B")
-    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--shapes", nargs="+", default=["Qwen3-30B-A3B"])
+    p.add_argument("--tokens", nargs="+", type=int, default=[8192])
     p.add_argument("--wgrad-configs", nargs="*", default=list(WGRAD_CONFIGS))
     p.add_argument("--dgrad-configs", nargs="*", default=list(DGRAD_CONFIGS))
+    p.add_argument("--write-table", action="store_true", help="store each kernel's fastest config")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("backward_gemms.py: needs a CUDA device", file=sys.stderr)
         return 2
     device = torch.device("cuda")
     env = environment(device)
-    kinds = {"wgrad": [parse_config(c) for c in args.wgrad_configs],
-             "dgrad": [parse_config(c) for c in args.dgrad_configs]}
-    probs = problems(args.shape, args.tokens, device)
-    bar = progress(sum(len(kinds[kind]) for _, _, kind in probs.values()), "backward_gemms")
-    rows = []
-    for name, (call, flops, kind) in probs.items():
-        first = None
-        for c in kinds[kind]:
-            row = {**env, "shape": args.shape, "tokens": args.tokens, "kernel": name, "config": config_label(c)}
-            try:
-                out = call(c).clone()
-                if first is None:
-                    first = out
-                err = float((out.float() - first.float()).norm() / first.float().norm().clamp_min(1e-30))
-                times = time_calls(lambda i: call(c), 1, device, warmup=3, min_reps=10, max_reps=200, budget_s=0.2)
-                us = statistics.median(times) * 1e3
-                row.update(status="ok" if err < 2e-2 else "mismatch", rel_err_vs_first=err, us=us,
-                           tflops=flops / (us * 1e-6) / 1e12)
-            except Exception as exc:  # a config that does not compile or fit: report it, go on
-                row.update(status="error", note=f"{type(exc).__name__}: {exc}"[:200])
-            rows.append(row)
-            bar.update()
+    configs = {kind: [dataclasses.replace(parse_config(c), weight_descriptors=d) for c in labels for d in (True, False)]
+               for kind, labels in (("wgrad", args.wgrad_configs), ("dgrad", args.dgrad_configs))}
+    bar = progress(len(args.shapes) * len(args.tokens) * 2 * sum(map(len, configs.values())), "backward_gemms")
+    rows, best = [], {}
+    for shape_name in args.shapes:
+        for tokens in args.tokens:
+            cfg, probs = problems(shape_name, tokens, device)
+            key = (shape_key(cfg.num_experts, cfg.hidden_size, cfg.ffn_size, torch.bfloat16),
+                   rows_bucket(tokens * cfg.top_k, cfg.num_experts))
+            for kernel, (call, flops, kind) in probs.items():
+                first, fastest = None, None
+                for c in configs[kind]:
+                    row = {**env, "shape": shape_name, "tokens": tokens, "kernel": kernel,
+                           "config": config_label(c) + ("-desc" if c.weight_descriptors else "-ptr")}
+                    try:
+                        out = call(c).clone()
+                        first = out if first is None else first
+                        err = float((out.float() - first.float()).norm() / first.float().norm().clamp_min(1e-30))
+                        times = time_calls(lambda i: call(c), 1, device, warmup=3, min_reps=10, max_reps=200,
+                                           budget_s=0.2)
+                        us = statistics.median(times) * 1e3
+                        row.update(status="ok" if err < 2e-2 else "mismatch", rel_err_vs_first=err, us=us,
+                                   tflops=flops / (us * 1e-6) / 1e12)
+                        if row["status"] == "ok" and (fastest is None or us < fastest[0]):
+                            fastest = (us, c)
+                    except Exception as exc:  # a config that does not compile or fit: report it, go on
+                        row.update(status="error", note=f"{type(exc).__name__}: {exc}"[:200])
+                    rows.append(row)
+                    bar.update()
+                if fastest:
+                    best.setdefault(key, {})[kernel] = fastest[1]
     bar.close()
     append_csv(RESULTS_DIR / "backward_gemms.csv", rows)
-    print(f"{'kernel':<24}{'config':<22}{'us':>9}{'TFLOP/s':>9}  status")
+    print(f"{'shape':<15}{'tokens':>7}  {'kernel':<15}{'config':<26}{'us':>9}{'TFLOP/s':>9}  status")
     for r in rows:
         us, tf = r.get("us"), r.get("tflops")
-        print(f"{r['kernel']:<24}{r['config']:<22}{us if us is None else format(us, '9.1f'):>9}"
-              f"{tf if tf is None else format(tf, '9.0f'):>9}  {r['status']} {r.get('note', '')}")
+        print(f"{r['shape']:<15}{r['tokens']:>7}  {r['kernel']:<15}{r['config']:<26}"
+              f"{'-' if us is None else format(us, '9.1f'):>9}{'-' if tf is None else format(tf, '9.0f'):>9}"
+              f"  {r['status']} {r.get('note', '')}")
+    if args.write_table:
+        write_table(best, device)
     return 0
 
 

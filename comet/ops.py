@@ -22,7 +22,7 @@ from comet.kernels.combine import combine_slots
 from comet.kernels.expert_backward import down_dgrad, dw_partial_blocks, expert_wgrad, gate_up_dgrad
 from comet.kernels.expert_gemm import down_gemm, gate_up_gemm
 from comet.kernels.routing import histogram_bins
-from comet.scheduler.configs import select_configs, wgrad_config
+from comet.scheduler.configs import backward_configs, select_configs
 from comet.scheduler.routing import RoutingPlan, analyze_routing
 
 
@@ -160,39 +160,41 @@ def experts_backward(grad_out, x, topk_ids, topk_weights, w: ExpertWeights, plan
     rows = num_tokens * top_k
     device, dtype = x.device, x.dtype
     row_weights = topk_weights.reshape(-1).float().contiguous()
-    cfg1, cfg2 = select_configs(rows, num_experts, hidden, ffn, dtype, device)
-    wcfg = wgrad_config(rows, num_experts, dtype, device)
+    cfgs = backward_configs(rows, num_experts, hidden, ffn, dtype, device)
     act = torch.empty(rows, ffn, dtype=dtype, device=device)
     if pre_act.shape[0] == 0:
+        cfg1 = select_configs(rows, num_experts, hidden, ffn, dtype, device)[0]
         pre_act = torch.empty(rows, 2 * ffn, dtype=dtype, device=device)
         gate_up_gemm(x, w.gate_up, w.gate_up_bias, w.interleaved, plan.sorted_rows, row_weights, plan.hist, act,
                      top_k=top_k, activation=activation, alpha=alpha, limit=limit, weight_on_input=weight_on_input,
                      cfg=cfg1, pre_act=pre_act)
     d_pre_act = torch.empty(rows, 2 * ffn, dtype=dtype, device=device)
-    dw_partial = torch.zeros(dw_partial_blocks(hidden if weight_on_input else ffn, cfg2 if weight_on_input else cfg1),
-                             rows, dtype=torch.float32, device=device)
+    dw_partial = torch.zeros(dw_partial_blocks(hidden, cfgs.gate_up_dgrad) if weight_on_input else
+                             dw_partial_blocks(ffn, cfgs.down_dgrad), rows, dtype=torch.float32, device=device)
     down_dgrad(grad_out, w.down, w.down_bias, pre_act, plan.sorted_rows, row_weights, plan.hist, d_pre_act, act,
                dw_partial, top_k=top_k, interleaved=w.interleaved, activation=activation, alpha=alpha, limit=limit,
-               weight_on_input=weight_on_input, cfg=cfg1)
+               weight_on_input=weight_on_input, cfg=cfgs.down_dgrad)
 
-    # dW2_e = sum_p a_p^T (w_r g_t), written through the transposed view: [E, F, H]
+    # dW2_e = sum_p (w_r a_p)^T g_t (act holds w_r a_p), written through the transposed view [E, F, H];
+    # db2_e = sum_p w_r g_t
     d_down = torch.empty(w.down.shape, dtype=dtype, device=device)
     d_down_bias = torch.empty(w.down_bias.shape if w.down_bias is not None else (0,), dtype=dtype, device=device)
     expert_wgrad(act, False, grad_out, True, d_down.transpose(1, 2), d_down_bias if w.down_bias is not None else None,
-                 plan.sorted_rows, row_weights, plan.hist, top_k=top_k, scale_b=not weight_on_input, cfg=wcfg)
+                 plan.sorted_rows, row_weights, plan.hist, top_k=top_k, weighted_bias=not weight_on_input,
+                 cfg=cfgs.down_wgrad)
     # dW1_e = sum_p x_t^T dh_p (x_t w_r with the weight on the input): [E, H, 2F]
     d_gate_up = torch.empty(w.gate_up.shape, dtype=dtype, device=device)
     d_gate_up_bias = torch.empty(w.gate_up_bias.shape if w.gate_up_bias is not None else (0,), dtype=dtype,
                                  device=device)
     expert_wgrad(x, True, d_pre_act, False, d_gate_up.transpose(1, 2),
                  d_gate_up_bias if w.gate_up_bias is not None else None, plan.sorted_rows, row_weights, plan.hist,
-                 top_k=top_k, scale_a=weight_on_input, cfg=wcfg)
+                 top_k=top_k, scale_a=weight_on_input, cfg=cfgs.gate_up_wgrad)
 
     dx = x.new_empty(0, hidden)
     if need_x_grad or weight_on_input:
         slots = torch.empty(rows, hidden, dtype=dtype, device=device)
         gate_up_dgrad(d_pre_act, w.gate_up, x, plan.sorted_rows, row_weights, plan.hist, slots, dw_partial,
-                      top_k=top_k, weight_on_input=weight_on_input, cfg=cfg2)
+                      top_k=top_k, weight_on_input=weight_on_input, cfg=cfgs.gate_up_dgrad)
         dx = combine_slots(slots, topk_ids.contiguous(), num_experts,
                            torch.empty(num_tokens, hidden, dtype=dtype, device=device))
     d_weights = dw_partial.sum(dim=0).view(num_tokens, top_k).to(topk_weights.dtype)

@@ -14,15 +14,16 @@ g_t the output gradient of token t.
   to token-slot order (the forward's combine then sums each token's K slots in a fixed order);
   with the weight on the input (Llama4) dw_r = <dh_p @ gate_up_e, x_t> is reduced here instead.
 - `expert_wgrad`: C_e = sum over the expert's rows of A_r^T B_r, each operand gathered by token or
-  read in sorted order and optionally scaled by w_r, any output strides (a transposed write costs
-  nothing), plus the column sum of B (the bias gradient) from the tiles of the first M block.
+  read in sorted order (through a descriptor over the expert's rows), any output strides (a
+  transposed write costs nothing), plus the column sum of B, optionally weighted by w_r (the
+  bias gradient), from the tiles of the first M block.
 """
 import torch
 import triton
 import triton.language as tl
 
 from comet.kernels.expert_gemm import (
-    ACTIVATION_IDS, GemmConfig, _activation, input_descriptor_mode, locate_item, persistent_programs,
+    ACTIVATION_IDS, DESCRIPTOR_MIN_BLOCK_M, GemmConfig, _activation, input_descriptor_mode, locate_item, persistent_programs,
     set_descriptor_allocator, tile_mainloop, tile_rows, weight_descriptor_mode,
 )
 from comet.kernels.routing import expert_segments, histogram_bins
@@ -88,7 +89,9 @@ def _expert_dgrad_kernel(
             gate = tl.load(pre + gate_cols[None, :], mask=mask, other=0.0).to(tl.float32)
             up = tl.load(pre + up_cols[None, :], mask=mask, other=0.0).to(tl.float32)
             act = _activation(gate, up, alpha, limit, ACTIVATION)
-            tl.store(act_ptr + positions * stride_actm + offs_n[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
+            # w * a: GEMM2's input as its weight gradient sees it (the weight scales the output)
+            tl.store(act_ptr + positions * stride_actm + offs_n[None, :],
+                     (act * w[:, None] if WEIGHT_GRAD else act).to(act_ptr.dtype.element_ty), mask=mask)
             if WEIGHT_GRAD:  # the weight scales the output: dw = <g, y> = <dA', a> (+ <g, b2>)
                 dw = tl.sum(tl.where(mask, acc * act, 0.0), axis=1)
                 if HAS_BIAS:
@@ -159,7 +162,8 @@ def down_dgrad(grad_out, down, down_bias, pre_act, sorted_rows, row_weights, his
     grad_out [T, H] (rows gathered by token); down [E, H, F]; down_bias [E, H] or None;
     pre_act [T*K, 2F] sorted (GEMM1's saved activation input); row_weights fp32 [T*K].
     Writes, at the sorted positions of the experts' rows: d_pre_act [T*K, 2F] (gate_up's column
-    order) and act [T*K, F] = act(pre_act), unweighted; and unless `weight_on_input`,
+    order) and act [T*K, F] = act(pre_act), times the row's weight unless `weight_on_input` (the
+    input of GEMM2's weight gradient); and unless `weight_on_input`,
     dw_partial fp32 [dw_partial_blocks(F, cfg), T*K] (zeroed by the caller), whose column sums are
     the routing weights' gradient. No host sync."""
     num_experts, hidden, ffn = down.shape
@@ -190,14 +194,28 @@ def gate_up_dgrad(d_pre_act, gate_up, x, sorted_rows, row_weights, hist, slots, 
 
 
 @triton.jit
+def _wgrad_operand(ptr, desc, tokens, positions, r0, r_mask, first, cols, col0, col_in, stride_r, stride_c,
+                   GATHER: tl.constexpr, DESC: tl.constexpr):
+    """A [BLOCK_K rows, columns] tile of a weight-gradient operand: rows gathered by token, or the
+    expert's sorted rows through a descriptor (zero-filled past them) or pointers."""
+    if DESC:
+        return desc.load([r0 - first, col0])
+    else:
+        r = tokens if GATHER else positions.to(tl.int64)
+        return tl.load(ptr + r[:, None] * stride_r + cols[None, :] * stride_c, mask=r_mask[:, None] & col_in[None, :],
+                       other=0.0)
+
+
+@triton.jit
 def _expert_wgrad_kernel(
     a_ptr, stride_ar, stride_am, b_ptr, stride_br, stride_bn,
     out_ptr, stride_oe, stride_om, stride_on, bias_grad_ptr, stride_ge, stride_gn,
     sorted_rows_ptr, row_weights_ptr, hist_ptr, M, N,
     NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr, SCALE_B: tl.constexpr,
-    BIAS_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, A_DESC: tl.constexpr, B_DESC: tl.constexpr,
+    SCALE_A: tl.constexpr, BIAS_GRAD: tl.constexpr, WEIGHTED_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     row_start, counts, _, _, _ = expert_segments(hist_ptr, NUM_EXPERTS, NUM_BINS, 1)
     idx = tl.arange(0, NUM_BINS)
@@ -215,26 +233,35 @@ def _expert_wgrad_kernel(
         offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
         m_in = offs_m < M
         n_in = offs_n < N
+        a_desc = None
+        b_desc = None
+        if A_DESC:  # over this expert's rows: the copy engine zero-fills past them
+            a_desc = tl.make_tensor_descriptor(a_ptr + start.to(tl.int64) * stride_ar, shape=[end - start, M],
+                                               strides=[stride_ar, 1], block_shape=[BLOCK_K, BLOCK_M])
+        if B_DESC:
+            b_desc = tl.make_tensor_descriptor(b_ptr + start.to(tl.int64) * stride_br, shape=[end - start, N],
+                                               strides=[stride_br, 1], block_shape=[BLOCK_K, BLOCK_N])
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         col_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for r0 in range(start, end, BLOCK_K):
             positions = r0 + offs_r
             r_mask = positions < end
             rows = tl.load(sorted_rows_ptr + positions, mask=r_mask, other=0).to(tl.int64)
-            a_rows = rows // TOP_K if GATHER_A else positions.to(tl.int64)
-            b_rows = rows // TOP_K if GATHER_B else positions.to(tl.int64)
-            a = tl.load(a_ptr + a_rows[:, None] * stride_ar + offs_m[None, :] * stride_am,
-                        mask=r_mask[:, None] & m_in[None, :], other=0.0)
-            b = tl.load(b_ptr + b_rows[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                        mask=r_mask[:, None] & n_in[None, :], other=0.0)
-            if SCALE_A or SCALE_B:
+            tokens = rows // TOP_K
+            a = _wgrad_operand(a_ptr, a_desc, tokens, positions, r0, r_mask, start, offs_m, m_block * BLOCK_M, m_in,
+                               stride_ar, stride_am, GATHER_A, A_DESC)
+            b = _wgrad_operand(b_ptr, b_desc, tokens, positions, r0, r_mask, start, offs_n, n_block * BLOCK_N, n_in,
+                               stride_br, stride_bn, GATHER_B, B_DESC)
+            if SCALE_A or WEIGHTED_BIAS:
                 w = tl.load(row_weights_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)[:, None]
-                if SCALE_A:
-                    a = (a.to(tl.float32) * w).to(a_ptr.dtype.element_ty)
-                if SCALE_B:
-                    b = (b.to(tl.float32) * w).to(b_ptr.dtype.element_ty)
+            if SCALE_A:
+                a = (a.to(tl.float32) * w).to(a_ptr.dtype.element_ty)
             if BIAS_GRAD:
-                col_sum += tl.sum(b.to(tl.float32), axis=0)
+                if m_block == 0:
+                    if WEIGHTED_BIAS:
+                        col_sum += tl.sum(b.to(tl.float32) * w, axis=0)
+                    else:
+                        col_sum += tl.sum(b.to(tl.float32), axis=0)
             if UPCAST_DOT:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -249,13 +276,14 @@ def _expert_wgrad_kernel(
 
 
 def expert_wgrad(a, gather_a, b, gather_b, out, bias_grad, sorted_rows, row_weights, hist, *, top_k,
-                 scale_a=False, scale_b=False, cfg: GemmConfig):
+                 scale_a=False, weighted_bias=False, cfg: GemmConfig):
     """out[e] = sum over expert e's rows r (sorted position p) of A_r^T B_r, for every expert (zeros
     for one with no rows): the weight gradient of a grouped GEMM.
 
     a [rows_a, M], b [rows_b, N]: row r of an operand is its row token (r // top_k) if gathered,
-    else its row p (expert-sorted); `scale_*` multiplies the operand's row by row_weights[r].
-    out [E, M, N] (any strides); bias_grad [E, N] or None gets sum_r B_r (after scaling).
+    else its row p (expert-sorted; read through a descriptor where `cfg.weight_descriptors` and
+    the layout allow); `scale_a` multiplies A's row by row_weights[r]. out [E, M, N] (any
+    strides); bias_grad [E, N] or None gets sum_r B_r (times row_weights[r] if `weighted_bias`).
     No host sync; deterministic (each output element is one program's)."""
     num_experts, m, n = out.shape
     if a.is_cuda:
@@ -270,7 +298,10 @@ def expert_wgrad(a, gather_a, b, gather_b, out, bias_grad, sorted_rows, row_weig
         sorted_rows, row_weights, hist, m, n,
         NUM_EXPERTS=num_experts, NUM_BINS=histogram_bins(num_experts), TOP_K=top_k,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_PROGRAMS=programs,
-        GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=scale_a, SCALE_B=scale_b, BIAS_GRAD=has_bias,
+        GATHER_A=gather_a, GATHER_B=gather_b,
+        A_DESC=cfg.weight_descriptors and input_descriptor_mode(a, gather_a, DESCRIPTOR_MIN_BLOCK_M),
+        B_DESC=cfg.weight_descriptors and input_descriptor_mode(b, gather_b, DESCRIPTOR_MIN_BLOCK_M),
+        SCALE_A=scale_a, BIAS_GRAD=has_bias, WEIGHTED_BIAS=weighted_bias,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", UPCAST_DOT=a.device.type != "cuda",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

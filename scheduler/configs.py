@@ -13,6 +13,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -47,6 +48,7 @@ def clear_table_cache():
     """Forget the tables read and the configs chosen from them (after a table was written)."""
     load_table.cache_clear()
     _bucket_configs.cache_clear()
+    _backward_bucket_configs.cache_clear()
 
 
 def heuristic_configs(bucket: int, device: torch.device) -> tuple[GemmConfig, GemmConfig]:
@@ -108,9 +110,44 @@ def _bucket_configs(bucket: int, num_experts: int, hidden: int, ffn: int, dtype:
     return fit_shared_memory(gemm1, size, 2), fit_shared_memory(gemm2, size, 1)
 
 
-def wgrad_config(num_rows: int, num_experts: int, dtype: torch.dtype, device: torch.device) -> GemmConfig:
-    """Tile config of the weight-gradient GEMMs (`comet.kernels.expert_backward.expert_wgrad`):
-    block_m x block_n output tiles, block_k rows of the reduction per step."""
+
+class BackwardConfigs(NamedTuple):
+    """Tile configs of the backward kernels (`comet.kernels.expert_backward`), one per launch."""
+
+    down_dgrad: GemmConfig  # rows x F tiles over H: GEMM1's shape, with the activation's backward
+    gate_up_dgrad: GemmConfig  # rows x H tiles over 2F: GEMM2's shape
+    down_wgrad: GemmConfig  # F x H tiles of dW2 over each expert's rows (block_k rows per step)
+    gate_up_wgrad: GemmConfig  # H x 2F tiles of dW1
+
+
+def backward_table_name(gpu: str) -> str:
+    """The tuned table of the backward kernels (`bench/backward_gemms.py --write-table` writes it):
+    {shape_key: {bucket: {BackwardConfigs field: GemmConfig fields}}}, beside the forward's."""
+    return f"backward_{gpu}"
+
+
+def heuristic_wgrad_config(device: torch.device) -> GemmConfig:
     if device.type != "cuda":
         return GemmConfig(16, 32, 16, group_m=1)
-    return fit_shared_memory(GemmConfig(128, 128, 64, group_m=1, num_warps=8, num_stages=3), dtype.itemsize, 1)
+    return GemmConfig(128, 128, 64, group_m=1, num_warps=8, num_stages=3)
+
+
+def backward_configs(num_rows: int, num_experts: int, hidden: int, ffn: int, dtype: torch.dtype,
+                     device: torch.device) -> BackwardConfigs:
+    """The backward kernels' configs for `num_rows` = tokens * top_k routed rows: the tuned backward
+    table's entry (nearest bucket, nearest expert count as for the forward), else the forward's
+    GEMM1 / GEMM2 configs for the dgrads and a heuristic for the weight gradients."""
+    return _backward_bucket_configs(rows_bucket(num_rows, num_experts), num_experts, hidden, ffn, dtype, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_bucket_configs(bucket: int, num_experts: int, hidden: int, ffn: int, dtype: torch.dtype,
+                             device: torch.device) -> BackwardConfigs:
+    gemm1, gemm2 = _bucket_configs(bucket, num_experts, hidden, ffn, dtype, device)
+    wgrad = heuristic_wgrad_config(device)
+    configs = BackwardConfigs(gemm1, gemm2, wgrad, wgrad)
+    entries = shape_entries(load_table(backward_table_name(gpu_key(device))), num_experts, hidden, ffn, dtype)
+    if entries:
+        best = min(entries, key=lambda b: abs(int(b).bit_length() - bucket.bit_length()))
+        configs = configs._replace(**{name: GemmConfig(**c) for name, c in entries[best].items()})
+    return BackwardConfigs(*(fit_shared_memory(c, dtype.itemsize, 1) for c in configs))

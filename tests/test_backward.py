@@ -10,7 +10,7 @@ from comet.reference import experts_reference
 from conftest import DEVICE
 
 # Relative Frobenius error per gradient. fp32 allows for TF32 dot products on a GPU.
-TOL = {torch.float32: 1e-5 if DEVICE == "cpu" else 5e-3, torch.bfloat16: 3e-2}
+TOL = {torch.float32: 1e-5 if DEVICE == "cpu" else 5e-3, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
 def make_case(T, E, K, H=32, F=24, dtype=torch.float32, activation="swiglu", bias=False, interleaved=False,
@@ -112,8 +112,9 @@ def test_skipped_ids_get_zero_weight_gradients():
     assert (got[2][skipped] == 0).all()
 
 
-def test_bf16_gradients():
-    check(make_case(40, 8, 2, dtype=torch.bfloat16, bias=True))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_gradients(dtype):
+    check(make_case(40, 8, 2, dtype=dtype, bias=True))
 
 
 def test_strided_and_transposed_inputs():
@@ -123,6 +124,17 @@ def test_strided_and_transposed_inputs():
     w_t = w._replace(gate_up=w.gate_up.transpose(1, 2).contiguous().transpose(1, 2),
                      down=w.down.transpose(1, 2).contiguous().transpose(1, 2))
     check((cfg, x_col, ids, weights, w_t))
+
+
+@pytest.mark.parametrize("descriptors", [True, False], ids=["descriptor_loads", "pointer_loads"])
+def test_descriptor_and_pointer_loads(monkeypatch, descriptors):
+    """Weights and the contiguous sorted operands through tensor descriptors, or plain pointers."""
+    import comet.kernels.expert_gemm as expert_gemm
+
+    monkeypatch.setattr(expert_gemm, "USE_WEIGHT_DESCRIPTORS", descriptors)
+    monkeypatch.setattr(expert_gemm, "USE_INPUT_DESCRIPTORS", descriptors)
+    monkeypatch.setattr(expert_gemm, "DESCRIPTOR_MIN_BLOCK_M", 0)  # the interpreter's tiles are small
+    check(make_case(27, 4, 2, bias=True))
 
 
 def test_recompute_gives_the_same_gradients():

@@ -118,3 +118,22 @@ def test_tuner_stores_expert_parallel_entries_under_the_calls_bucket(monkeypatch
         str(configs.rows_bucket(8192 * k, e)): [{"block_m": 128}, {"block_m": 64}]}
     assert table[configs.shape_key(e // 2, h, f, torch.bfloat16)] == {
         str(configs.rows_bucket(2 * 8192 * k, e // 2)): [{"block_m": 128}, {"block_m": 64}]}
+
+
+def test_backward_configs_from_their_table_else_the_forward_and_a_heuristic(tmp_path, monkeypatch):
+    key = configs.shape_key(8, 256, 128, torch.bfloat16)
+    tuned = dict(block_m=64, block_n=64, block_k=32, group_m=1, num_warps=4, num_stages=2, weight_descriptors=False)
+    (tmp_path / "backward_interpreter.json").write_text(json.dumps({key: {"8": {"down_wgrad": tuned}}}))
+    monkeypatch.setattr(configs, "TABLE_DIR", tmp_path)
+    configs.clear_table_cache()
+    try:
+        cpu = torch.device("cpu")
+        got = configs.backward_configs(8 * 8, 8, 256, 128, torch.bfloat16, cpu)
+        gemm1, gemm2 = configs.select_configs(8 * 8, 8, 256, 128, torch.bfloat16, cpu)
+        assert got.down_wgrad == GemmConfig(**tuned)  # the table's kernel
+        assert got.gate_up_wgrad == configs.heuristic_wgrad_config(cpu)  # not in the table
+        assert (got.down_dgrad, got.gate_up_dgrad) == (gemm1, gemm2)  # the forward's shapes
+        other = configs.backward_configs(64, 8, 512, 128, torch.bfloat16, cpu)  # no entry at all
+        assert other.down_wgrad == configs.heuristic_wgrad_config(cpu)
+    finally:
+        configs.clear_table_cache()
