@@ -127,9 +127,11 @@ def backward_table_name(gpu: str) -> str:
 
 
 def heuristic_wgrad_config(device: torch.device) -> GemmConfig:
+    """128 x 256 output tiles: the fastest of those `bench/backward_gemms.py` timed on an H200
+    (bench/results/backward_gemms.csv)."""
     if device.type != "cuda":
         return GemmConfig(16, 32, 16, group_m=1)
-    return GemmConfig(128, 128, 64, group_m=1, num_warps=8, num_stages=3)
+    return GemmConfig(128, 256, 64, group_m=1, num_warps=8, num_stages=3)
 
 
 def backward_configs(num_rows: int, num_experts: int, hidden: int, ffn: int, dtype: torch.dtype,

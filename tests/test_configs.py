@@ -137,3 +137,12 @@ def test_backward_configs_from_their_table_else_the_forward_and_a_heuristic(tmp_
         assert other.down_wgrad == configs.heuristic_wgrad_config(cpu)
     finally:
         configs.clear_table_cache()
+
+
+def test_shipped_backward_table_is_well_formed():
+    table = json.loads((configs.TABLE_DIR / "backward_nvidia_h200.json").read_text())
+    for buckets in table.values():
+        for kernels in buckets.values():
+            assert set(kernels) <= set(configs.BackwardConfigs._fields)
+            for fields in kernels.values():
+                GemmConfig(**fields)
