@@ -119,9 +119,9 @@ def test_kernel_backend_without_backward_raises_in_backward_only(monkeypatch):
     """A backend whose output is outside the autograd graph: inference works, backward raises."""
     reference = backends.resolve_backend("reference", torch.device(DEVICE)).fn
 
-    def no_grad_backend(*args):
+    def no_grad_backend(*args, **options):
         with torch.no_grad():
-            return reference(*args)
+            return reference(*args, **options)
 
     monkeypatch.setitem(backends._BACKENDS, "nograd", backends.Backend("nograd", no_grad_backend, lambda d: None, -1))
     model = build_tiny_model("qwen3_moe").to(DEVICE)
