@@ -34,6 +34,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from bench.common import RESULTS_DIR, append_csv, environment, run_probe  # noqa: E402
+from comet.device_info import num_sms  # noqa: E402
 
 # (elements, programs, chunk elements) of the correctness calls; each list is run twice in a row.
 CHECK_CALLS = [(1000, 2, None), (4096, 8, 512), (1 << 20, 16, None), (1 << 20, 32, 4096), (12345, 3, 1024)]
@@ -173,7 +174,7 @@ def run(args) -> list[dict]:
     log(f"{ws!r} on {name}, max_spins={ws.max_spins}")
     check_exchange(ws, comm_probe, SMOKE_CHECK_CALLS if args.smoke else CHECK_CALLS, dtype)
 
-    max_programs = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 64
+    max_programs = num_sms(device)
     rows = []
     env = environment(device)
     for mib in args.sizes_mib:

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from comet.profiler import environment as profiler_environment, package_version
+from comet import measurement
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -37,7 +37,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # ----------------------------------------------------------------------------------------------
 def environment(device: torch.device) -> dict[str, str]:
     """The columns that identify where and on what code a row was measured."""
-    return {**profiler_environment(device), "transformers": package_version("transformers")}
+    return {**measurement.environment(device), "transformers": measurement.package_version("transformers")}
 
 
 def output_dir() -> Path | None:

@@ -55,7 +55,8 @@ from bench.common import (
 )
 from bench.shapes import MODELS, SMOKE_MODELS, ModelShape, model_shape
 from bench.single_gpu import ROUTER_SKEW_STD, TIMINGS, Inputs, make_inputs, make_weights, routing_stats
-from comet.reference import activation_reference, split_gate_up
+from comet.reference import activation_reference
+from comet.weights import split_gate_up
 
 # (shape, tokens) profiled by default: where single_gpu.py found us behind (Mixtral at 16384 tokens)
 # or short of the 1.3x target (DeepSeek-V3).

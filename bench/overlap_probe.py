@@ -43,6 +43,7 @@ import torch.distributed as dist  # noqa: E402
 
 from bench.common import DTYPES, RESULTS_DIR, append_csv, environment, run_probe  # noqa: E402
 from bench.shapes import model_shape  # noqa: E402
+from comet.device_info import num_sms  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -188,7 +189,7 @@ def run(args) -> list[dict]:
     world = dist.get_world_size()
     ws = CommWorkspace.create()
     device = ws.device
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = num_sms(device)
     env, rows = environment(device), []
     for name in args.shapes:
         cfg = model_shape(name).cfg

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from comet.hf_family_table import moe_config_fields
+
 SCORINGS = ("softmax", "sigmoid", "sparsemixer")
 GROUP_SCORES = ("max", "top2_sum")
 ACTIVATIONS = ("swiglu", "geglu", "clamped_swiglu")
@@ -104,7 +106,5 @@ class MoEConfig:
 
     @classmethod
     def from_hf(cls, hf_config) -> "MoEConfig":
-        """Build from a Hugging Face model config of a supported family (see `comet.hf_families`)."""
-        from comet.hf_families import config_from_hf
-
-        return config_from_hf(hf_config)
+        """Build from a Hugging Face model config of a supported family (see `comet.hf_family_table`)."""
+        return cls(**moe_config_fields(hf_config))

@@ -13,9 +13,9 @@ from typing import Optional
 
 import torch
 
-from comet.backends import register_backend
+from comet.backend_registry import register_backend
 from comet.config import MoEConfig
-from comet.functional import ExpertWeights
+from comet.weights import ExpertWeights
 from comet.kernels.combine import combine_slots
 from comet.kernels.expert_gemm import down_gemm, gate_up_gemm
 from comet.reference import experts_reference

@@ -55,7 +55,7 @@ def test_wrong_backend_is_reported_as_mismatch(tmp_path, monkeypatch, capsys):
     def off_by_a_bit(x, topk_ids, topk_weights, weights, cfg):
         return backends.resolve_backend("reference", x.device).fn(x, topk_ids, topk_weights, weights, cfg) * 1.1
 
-    monkeypatch.setitem(backends._BACKENDS, "bench_broken",
+    monkeypatch.setitem(backends.BACKENDS, "bench_broken",
                         backends.Backend("bench_broken", off_by_a_bit, lambda device: None, -1))
     rc, df = _run(tmp_path, monkeypatch, "--shapes", "tiny-mixtral", "--tokens", "8", "--backend", "bench_broken")
     assert rc == 1
