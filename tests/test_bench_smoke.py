@@ -76,7 +76,7 @@ def test_missing_backend_is_named_and_the_rest_runs(tmp_path, monkeypatch, capsy
 
 @pytest.mark.timeout(120)
 def test_host_overhead_smoke_profiles_and_writes_a_row(tmp_path, monkeypatch, capsys):
-    from bench import host_overhead
+    from bench.diagnostics import host_overhead
 
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
     assert host_overhead.main(["--smoke", "--results-dir", str(tmp_path), "--top", "5"]) == 0
