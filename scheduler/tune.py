@@ -20,8 +20,8 @@ from comet.scheduler.configs import (
 from comet.scheduler.routing import analyze_routing
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); weight descriptors are tried on and off, and
-# 128-row tiles also with GROUP_M 16 (better for DeepSeek-V3 and Mixtral's GEMM2 on an H200,
-# bench/results/expert_gemms.csv), GROUP_M 8 otherwise.
+# 128-row tiles also with GROUP_M 16 (docs/performance.md says where that was faster), GROUP_M 8
+# otherwise.
 # Decode-sized buckets stream the weights: deeper pipelines (stages cut to fit) keep more loads in
 # flight (candidates added without a measurement yet).
 GATE_UP_CANDIDATES = [
