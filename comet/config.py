@@ -104,6 +104,11 @@ class MoEConfig:
     def replace(self, **changes) -> "MoEConfig":
         return dataclasses.replace(self, **changes)
 
+    def with_experts(self, num_experts: int) -> "MoEConfig":
+        """This layer's config for a part that holds `num_experts` of its experts (an expert-parallel
+        rank's, a shard's): top_k at most `num_experts`, plain top-k (the experts read no routing rule)."""
+        return self.replace(num_experts=num_experts, top_k=min(self.top_k, num_experts), n_group=1, topk_group=1)
+
     @classmethod
     def from_hf(cls, hf_config) -> "MoEConfig":
         """Build from a Hugging Face model config of a supported family (see `comet.hf_family_table`)."""

@@ -17,7 +17,7 @@
 #   ep       bench/ep.py on 2 ranks, every shape and token count, --write-table
 #   ep_graphs  bench/ep.py --graphs on 2 ranks: every row timed as CUDA-graph replays (GPU time), --write-table
 #   ep_sweep bench/ep.py --graphs on 2 ranks: few pushing programs (2, 4, 8) for both fused splits, --write-table
-#   stress   bench/ep_stress.py, 1000 calls on 2 ranks
+#   stress   tests/ep_stress.py, 1000 calls on 2 ranks
 #   profile  python -m comet profile on a 2-layer Qwen3-30B-A3B-shape model, 1 GPU and expert-parallel on 2
 #   ep4      with 4 GPUs: bench/ep.py on 4 ranks, every shape, --write-table
 #   ep4_stress  with 4 GPUs: 300 stress calls on 4 ranks
@@ -91,7 +91,7 @@ for p in "$@"; do
         --shapes Qwen3-30B-A3B OLMoE-1B-7B --impls ours ours_fused ours_fused_dispatch --write-table
       cp scheduler/tables/ep_*.json "$RES/ep/" 2>/dev/null ;;
     stress)
-      phase ep_stress 200 stress $TORCHRUN --nproc-per-node 2 -m bench.ep_stress --calls 1000 ;;
+      phase ep_stress 200 stress $TORCHRUN --nproc-per-node 2 -m tests.ep_stress --calls 1000 ;;
     profile)
       phase profile_1 200 profile python3 -m comet profile --model qwen3-30b-a3b-shape --layers 2 --tokens 8192 \
         --out "$RES/profile/qwen3"
@@ -106,7 +106,7 @@ for p in "$@"; do
       fi ;;
     ep4_stress)
       if [ "$GPUS" -ge 4 ]; then
-        phase ep4_stress 120 ep4 $TORCHRUN --nproc-per-node 4 -m bench.ep_stress --calls 300
+        phase ep4_stress 120 ep4 $TORCHRUN --nproc-per-node 4 -m tests.ep_stress --calls 300
       else
         echo "== ep4_stress: skipped, $GPUS GPUs"
       fi ;;

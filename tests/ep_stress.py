@@ -25,10 +25,10 @@ Rank 0 shows a progress bar (a log line per check when not on a terminal), print
 bench/results/ep_stress.csv (copied to $OUT when set) and exits non-zero on any mismatch or
 communication error.
 
-    torchrun --nproc-per-node 2 -m bench.ep_stress                          # Qwen3-30B-A3B, 1000 calls, <= 4096 tokens/rank
-    torchrun --nproc-per-node 2 -m bench.ep_stress --shape Mixtral-8x7B --calls 300
-    torchrun --nproc-per-node 2 -m bench.ep_stress --seed 123 --replay 417  # one call again
-    python -m bench.ep_stress --cpu-ranks 2 --calls 6                       # CPU ranks, interpreter, tiny shape
+    torchrun --nproc-per-node 2 -m tests.ep_stress                          # Qwen3-30B-A3B, 1000 calls, <= 4096 tokens/rank
+    torchrun --nproc-per-node 2 -m tests.ep_stress --shape Mixtral-8x7B --calls 300
+    torchrun --nproc-per-node 2 -m tests.ep_stress --seed 123 --replay 417  # one call again
+    python -m tests.ep_stress --cpu-ranks 2 --calls 6                       # CPU ranks, interpreter, tiny shape
 """
 from __future__ import annotations
 
@@ -333,7 +333,7 @@ def main(argv=None) -> int:
 
         summary = run_ranks(_cpu_rank, args.cpu_ranks, args, env={"TRITON_INTERPRET": "1"}, timeout=3600)[0]
         return report(summary, args)
-    init_torchrun_rank("bench.ep_stress", "--cpu-ranks 2")
+    init_torchrun_rank("tests.ep_stress", "--cpu-ranks 2")
     try:
         summary = run(args)
         return report(summary, args) if summary is not None else 0
