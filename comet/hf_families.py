@@ -1,9 +1,9 @@
-"""Hugging Face MoE families: their configs as `MoEConfig`, their MoE blocks' weights in our layout.
+"""Hugging Face MoE families (`comet.hf_family_table`): their configs as `MoEConfig`, their MoE
+blocks found in a model, their blocks' weights in our layout and loaded into a layer.
 
-Supported (transformers 5.7+): Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2, DeepSeek-V3,
-GPT-OSS, Phi-3.5-MoE, Llama4 (text). A layer built from a family's config and loaded from one of
-its blocks gives the block's output in eval mode. Training-only randomness of the library's
-blocks (Mixtral/Phi-3.5 input jitter, Phi-3.5's sampled sparsemixer routing) is not reproduced.
+A layer built from a family's config and loaded from one of its blocks gives the block's output in
+eval mode. Training-only randomness of the library's blocks (Mixtral/Phi-3.5 input jitter,
+Phi-3.5's sampled sparsemixer routing) is not reproduced.
 """
 from __future__ import annotations
 
