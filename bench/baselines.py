@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from comet.config import MoEConfig
-from comet.functional import ExpertWeights
-from comet.reference import activation_reference, split_gate_up
+from comet.reference import activation_reference
+from comet.weights import ExpertWeights, split_gate_up
 
 
 def grouped_mm_missing() -> str | None:

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Push bandwidth of Triton programs storing into peer GPUs' memory, through the comm workspace.
 
-    torchrun --nproc-per-node 2 bench/comm_probe.py [--sizes-mib 1 4 16 64 256] [--programs 4 8 16 32 64 132]
-    python bench/comm_probe.py --smoke        # the same logic on 2 CPU ranks (interpreter), tiny sizes
+    torchrun --nproc-per-node 2 -m bench.comm_probe [--sizes-mib 1 4 16 64 256] [--programs 4 8 16 32 64 132]
+    python -m bench.comm_probe --smoke        # the same logic on 2 CPU ranks (interpreter), tiny sizes
 
 Every rank sends its data to every rank (itself included) with `comet.kernels.comm_probe`. The run
 (1) checks what arrives over several consecutive calls and shapes, (2) times calls back to back (no
@@ -14,26 +13,18 @@ prints a table (GB/s each rank pushes to its peers) and appends rows to bench/re
 """
 from __future__ import annotations
 
-import os
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-# Before torch.distributed starts: NVLink multicast (NVLS) is never used.
-os.environ["NCCL_NVLS_ENABLE"] = "0"
-os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+import torch
+import torch.distributed as dist
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-if __package__ in (None, ""):  # run as a script: make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from bench.common import RESULTS_DIR, append_csv, environment, run_probe  # noqa: E402
+from bench.common import RESULTS_DIR, append_csv, environment, run_probe
+from comet.device_info import num_sms
 
 # (elements, programs, chunk elements) of the correctness calls; each list is run twice in a row.
 CHECK_CALLS = [(1000, 2, None), (4096, 8, 512), (1 << 20, 16, None), (1 << 20, 32, 4096), (12345, 3, 1024)]
@@ -173,7 +164,7 @@ def run(args) -> list[dict]:
     log(f"{ws!r} on {name}, max_spins={ws.max_spins}")
     check_exchange(ws, comm_probe, SMOKE_CHECK_CALLS if args.smoke else CHECK_CALLS, dtype)
 
-    max_programs = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 64
+    max_programs = num_sms(device)
     rows = []
     env = environment(device)
     for mib in args.sizes_mib:
@@ -219,7 +210,7 @@ def main(argv=None) -> int:
         import comet.kernels  # noqa: F401
     except ImportError as e:
         sys.exit(f"bench/comm_probe.py: comet.kernels is not importable ({e}); run `pip install -e .` first")
-    return run_probe("bench/comm_probe.py", run, report, args)
+    return run_probe("bench.comm_probe", run, report, args)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,18 @@ import statistics
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from comet.profiler import environment as profiler_environment, package_version
+import comet
+from bench.shapes import ModelShape
+from comet import measurement
+from comet.reference import experts_reference, route
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -37,7 +41,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # ----------------------------------------------------------------------------------------------
 def environment(device: torch.device) -> dict[str, str]:
     """The columns that identify where and on what code a row was measured."""
-    return {**profiler_environment(device), "transformers": package_version("transformers")}
+    return {**measurement.environment(device), "transformers": measurement.package_version("transformers")}
 
 
 def output_dir() -> Path | None:
@@ -96,24 +100,27 @@ def run_on_cpu(run: Callable[[torch.device], int]) -> int:
         torch.set_num_threads(threads)
 
 
-def init_torchrun_rank(script: str, cpu_option: str | None = None):
-    """Join the NCCL process group of a torchrun launch on this rank's GPU, or exit saying how to
-    launch `script` (`cpu_option`: the option that runs it on CPU ranks instead, if any)."""
+def init_torchrun_rank(module: str, cpu_option: str | None = None):
+    """Join the NCCL process group of a torchrun launch on this rank's GPU (NVLink multicast off), or
+    exit saying how to launch `module` (`cpu_option`: the option that runs it on CPU ranks instead,
+    if any)."""
     import torch.distributed as dist
 
     instead = f" (or use {cpu_option} for a CPU run)" if cpu_option else ""
     if "LOCAL_RANK" not in os.environ:
-        sys.exit(f"{script}: launch it with torchrun, e.g. torchrun --nproc-per-node 2 {script}{instead}")
+        sys.exit(f"{module}: launch it with torchrun, e.g. torchrun --nproc-per-node 2 -m {module}{instead}")
     if not torch.cuda.is_available():
-        sys.exit(f"{script}: needs CUDA GPUs{instead}")
+        sys.exit(f"{module}: needs CUDA GPUs{instead}")
     local_rank = int(os.environ["LOCAL_RANK"])
     if local_rank >= torch.cuda.device_count():
-        sys.exit(f"{script}: local rank {local_rank} but only {torch.cuda.device_count()} GPUs visible")
+        sys.exit(f"{module}: local rank {local_rank} but only {torch.cuda.device_count()} GPUs visible")
     torch.cuda.set_device(local_rank)
+    os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast is never used
+    os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
     dist.init_process_group("nccl")
 
 
-def run_probe(script: str, run: Callable, report: Callable, args) -> int:
+def run_probe(module: str, run: Callable, report: Callable, args) -> int:
     """A multi-rank probe's main: `run(args)` on every rank (rank 0 returns the rows), then
     `report(rows, args.results_dir)`; on 2 CPU ranks with the interpreter when `args.smoke`,
     else on this torchrun rank's GPU."""
@@ -124,7 +131,7 @@ def run_probe(script: str, run: Callable, report: Callable, args) -> int:
 
         report(run_ranks(run, 2, args, env={"TRITON_INTERPRET": "1"}, timeout=600)[0], args.results_dir)
         return 0
-    init_torchrun_rank(script, cpu_option="--smoke")
+    init_torchrun_rank(module, cpu_option="--smoke")
     try:
         rows = run(args)
         if dist.get_rank() == 0:
@@ -147,8 +154,83 @@ def parse_split(value: str) -> tuple[int | str, int | None]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Problem set-up
+# ----------------------------------------------------------------------------------------------
+# Router logits are N(0, 1) per token plus a fixed per-expert skew N(0, ROUTER_SKEW_STD^2), so the
+# load is uneven as with trained routers: at 4096 tokens the busiest expert gets 1.4x (Mixtral) to
+# 2.5x (DeepSeek-V3) the mean load, the idlest 0.2-0.5x. The run logs the measured max/mean.
+ROUTER_SKEW_STD = 0.2
+
+
+class Inputs(NamedTuple):
+    x: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+
+
+def make_weights(shape: ModelShape, dtype: torch.dtype, device: torch.device) -> comet.ExpertWeights:
+    """Random expert weights in the layout Hugging Face stores for `shape`; for GPT-OSS that is
+    [E, H, 2F] / [E, F, H], passed to us as transposed views (interleaved gate/up)."""
+    c = shape.cfg
+    e, f, h = c.num_experts, c.ffn_size, c.hidden_size
+
+    def randn(*size, std):
+        return torch.randn(*size, dtype=dtype, device=device).mul_(std)
+
+    gate_up_bias = randn(e, 2 * f, std=0.1) if c.expert_bias else None
+    down_bias = randn(e, h, std=0.1) if c.expert_bias else None
+    if shape.hf_layout == "gpt_oss":
+        gate_up = randn(e, h, 2 * f, std=h**-0.5).mT
+        down = randn(e, f, h, std=f**-0.5).mT
+        return comet.ExpertWeights(gate_up, down, gate_up_bias, down_bias, interleaved=True)
+    return comet.ExpertWeights(randn(e, 2 * f, h, std=h**-0.5), randn(e, h, f, std=f**-0.5),
+                               gate_up_bias, down_bias)
+
+
+def make_inputs(cfg: comet.MoEConfig, tokens: int, dtype: torch.dtype, device: torch.device,
+                skew: torch.Tensor) -> Inputs:
+    logits = torch.randn(tokens, cfg.num_experts, device=device) + skew
+    topk_weights, topk_ids = route(logits, cfg)
+    return Inputs(torch.randn(tokens, cfg.hidden_size, dtype=dtype, device=device), topk_ids, topk_weights)
+
+
+def expert_flops(cfg: comet.MoEConfig, tokens: int) -> int:
+    """GEMM FLOPs of the routed experts: per (token, slot), 2*H*2F for gate_up and 2*F*H for down."""
+    return 2 * tokens * cfg.top_k * (2 * cfg.ffn_size * cfg.hidden_size + cfg.ffn_size * cfg.hidden_size)
+
+
+def routing_stats(sets: list[Inputs], num_experts: int) -> dict[str, float]:
+    """Mean over input sets of the distinct experts touched and of max/mean expert load."""
+    distinct, imbalance = [], []
+    for s in sets:
+        load = torch.bincount(s.topk_ids.flatten(), minlength=num_experts).double()
+        distinct.append(int((load > 0).sum()))
+        imbalance.append(float(load.max() / load.mean()))
+    return {"distinct_experts": statistics.mean(distinct), "load_max_over_mean": statistics.mean(imbalance)}
+
+
+def reference_output(s: Inputs, w: comet.ExpertWeights, cfg: comet.MoEConfig, rows: int) -> torch.Tensor:
+    """fp32 reference on the first `rows` tokens (fp32 input keeps the output in fp32)."""
+    return experts_reference(
+        s.x[:rows].float(), s.topk_ids[:rows], s.topk_weights[:rows], w.gate_up, w.down,
+        w.gate_up_bias, w.down_bias, activation=cfg.activation, swiglu_alpha=cfg.swiglu_alpha,
+        swiglu_limit=cfg.swiglu_limit, interleaved=w.interleaved, weight_on_input=cfg.weight_on_input)
+
+
+# ----------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Timing:
+    warmup: int
+    min_reps: int
+    max_reps: int
+    budget_s: float  # timed seconds per measurement, spent when calls are fast
+
+
+TIMINGS = {"default": Timing(3, 20, 1000, 0.5), "quick": Timing(2, 5, 100, 0.1), "smoke": Timing(1, 2, 3, 0.0)}
+
+
 def _timed_calls(call: Callable[[int], object], first: int, count: int, num_sets: int,
                  device: torch.device) -> list[float]:
     """Milliseconds of each of `count` calls; call i uses input set i % num_sets."""

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Expert-parallel benchmark: routed experts spread over W GPUs, each rank with its own tokens.
 
   a2a_grouped_mm  PyTorch + NCCL: per-(token, slot) all_to_all of rows to the experts' ranks (split
@@ -41,45 +40,36 @@ bench/results/ep<W>.csv and writes ep<W>.png for W ranks (copied to $OUT when se
 fastest of ours, ours_fused and ours_fused_dispatch per shape and token count in scheduler/tables/ep_<gpu>.json, the
 table `n_comm="auto"` reads first (also copied to $OUT).
 
-    torchrun --nproc-per-node 2 bench/ep.py                      # 4 shapes x 4096, 16384 tokens per rank, bf16
-    torchrun --nproc-per-node 2 bench/ep.py --write-table        # and tune the split
-    torchrun --nproc-per-node 2 bench/ep.py --quick --shapes Mixtral-8x7B --tokens 4096
-    python bench/ep.py --smoke                                   # 2 CPU ranks, interpreter, tiny shapes
+    torchrun --nproc-per-node 2 -m bench.ep                      # 4 shapes x 4096, 16384 tokens per rank, bf16
+    torchrun --nproc-per-node 2 -m bench.ep --write-table        # and tune the split
+    torchrun --nproc-per-node 2 -m bench.ep --quick --shapes Mixtral-8x7B --tokens 4096
+    python -m bench.ep --smoke                                   # 2 CPU ranks, interpreter, tiny shapes
 """
 from __future__ import annotations
 
-import os
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+from pathlib import Path
 
-# Before torch.distributed starts: NVLink multicast (NVLS) is never used.
-os.environ["NCCL_NVLS_ENABLE"] = "0"
-os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+import pandas as pd
+import torch
+import torch.distributed as dist
 
-import argparse  # noqa: E402
-import math  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-if __package__ in (None, ""):  # run as a script: make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-import comet  # noqa: E402
-from bench.baselines import grouped_mm_experts, grouped_mm_missing  # noqa: E402
-from bench.common import (  # noqa: E402
-    DTYPES, RESULTS_DIR, TOLERANCE, append_csv, environment, graph_replays, init_torchrun_rank, plot_panels, publish,
-    relative_error, time_calls, within_tolerance,
+import comet
+from bench.baselines import grouped_mm_experts, grouped_mm_missing
+from bench.common import (
+    DTYPES, RESULTS_DIR, ROUTER_SKEW_STD, TOLERANCE, append_csv, environment, expert_flops, graph_replays,
+    init_torchrun_rank, make_inputs, make_weights, plot_panels, publish, reference_output, relative_error,
+    time_calls, within_tolerance,
 )
-from bench.shapes import SMOKE_MODELS, model_shape  # noqa: E402
-from comet.ops import routed_experts  # noqa: E402
-from comet.scheduler.configs import gpu_key  # noqa: E402
-from comet.scheduler.ep_plan import plan_sends  # noqa: E402
-from comet.scheduler.ep_split import EpSplit, ep_shape, write_table_entry  # noqa: E402
-from bench.single_gpu import ROUTER_SKEW_STD, expert_flops, make_inputs, make_weights, reference_output  # noqa: E402
+from bench.shapes import SMOKE_MODELS, model_shape
+from comet.ops import routed_experts
+from comet.scheduler.configs import gpu_key
+from comet.scheduler.ep_plan import plan_sends
+from comet.scheduler.ep_split import EpSplit, ep_shape, write_table_entry
 
 SHAPES = ("Mixtral-8x7B", "Qwen3-30B-A3B", "OLMoE-1B-7B", "DeepSeek-V3")
 # The issue's token counts; at 8192 alone, 4 shapes with 2 n_comm values took ~45 s on 2 H200s.
@@ -500,7 +490,7 @@ def main(argv=None) -> int:
 
         rows = run_ranks(_smoke_rank, 2, args, env={"TRITON_INTERPRET": "1"}, timeout=600)[0]
         return report(rows, args.results_dir)
-    init_torchrun_rank("bench/ep.py", "--smoke")
+    init_torchrun_rank("bench.ep", "--smoke")
     try:
         rows = run(args)
         if dist.get_rank() != 0:

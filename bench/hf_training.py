@@ -4,17 +4,14 @@
 within the dtype's noise. Writes bench/results/hf_training.csv (one row per step and variant) and
 hf_training.png; with $OUT set, copies there.
 
-    python bench/hf_training.py                       # Qwen3-MoE, 4 layers, hidden 512, 50 steps, bf16 (GPU)
-    python bench/hf_training.py --smoke               # the tiny model, 3 steps, fp32, on CPU (interpreter)
+    python -m bench.hf_training                       # Qwen3-MoE, 4 layers, hidden 512, 50 steps, bf16 (GPU)
+    python -m bench.hf_training --smoke               # the tiny model, 3 steps, fp32, on CPU (interpreter)
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `bench` and `comet` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Can the dispatch's traffic run beside the expert GEMM? Two ways of moving the bytes, each timed
 alone and at the same time as GEMM1 (two streams):
 
@@ -18,31 +17,24 @@ mover's time hidden: 1 - (pair - GEMM1 alone on every SM) / mover alone. Every t
 rank's median over --repeats; what arrived is checked after each timing. Rank 0 prints the table
 and appends bench/results/overlap_probe.csv (copied to $OUT when set).
 
-    torchrun --nproc-per-node 2 bench/overlap_probe.py [--shapes Qwen3-30B-A3B Mixtral-8x7B] [--tokens 8192]
-    python bench/overlap_probe.py --smoke     # the same logic on 2 CPU ranks (interpreter), one after another
+    torchrun --nproc-per-node 2 -m bench.overlap_probe [--shapes Qwen3-30B-A3B Mixtral-8x7B] [--tokens 8192]
+    python -m bench.overlap_probe --smoke     # the same logic on 2 CPU ranks (interpreter), one after another
 """
 from __future__ import annotations
 
-import os
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast is never used
-os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+import torch
+import torch.distributed as dist
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-if __package__ in (None, ""):  # run as a script: make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from bench.common import DTYPES, RESULTS_DIR, append_csv, environment, run_probe  # noqa: E402
-from bench.shapes import model_shape  # noqa: E402
+from bench.common import DTYPES, RESULTS_DIR, append_csv, environment, run_probe
+from bench.shapes import model_shape
+from comet.device_info import num_sms
 
 
 def parse_args(argv=None):
@@ -188,7 +180,7 @@ def run(args) -> list[dict]:
     world = dist.get_world_size()
     ws = CommWorkspace.create()
     device = ws.device
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = num_sms(device)
     env, rows = environment(device), []
     for name in args.shapes:
         cfg = model_shape(name).cfg
@@ -243,7 +235,7 @@ def report(rows: list[dict], results_dir: Path):
 
 
 def main(argv=None) -> int:
-    return run_probe("bench/overlap_probe.py", run, report, parse_args(argv))
+    return run_probe("bench.overlap_probe", run, report, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -53,10 +53,7 @@ def model_shape(name: str) -> ModelShape:
         cfg, world = model_shape(base).cfg, int(ranks)
         if cfg.num_experts % world:
             raise ValueError(f"name: {base}'s {cfg.num_experts} experts do not split over {world} ranks")
-        experts = cfg.num_experts // world
-        # A rank's GEMMs do not depend on the router: no group-limited routing over its experts.
-        return ModelShape(name, cfg.replace(num_experts=experts, top_k=min(cfg.top_k, experts), n_group=1,
-                                            topk_group=1))
+        return ModelShape(name, cfg.with_experts(cfg.num_experts // world))
     if name in MODELS:
         from comet.model_shapes import shape_config
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Single-GPU benchmark of the routed experts, three implementations on the same weights and routing:
 
   grouped_mm  a `torch._grouped_mm` pipeline (sort, gather, grouped GEMM, activation, grouped GEMM,
@@ -12,9 +11,9 @@ Each output is checked against the fp32 reference on its first `--check-rows` to
 timed. Writes bench/results/single_gpu.csv (appended) and single_gpu.png; with $OUT set, also the
 full log and copies of both there.
 
-    python bench/single_gpu.py                                   # all shapes, 128..16384 tokens, bf16
-    python bench/single_gpu.py --quick --shapes Mixtral-8x7B --tokens 128 4096
-    python bench/single_gpu.py --smoke                           # tiny shapes on CPU, into a temp dir
+    python -m bench.single_gpu                                   # all shapes, 128..16384 tokens, bf16
+    python -m bench.single_gpu --quick --shapes Mixtral-8x7B --tokens 128 4096
+    python -m bench.single_gpu --smoke                           # tiny shapes on CPU, into a temp dir
 """
 from __future__ import annotations
 
@@ -25,10 +24,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple
-
-if __package__ in (None, ""):  # run as a script: make `bench` and `comet` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -36,94 +32,24 @@ import torch
 import comet
 from bench.baselines import grouped_mm_experts, grouped_mm_missing, hf_experts_module
 from bench.common import (
-    DTYPES, RESULTS_DIR, TOLERANCE, RunLog, append_csv, environment, graph_replays, run_on_cpu,
-    plot_panels, progress, publish, relative_error, time_calls, within_tolerance,
+    DTYPES, RESULTS_DIR, ROUTER_SKEW_STD, TIMINGS, TOLERANCE, Inputs, RunLog, append_csv, environment,
+    expert_flops, graph_replays, make_inputs, make_weights, plot_panels, progress, publish, reference_output,
+    relative_error, routing_stats, run_on_cpu, time_calls, within_tolerance,
 )
 from bench.shapes import MODELS, SMOKE_MODELS, SMOKE_TOKEN_COUNTS, TOKEN_COUNTS, ModelShape, model_shape
 from comet.backends import backend_status
-from comet.reference import experts_reference, route
 
 IMPLS = ("grouped_mm", "hf", "ours", "ours_graph")
 H200_PEAK_BYTES_PER_S = 4.8e12  # HBM3e, datasheet
 BANDWIDTH_TOKENS = 128  # up to here the experts stream their weights: report that bandwidth
-# Router logits are N(0, 1) per token plus a fixed per-expert skew N(0, ROUTER_SKEW_STD^2), so the
-# load is uneven as with trained routers: at 4096 tokens the busiest expert gets 1.4x (Mixtral) to
-# 2.5x (DeepSeek-V3) the mean load, the idlest 0.2-0.5x. The run logs the measured max/mean.
-ROUTER_SKEW_STD = 0.2
-
-
-@dataclass(frozen=True)
-class Timing:
-    warmup: int
-    min_reps: int
-    max_reps: int
-    budget_s: float  # timed seconds per measurement, spent when calls are fast
-
-
-TIMINGS = {"default": Timing(3, 20, 1000, 0.5), "quick": Timing(2, 5, 100, 0.1), "smoke": Timing(1, 2, 3, 0.0)}
-
-
-class Inputs(NamedTuple):
-    x: torch.Tensor
-    topk_ids: torch.Tensor
-    topk_weights: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------
 # Problem set-up
 # ----------------------------------------------------------------------------------------------
-def make_weights(shape: ModelShape, dtype: torch.dtype, device: torch.device) -> comet.ExpertWeights:
-    """Random expert weights in the layout Hugging Face stores for `shape`; for GPT-OSS that is
-    [E, H, 2F] / [E, F, H], passed to us as transposed views (interleaved gate/up)."""
-    c = shape.cfg
-    e, f, h = c.num_experts, c.ffn_size, c.hidden_size
-
-    def randn(*size, std):
-        return torch.randn(*size, dtype=dtype, device=device).mul_(std)
-
-    gate_up_bias = randn(e, 2 * f, std=0.1) if c.expert_bias else None
-    down_bias = randn(e, h, std=0.1) if c.expert_bias else None
-    if shape.hf_layout == "gpt_oss":
-        gate_up = randn(e, h, 2 * f, std=h**-0.5).mT
-        down = randn(e, f, h, std=f**-0.5).mT
-        return comet.ExpertWeights(gate_up, down, gate_up_bias, down_bias, interleaved=True)
-    return comet.ExpertWeights(randn(e, 2 * f, h, std=h**-0.5), randn(e, h, f, std=f**-0.5),
-                               gate_up_bias, down_bias)
-
-
-def make_inputs(cfg: comet.MoEConfig, tokens: int, dtype: torch.dtype, device: torch.device,
-                skew: torch.Tensor) -> Inputs:
-    logits = torch.randn(tokens, cfg.num_experts, device=device) + skew
-    topk_weights, topk_ids = route(logits, cfg)
-    return Inputs(torch.randn(tokens, cfg.hidden_size, dtype=dtype, device=device), topk_ids, topk_weights)
-
-
-def expert_flops(cfg: comet.MoEConfig, tokens: int) -> int:
-    """GEMM FLOPs of the routed experts: per (token, slot), 2*H*2F for gate_up and 2*F*H for down."""
-    return 2 * tokens * cfg.top_k * (2 * cfg.ffn_size * cfg.hidden_size + cfg.ffn_size * cfg.hidden_size)
-
-
 def bytes_per_expert(w: comet.ExpertWeights) -> int:
     tensors = [t for t in (w.gate_up, w.down, w.gate_up_bias, w.down_bias) if t is not None]
     return sum(t[0].numel() * t.element_size() for t in tensors)
-
-
-def routing_stats(sets: list[Inputs], num_experts: int) -> dict[str, float]:
-    """Mean over input sets of the distinct experts touched and of max/mean expert load."""
-    distinct, imbalance = [], []
-    for s in sets:
-        load = torch.bincount(s.topk_ids.flatten(), minlength=num_experts).double()
-        distinct.append(int((load > 0).sum()))
-        imbalance.append(float(load.max() / load.mean()))
-    return {"distinct_experts": statistics.mean(distinct), "load_max_over_mean": statistics.mean(imbalance)}
-
-
-def reference_output(s: Inputs, w: comet.ExpertWeights, cfg: comet.MoEConfig, rows: int) -> torch.Tensor:
-    """fp32 reference on the first `rows` tokens (fp32 input keeps the output in fp32)."""
-    return experts_reference(
-        s.x[:rows].float(), s.topk_ids[:rows], s.topk_weights[:rows], w.gate_up, w.down,
-        w.gate_up_bias, w.down_bias, activation=cfg.activation, swiglu_alpha=cfg.swiglu_alpha,
-        swiglu_limit=cfg.swiglu_limit, interleaved=w.interleaved, weight_on_input=cfg.weight_on_input)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,9 +18,9 @@ speedup_vs_liger and speedup_vs_grouped_mm (on ours rows). Writes bench/results/
 (appended) and training.png; with $OUT set, copies and the log there. `--profile` adds a table of
 our kernels' GPU times (torch.profiler) per shape at the middle token count.
 
-    python bench/training.py                                   # all shapes, 4096 8192 16384 tokens
-    python bench/training.py --shapes Qwen3-30B-A3B --tokens 8192 --quick
-    python bench/training.py --smoke                           # tiny shapes on CPU (interpreter)
+    python -m bench.training                                   # all shapes, 4096 8192 16384 tokens
+    python -m bench.training --shapes Qwen3-30B-A3B --tokens 8192 --quick
+    python -m bench.training --smoke                           # tiny shapes on CPU (interpreter)
 """
 from __future__ import annotations
 
@@ -30,19 +30,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `bench` and `comet` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
 import comet
 from bench.baselines import grouped_mm_experts, grouped_mm_missing, hf_experts_module
 from bench.common import (
-    DTYPES, RESULTS_DIR, TOLERANCE, RunLog, append_csv, environment, plot_panels, progress, publish,
-    relative_error, run_on_cpu, time_calls, within_tolerance,
+    DTYPES, RESULTS_DIR, ROUTER_SKEW_STD, TIMINGS, TOLERANCE, RunLog, append_csv, environment, expert_flops,
+    make_inputs, make_weights, plot_panels, progress, publish, relative_error, run_on_cpu, time_calls,
+    within_tolerance,
 )
 from bench.shapes import MODELS, SMOKE_MODELS, SMOKE_TOKEN_COUNTS, model_shape
-from bench.single_gpu import ROUTER_SKEW_STD, TIMINGS, expert_flops, make_inputs, make_weights
 from comet.reference import experts_reference
 
 IMPLS = ("ours", "ours_recompute", "liger", "grouped_mm", "hf")

@@ -45,7 +45,7 @@ COMMANDS: dict[str, Command] = {}
 
 
 def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None):
-    """Register `run(args) -> exit code` as subcommand `name` (the tuner adds `tune` this way)."""
+    """Register `run(args) -> exit code` as subcommand `name`."""
     def register(run):
         COMMANDS[name] = Command(name, help, add_arguments, run)
         return run
@@ -93,7 +93,7 @@ def _link_topology() -> str:
 def info(args) -> int:
     from comet import __version__
     from comet.backends import backend_status
-    from comet.profiler import git_commit
+    from comet.measurement import git_commit
 
     print(f"comet-moe {__version__} (commit {git_commit()}), Python {sys.version.split()[0]}")
     for package in ("torch", "triton", "transformers", "megatron-core"):
@@ -242,18 +242,62 @@ def demo(args) -> int:
 # ----------------------------------------------------------------------------------------------
 # tune
 # ----------------------------------------------------------------------------------------------
-def _tune_arguments(parser: argparse.ArgumentParser):
-    from comet.scheduler import tune
+TUNE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TUNE_TOKENS = (128, 1024, 4096, 16384)
 
-    tune.add_arguments(parser)
+
+def model_shape(name: str) -> tuple[int, int, int, int]:
+    """(experts, hidden, ffn, top_k) of a `comet.model_shapes` model (its published config)."""
+    from comet.config import MoEConfig
+    from comet.model_shapes import shape_config
+
+    cfg = MoEConfig.from_hf(shape_config(name))
+    return cfg.num_experts, cfg.hidden_size, cfg.ffn_size, cfg.top_k
+
+
+def tuning_shapes(names, ep_ranks=(1,)) -> dict:
+    """name -> (experts, hidden, ffn, top_k, W) to tune, for each W of `ep_ranks`: W = 1 the model
+    whole, W > 1 one of W expert-parallel ranks ("name/W": E/W experts, top_k at most E/W; the
+    token counts then mean tokens per rank)."""
+    shapes = {}
+    for name in names:
+        e, h, f, k = model_shape(name)
+        for w in ep_ranks:
+            if w < 1 or e % w:
+                raise ValueError(f"ep_ranks: {name}'s {e} experts do not split over {w} ranks")
+            shapes[name if w == 1 else f"{name}/{w}"] = (e // w, h, f, min(k, e // w), w)
+    return shapes
+
+
+def _tune_arguments(parser: argparse.ArgumentParser):
+    from comet.model_shapes import SHAPES
+
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES),
+                        help="model shapes to tune (default: all)")
+    parser.add_argument("--tokens", nargs="+", type=int, default=list(TUNE_TOKENS),
+                        help="token counts; each gives a rows-per-expert bucket (default: %(default)s)")
+    parser.add_argument("--ep-ranks", nargs="+", type=int, default=[1], metavar="W",
+                        help="tune each shape as one of W expert-parallel ranks (E/W experts; the token counts "
+                             "are then per rank); 1: the whole layer (default: %(default)s)")
+    parser.add_argument("--dtype", choices=list(TUNE_DTYPES), default="bf16")
+    parser.add_argument("--dry-run", action="store_true", help="print the table, do not write it")
 
 
 @command("tune", "sweep the expert kernels' tile configs on this GPU and write its table "
          "(scheduler/tables/<gpu>.json), which later calls read", _tune_arguments)
 def tune_command(args) -> int:
+    try:
+        shapes = tuning_shapes(args.shapes, args.ep_ranks)
+    except ValueError as err:
+        print(f"comet tune: {err}")
+        return 2
+    if not torch.cuda.is_available():
+        print("comet tune: needs a CUDA GPU (it times compiled kernels)")
+        return 2
     from comet.scheduler import tune
 
-    return tune.main(args)
+    tune.run(shapes, args.tokens, TUNE_DTYPES[args.dtype], torch.device("cuda"), write=not args.dry_run)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from comet.hf_family_table import moe_config_fields
+
 SCORINGS = ("softmax", "sigmoid", "sparsemixer")
 GROUP_SCORES = ("max", "top2_sum")
 ACTIVATIONS = ("swiglu", "geglu", "clamped_swiglu")
@@ -102,9 +104,12 @@ class MoEConfig:
     def replace(self, **changes) -> "MoEConfig":
         return dataclasses.replace(self, **changes)
 
+    def with_experts(self, num_experts: int) -> "MoEConfig":
+        """This layer's config for a part that holds `num_experts` of its experts (an expert-parallel
+        rank's, a shard's): top_k at most `num_experts`, plain top-k (the experts read no routing rule)."""
+        return self.replace(num_experts=num_experts, top_k=min(self.top_k, num_experts), n_group=1, topk_group=1)
+
     @classmethod
     def from_hf(cls, hf_config) -> "MoEConfig":
-        """Build from a Hugging Face model config of a supported family (see `comet.hf_families`)."""
-        from comet.hf_families import config_from_hf
-
-        return config_from_hf(hf_config)
+        """Build from a Hugging Face model config of a supported family (see `comet.hf_family_table`)."""
+        return cls(**moe_config_fields(hf_config))

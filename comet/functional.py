@@ -1,44 +1,13 @@
 """Functional forms of the layer: routed experts on a given routing, and the whole layer."""
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
-from comet.backends import register_backend, resolve_backend
+from comet.backends import resolve_backend
 from comet.config import MoEConfig
-from comet.reference import experts_reference, route
+from comet.reference import route
 from comet.validation import check_hidden, check_routing
-
-
-class ExpertWeights(NamedTuple):
-    """The routed experts' parameters. Any strides (views of other layouts are fine).
-
-    gate_up [E, 2F, H]: gate rows first, or gate at even rows if `interleaved`;
-    down [E, H, F]; gate_up_bias [E, 2F] (same row order); down_bias [E, H].
-    """
-
-    gate_up: torch.Tensor
-    down: torch.Tensor
-    gate_up_bias: torch.Tensor | None = None
-    down_bias: torch.Tensor | None = None
-    interleaved: bool = False
-
-    @property
-    def num_experts(self) -> int:
-        return self.gate_up.shape[0]
-
-
-def _experts_reference_backend(x, topk_ids, topk_weights, w: ExpertWeights, cfg: MoEConfig, recompute: bool = False):
-    # `recompute` does not apply: autograd through the reference saves what its ops save.
-    return experts_reference(
-        x, topk_ids, topk_weights, w.gate_up, w.down, w.gate_up_bias, w.down_bias,
-        activation=cfg.activation, swiglu_alpha=cfg.swiglu_alpha, swiglu_limit=cfg.swiglu_limit,
-        interleaved=w.interleaved, weight_on_input=cfg.weight_on_input,
-    )
-
-
-register_backend("reference", _experts_reference_backend)
+from comet.weights import ExpertWeights
 
 
 def check_expert_weights(w: ExpertWeights, cfg: MoEConfig, like: torch.Tensor):

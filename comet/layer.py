@@ -10,7 +10,7 @@ from torch import nn
 
 from comet.backends import check_backend_name, resolve_backend
 from comet.config import MoEConfig
-from comet.functional import ExpertWeights
+from comet.weights import ExpertWeights
 from comet.reference import activation_reference, route
 from comet.validation import check_hidden
 

@@ -15,15 +15,15 @@ from typing import Optional
 
 import torch
 
-from comet.backends import register_backend
+from comet.backend_registry import register_backend
 from comet.config import MoEConfig
-from comet.functional import ExpertWeights
 from comet.kernels.combine import combine_slots
 from comet.kernels.expert_backward import down_dgrad, dw_partial_blocks, expert_wgrad, gate_up_dgrad
 from comet.kernels.expert_gemm import down_gemm, gate_up_gemm
 from comet.kernels.routing import histogram_bins
 from comet.scheduler.configs import backward_configs, select_configs
 from comet.scheduler.routing import RoutingPlan, analyze_routing
+from comet.weights import ExpertWeights
 
 
 def _forward(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, interleaved, activation,

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from comet.config import MoEConfig
+from comet.weights import split_gate_up
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,14 +75,6 @@ def activation_reference(
         up = up.clamp(min=-limit, max=limit)
         return (up + 1) * gate * torch.sigmoid(alpha * gate)
     raise ValueError(f"activation must be one of swiglu, geglu, clamped_swiglu; got {activation!r}")
-
-
-def split_gate_up(gate_up: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """[..., 2F, ...] rows -> (gate, up) views along dim -2 (gate first, or gate at even rows)."""
-    if interleaved:
-        return gate_up[..., 0::2, :], gate_up[..., 1::2, :]
-    f = gate_up.shape[-2] // 2
-    return gate_up[..., :f, :], gate_up[..., f:, :]
 
 
 def experts_reference(

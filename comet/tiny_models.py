@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from comet.config import MoEConfig
-from comet.hf_families import FAMILIES, config_from_hf, find_moe_blocks
+from comet.hf_families import config_from_hf, find_moe_blocks
+from comet.hf_family_table import FAMILIES
 
 _COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from comet.comm import CommWorkspace, WaitKind
+from comet.device_info import num_sms
 from comet.kernels.signals import peer_ptr, signal_set, wait_flag_ge
 
 _PROBE_CALLS: "weakref.WeakKeyDictionary[CommWorkspace, int]" = weakref.WeakKeyDictionary()
@@ -97,7 +98,7 @@ def comm_probe(
         raise ValueError(f"num_programs: expected >= 1, got {num_programs}")
     if data.is_cuda:
         # Programs wait on other ranks' programs: all of them must be resident at once.
-        sms = torch.cuda.get_device_properties(data.device).multi_processor_count
+        sms = num_sms(data.device)
         if num_programs > sms:
             raise ValueError(f"num_programs: expected at most the number of SMs ({sms}), got {num_programs}")
     if block < 16 or block & (block - 1):

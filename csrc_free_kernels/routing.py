@@ -56,8 +56,8 @@ def sorted_routing_plan(flat_ids: torch.Tensor, num_experts: int) -> tuple[torch
 
 
 # Up to this many routed rows one program counts and sorts them (a bitonic sort in registers): one
-# launch where larger batches take a memset, the histogram kernel and a library sort. At 128
-# tokens that cut both host and GPU time per call on an H200 (bench/results/host_overhead.csv).
+# launch where larger batches take a memset, the histogram kernel and a library sort (measured:
+# docs/performance.md).
 SMALL_ROUTING_ROWS = 4096
 
 

@@ -121,13 +121,13 @@ class BackwardConfigs(NamedTuple):
 
 
 def backward_table_name(gpu: str) -> str:
-    """The tuned table of the backward kernels (`bench/backward_gemms.py --write-table` writes it):
+    """The tuned table of the backward kernels (`python -m bench.diagnostics.backward_gemms --write-table` writes it):
     {shape_key: {bucket: {BackwardConfigs field: GemmConfig fields}}}, beside the forward's."""
     return f"backward_{gpu}"
 
 
 def heuristic_wgrad_config(device: torch.device) -> GemmConfig:
-    """128 x 256 output tiles: the fastest of those `bench/backward_gemms.py` timed on an H200
+    """128 x 256 output tiles: the fastest of those `python -m bench.diagnostics.backward_gemms` timed on an H200
     (bench/results/backward_gemms.csv)."""
     if device.type != "cuda":
         return GemmConfig(16, 32, 16, group_m=1)

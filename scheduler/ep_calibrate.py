@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from comet.comm import CommWorkspace
-from comet.profiler import time_ms
+from comet.device_info import num_sms
+from comet.measurement import time_ms
 from comet.scheduler.ep_split import MachineRates
 
 _RATES: "weakref.WeakKeyDictionary[CommWorkspace, MachineRates]" = weakref.WeakKeyDictionary()
@@ -43,7 +44,7 @@ def measure_rates(ws: CommWorkspace, *, gemm_size: int = 4096, copy_bytes: int =
     from comet.kernels.comm_probe import comm_probe
 
     device = ws.device
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = num_sms(device)
     programs = tuple(sorted(set(programs or [p for p in (8, 16, 32) if p < sms] + [sms])))
     if not programs or min(programs) < 1 or max(programs) > sms:
         raise ValueError(f"programs: expected counts in [1, {sms}], got {programs}")

@@ -1,4 +1,4 @@
-"""`python -m comet tune`: sweep tile configs of the expert GEMMs on the local GPU, write the table.
+"""The tuner behind `python -m comet tune`: sweep tile configs of the expert GEMMs on the local GPU, write the table.
 
 For each model shape and token count, GEMM1 and GEMM2 are timed separately (CUDA events, median)
 over every candidate that fits the bucket, on the same routing; the fastest pair is stored under
@@ -8,7 +8,6 @@ and as one of 2 expert-parallel ranks (E/2 experts, the GEMMs such a rank runs).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 
@@ -21,8 +20,8 @@ from comet.scheduler.configs import (
 from comet.scheduler.routing import analyze_routing
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); weight descriptors are tried on and off, and
-# 128-row tiles also with GROUP_M 16 (better for DeepSeek-V3 and Mixtral's GEMM2 on an H200,
-# bench/results/expert_gemms.csv), GROUP_M 8 otherwise.
+# 128-row tiles also with GROUP_M 16 (docs/performance.md says where that was faster), GROUP_M 8
+# otherwise.
 # Decode-sized buckets stream the weights: deeper pipelines (stages cut to fit) keep more loads in
 # flight (candidates added without a measurement yet).
 GATE_UP_CANDIDATES = [
@@ -34,8 +33,6 @@ DOWN_CANDIDATES = [
     (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 128, 128, 4, 4), (32, 128, 128, 4, 6), (64, 128, 64, 4, 4),
     (64, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
 ]
-DEFAULT_TOKENS = (128, 1024, 4096, 16384)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _candidates(table, bucket: int, element_size: int, b_tiles: int) -> list[GemmConfig]:
@@ -94,29 +91,6 @@ def tune_shape(experts: int, hidden: int, ffn: int, top_k: int, tokens: int, dty
     return best[0][0], best[1][0], best[0][1], best[1][1]
 
 
-def model_shape(name: str) -> tuple[int, int, int, int]:
-    """(experts, hidden, ffn, top_k) of a `comet.model_shapes` model (its published config)."""
-    from comet.config import MoEConfig
-    from comet.model_shapes import shape_config
-
-    cfg = MoEConfig.from_hf(shape_config(name))
-    return cfg.num_experts, cfg.hidden_size, cfg.ffn_size, cfg.top_k
-
-
-def tuning_shapes(names, ep_ranks=(1,)) -> dict:
-    """name -> (experts, hidden, ffn, top_k, W) to tune, for each W of `ep_ranks`: W = 1 the model
-    whole, W > 1 one of W expert-parallel ranks ("name/W": E/W experts, top_k at most E/W; the
-    token counts then mean tokens per rank)."""
-    shapes = {}
-    for name in names:
-        e, h, f, k = model_shape(name)
-        for w in ep_ranks:
-            if w < 1 or e % w:
-                raise ValueError(f"ep_ranks: {name}'s {e} experts do not split over {w} ranks")
-            shapes[name if w == 1 else f"{name}/{w}"] = (e // w, h, f, min(k, e // w), w)
-    return shapes
-
-
 def run(shapes: dict, token_counts, dtype: torch.dtype, device: torch.device, write: bool = True) -> dict:
     from tqdm import tqdm
 
@@ -138,31 +112,3 @@ def run(shapes: dict, token_counts, dtype: torch.dtype, device: torch.device, wr
     if write:
         print(f"wrote {TABLE_DIR / f'{gpu}.json'}")
     return table
-
-
-def add_arguments(parser: argparse.ArgumentParser):
-    from comet.model_shapes import SHAPES
-
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES),
-                        help="model shapes to tune (default: all)")
-    parser.add_argument("--tokens", nargs="+", type=int, default=list(DEFAULT_TOKENS),
-                        help="token counts; each gives a rows-per-expert bucket (default: %(default)s)")
-    parser.add_argument("--ep-ranks", nargs="+", type=int, default=[1], metavar="W",
-                        help="tune each shape as one of W expert-parallel ranks (E/W experts; the token counts "
-                             "are then per rank); 1: the whole layer (default: %(default)s)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    parser.add_argument("--dry-run", action="store_true", help="print the table, do not write it")
-
-
-def main(args: argparse.Namespace) -> int:
-    try:
-        shapes = tuning_shapes(args.shapes, args.ep_ranks)
-    except ValueError as err:
-        print(f"comet tune: {err}")
-        return 2
-    if not torch.cuda.is_available():
-        print("comet tune: needs a CUDA GPU (it times compiled kernels)")
-        return 2
-    run(shapes, args.tokens, DTYPES[args.dtype], torch.device("cuda"), write=not args.dry_run)
-    return 0
-

@@ -1,4 +1,4 @@
-"""bench/expert_gemms.py's logic on tiny shapes (CPU: the Triton interpreter): every GEMM checked
+"""bench/diagnostics/expert_gemms.py's logic on tiny shapes (CPU: the Triton interpreter): every GEMM checked
 against its reference and timed, ratios to grouped_mm present, a config the compiler rejects for its
 resources skipped, the kernel module's switches restored, results written."""
 import sys
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import expert_gemms  # noqa: E402
+from bench.diagnostics import expert_gemms  # noqa: E402
 
 
 @pytest.mark.timeout(180)

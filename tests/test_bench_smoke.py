@@ -55,7 +55,7 @@ def test_wrong_backend_is_reported_as_mismatch(tmp_path, monkeypatch, capsys):
     def off_by_a_bit(x, topk_ids, topk_weights, weights, cfg, recompute=False):
         return backends.resolve_backend("reference", x.device).fn(x, topk_ids, topk_weights, weights, cfg) * 1.1
 
-    monkeypatch.setitem(backends._BACKENDS, "bench_broken",
+    monkeypatch.setitem(backends.BACKENDS, "bench_broken",
                         backends.Backend("bench_broken", off_by_a_bit, lambda device: None, -1))
     rc, df = _run(tmp_path, monkeypatch, "--shapes", "tiny-mixtral", "--tokens", "8", "--backend", "bench_broken")
     assert rc == 1
@@ -76,7 +76,7 @@ def test_missing_backend_is_named_and_the_rest_runs(tmp_path, monkeypatch, capsy
 
 @pytest.mark.timeout(120)
 def test_host_overhead_smoke_profiles_and_writes_a_row(tmp_path, monkeypatch, capsys):
-    from bench import host_overhead
+    from bench.diagnostics import host_overhead
 
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
     assert host_overhead.main(["--smoke", "--results-dir", str(tmp_path), "--top", "5"]) == 0

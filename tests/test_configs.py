@@ -82,25 +82,22 @@ def test_tuner_candidates():
 
 def test_tuning_shapes_for_expert_parallel_ranks(capsys):
     """`python -m comet tune --ep-ranks W`: each shape also as one rank's E/W experts; W must divide E."""
-    import argparse
+    from comet import __main__ as cli
 
-    from comet.scheduler import tune
-
-    shapes = tune.tuning_shapes(["mixtral-8x7b-shape"], [1, 2, 8])
-    e, h, f, k = tune.model_shape("mixtral-8x7b-shape")
+    shapes = cli.tuning_shapes(["mixtral-8x7b-shape"], [1, 2, 8])
+    e, h, f, k = cli.model_shape("mixtral-8x7b-shape")
     assert shapes == {"mixtral-8x7b-shape": (e, h, f, k, 1), "mixtral-8x7b-shape/2": (e // 2, h, f, k, 2),
                       "mixtral-8x7b-shape/8": (1, h, f, 1, 8)}
     with pytest.raises(ValueError, match="do not split over 3 ranks"):
-        tune.tuning_shapes(["mixtral-8x7b-shape"], [3])
-    parser = argparse.ArgumentParser()
-    tune.add_arguments(parser)
-    assert tune.main(parser.parse_args(["--shapes", "mixtral-8x7b-shape", "--ep-ranks", "3"])) == 2
+        cli.tuning_shapes(["mixtral-8x7b-shape"], [3])
+    assert cli.main(["tune", "--shapes", "mixtral-8x7b-shape", "--ep-ranks", "3"]) == 2
     assert "do not split over 3 ranks" in capsys.readouterr().out
 
 
 def test_tuner_stores_expert_parallel_entries_under_the_calls_bucket(monkeypatch):
     """An EP rank's configs are timed on its T*K rows and stored under the bucket of the W*T*K
     receive slots that comet.ep looks configs up for."""
+    from comet import __main__ as cli
     from comet.scheduler import tune
 
     timed = []
@@ -110,9 +107,9 @@ def test_tuner_stores_expert_parallel_entries_under_the_calls_bucket(monkeypatch
         return {"block_m": 128}, {"block_m": 64}, 1.0, 1.0
 
     monkeypatch.setattr(tune, "tune_shape", fake_tune_shape)
-    table = tune.run(tune.tuning_shapes(["mixtral-8x7b-shape"], [1, 2]), [8192], torch.bfloat16,
+    table = tune.run(cli.tuning_shapes(["mixtral-8x7b-shape"], [1, 2]), [8192], torch.bfloat16,
                      torch.device("cpu"), write=False)
-    e, h, f, k = tune.model_shape("mixtral-8x7b-shape")
+    e, h, f, k = cli.model_shape("mixtral-8x7b-shape")
     assert timed == [(e, k, 8192), (e // 2, k, 8192)]
     assert table[configs.shape_key(e, h, f, torch.bfloat16)] == {
         str(configs.rows_bucket(8192 * k, e)): [{"block_m": 128}, {"block_m": 64}]}

@@ -1,4 +1,4 @@
-"""bench/ep_stress.py: the randomized expert-parallel stress check, on 2 CPU ranks with a tiny shape,
+"""tests/ep_stress.py: the randomized expert-parallel stress check, on 2 CPU ranks with a tiny shape,
 and its call drawing and report in-process."""
 import math
 import sys
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import ep_stress  # noqa: E402
+import ep_stress  # noqa: E402
 
 CFG = comet.MoEConfig(hidden_size=16, ffn_size=8, num_experts=8, top_k=2)
 

@@ -123,7 +123,7 @@ def test_kernel_backend_without_backward_raises_in_backward_only(monkeypatch):
         with torch.no_grad():
             return reference(*args, **options)
 
-    monkeypatch.setitem(backends._BACKENDS, "nograd", backends.Backend("nograd", no_grad_backend, lambda d: None, -1))
+    monkeypatch.setitem(backends.BACKENDS, "nograd", backends.Backend("nograd", no_grad_backend, lambda d: None, -1))
     model = build_tiny_model("qwen3_moe").to(DEVICE)
     ids = torch.randint(3, model.config.vocab_size, (1, 5), device=DEVICE)
     expected = forward(model, ids).logits

@@ -7,8 +7,8 @@ is timed. Prints a table (kernel, config, us, TFLOP/s), appends it to
 bench/results/backward_gemms.csv; `--write-table` stores each kernel's fastest config in
 scheduler/tables/backward_<gpu>.json, which `comet.scheduler.configs.backward_configs` reads.
 
-    python bench/backward_gemms.py --shapes Qwen3-30B-A3B --tokens 8192
-    python bench/backward_gemms.py --shapes Qwen3-30B-A3B OLMoE-1B-7B --write-table
+    python -m bench.diagnostics.backward_gemms --shapes Qwen3-30B-A3B --tokens 8192
+    python -m bench.diagnostics.backward_gemms --shapes Qwen3-30B-A3B OLMoE-1B-7B --write-table
 """
 from __future__ import annotations
 
@@ -17,17 +17,14 @@ import dataclasses
 import json
 import statistics
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `bench` and `comet` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.common import RESULTS_DIR, append_csv, environment, progress, time_calls
-from bench.expert_gemms import config_label, parse_config
+from bench.common import (
+    RESULTS_DIR, ROUTER_SKEW_STD, append_csv, environment, make_inputs, make_weights, progress, time_calls,
+)
+from bench.diagnostics.expert_gemms import config_label, parse_config
 from bench.shapes import model_shape
-from bench.single_gpu import ROUTER_SKEW_STD, make_inputs, make_weights
 
 WGRAD_CONFIGS = ("128x128x64-g1w8s3", "128x128x32-g1w4s4", "128x256x64-g1w8s3", "256x128x64-g1w8s3",
                  "128x128x128-g1w8s2", "64x128x64-g1w4s4")

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Where the host time of an eager `comet.moe_experts` call goes, for batches small enough that the
 host, not the GPU, bounds the layer (bench/single_gpu.py's `ours` vs `ours_graph` rows show when).
 
@@ -10,9 +9,9 @@ burst's wall time / calls is the host's cost) and the GPU time per call (CUDA-gr
 of the host calls, the functions with the most own time first. Writes
 bench/results/host_overhead.csv (appended; copied to $OUT when set, with the profiles).
 
-    python bench/host_overhead.py                                    # OLMoE and Qwen3, 128 tokens
-    python bench/host_overhead.py --shapes Mixtral-8x7B --tokens 128 1024
-    python bench/host_overhead.py --smoke                            # tiny shape on CPU (interpreter)
+    python -m bench.diagnostics.host_overhead                                    # OLMoE and Qwen3, 128 tokens
+    python -m bench.diagnostics.host_overhead --shapes Mixtral-8x7B --tokens 128 1024
+    python -m bench.diagnostics.host_overhead --smoke                            # tiny shape on CPU (interpreter)
 """
 from __future__ import annotations
 
@@ -27,19 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `bench` and `comet` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import pandas as pd
 import torch
 
 import comet
 from bench.common import (
-    RESULTS_DIR, append_csv, environment, graph_replays, output_dir, relative_error, run_on_cpu,
-    within_tolerance,
+    RESULTS_DIR, ROUTER_SKEW_STD, append_csv, environment, graph_replays, make_inputs, make_weights,
+    output_dir, reference_output, relative_error, run_on_cpu, within_tolerance,
 )
 from bench.shapes import MODELS, SMOKE_MODELS, model_shape
-from bench.single_gpu import ROUTER_SKEW_STD, make_inputs, make_weights, reference_output
 
 
 CHECK_ROWS = 256  # tokens of each output checked against the fp32 reference
@@ -173,7 +168,7 @@ def main(argv=None) -> int:
     if args.smoke:
         return run_on_cpu(lambda device: run(args, device))
     if not torch.cuda.is_available():
-        sys.exit("bench/host_overhead.py: needs a CUDA GPU (or --smoke)")
+        sys.exit("bench/diagnostics/host_overhead.py: needs a CUDA GPU (or --smoke)")
     return run(args, torch.device("cuda"))
 
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Randomized expert-parallel stress check: many calls of `comet.ep.ep_experts` through one
 workspace, each with a new random routing, every rank's output checked against the fp32 reference.
 
@@ -26,41 +25,33 @@ Rank 0 shows a progress bar (a log line per check when not on a terminal), print
 bench/results/ep_stress.csv (copied to $OUT when set) and exits non-zero on any mismatch or
 communication error.
 
-    torchrun --nproc-per-node 2 bench/ep_stress.py                          # Qwen3-30B-A3B, 1000 calls, <= 4096 tokens/rank
-    torchrun --nproc-per-node 2 bench/ep_stress.py --shape Mixtral-8x7B --calls 300
-    torchrun --nproc-per-node 2 bench/ep_stress.py --seed 123 --replay 417  # one call again
-    python bench/ep_stress.py --cpu-ranks 2 --calls 6                       # CPU ranks, interpreter, tiny shape
+    torchrun --nproc-per-node 2 -m tests.ep_stress                          # Qwen3-30B-A3B, 1000 calls, <= 4096 tokens/rank
+    torchrun --nproc-per-node 2 -m tests.ep_stress --shape Mixtral-8x7B --calls 300
+    torchrun --nproc-per-node 2 -m tests.ep_stress --seed 123 --replay 417  # one call again
+    python -m tests.ep_stress --cpu-ranks 2 --calls 6                       # CPU ranks, interpreter, tiny shape
 """
 from __future__ import annotations
 
 import os
 
-# Before torch.distributed starts: NVLink multicast (NVLS) is never used.
-os.environ["NCCL_NVLS_ENABLE"] = "0"
-os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+import argparse
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
-import argparse  # noqa: E402
-import math  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+import pandas as pd
+import torch
+import torch.distributed as dist
 
-if __package__ in (None, ""):  # run as a script: make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-import comet  # noqa: E402
-from bench.common import (  # noqa: E402
-    DTYPES, RESULTS_DIR, TOLERANCE, RunLog, append_csv, environment, init_torchrun_rank, parse_split, progress,
-    relative_error, within_tolerance,
+import comet
+from bench.common import (
+    DTYPES, RESULTS_DIR, RunLog, TOLERANCE, append_csv, environment, init_torchrun_rank, make_weights,
+    parse_split, progress, relative_error, within_tolerance,
 )
-from bench.shapes import MODELS, SMOKE_MODELS, model_shape  # noqa: E402
-from bench.single_gpu import make_weights  # noqa: E402
-from comet.reference import experts_reference  # noqa: E402
+from bench.shapes import MODELS, SMOKE_MODELS, model_shape
+from comet.reference import experts_reference
 
 GPU_DEFAULTS = dict(shape="Qwen3-30B-A3B", max_tokens=4096, n_comm=["0", "auto", "8", "16", "8:0"])
 CPU_DEFAULTS = dict(shape="tiny-mixtral", max_tokens=8, n_comm=["0", "1", "2", "1:0"])
@@ -342,7 +333,7 @@ def main(argv=None) -> int:
 
         summary = run_ranks(_cpu_rank, args.cpu_ranks, args, env={"TRITON_INTERPRET": "1"}, timeout=3600)[0]
         return report(summary, args)
-    init_torchrun_rank("bench/ep_stress.py", "--cpu-ranks 2")
+    init_torchrun_rank("tests.ep_stress", "--cpu-ranks 2")
     try:
         summary = run(args)
         return report(summary, args) if summary is not None else 0

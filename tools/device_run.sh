@@ -2,22 +2,22 @@
 # One call on a GPU machine: install, then the named phases, each under a time limit; everything
 # they write is packed into $OUT/results.tgz (one file: the device tool brings back only a few).
 #
-#   bash bench/device_run.sh COMMIT [PHASE ...]       (default: every phase, in this order)
+#   bash tools/device_run.sh COMMIT [PHASE ...]       (default: every phase, in this order)
 #
 # Phases:
 #   tests    kernel_tests, then ep_tests
 #   kernel_tests  GPU tests of the single-GPU kernels and the bf16 Hugging Face checks
 #   ep_tests      EP tests on 2 ranks (nccl), CUDA-graph replay
 #   single   bench/single_gpu.py, all shapes, 128 / 4096 / 16384 tokens (eager and CUDA-graph rows)
-#   gemms    bench/expert_gemms.py, Mixtral 16384 and DeepSeek-V3 16384
-#   kernels  kernels_1, then kernels_2: bench/ep_kernels.py on 1 and 2 ranks (GPU time per kernel of an EP call)
-#   leads    bench/ep_kernels.py on 2 ranks, every shape: the fused GEMM1 with the model's lead experts and others
+#   gemms    bench/diagnostics/expert_gemms.py, Mixtral 16384 and DeepSeek-V3 16384
+#   kernels  kernels_1, then kernels_2: bench/diagnostics/ep_kernels.py on 1 and 2 ranks (GPU time per kernel of an EP call)
+#   leads    bench/diagnostics/ep_kernels.py on 2 ranks, every shape: the fused GEMM1 with the model's lead experts and others
 #   overlap  bench/overlap_probe.py on 2 ranks: SM pushes and copy-engine copies beside GEMM1
-#   host     bench/host_overhead.py: host time of eager calls at 128 tokens, profiled
+#   host     bench/diagnostics/host_overhead.py: host time of eager calls at 128 tokens, profiled
 #   ep       bench/ep.py on 2 ranks, every shape and token count, --write-table
 #   ep_graphs  bench/ep.py --graphs on 2 ranks: every row timed as CUDA-graph replays (GPU time), --write-table
 #   ep_sweep bench/ep.py --graphs on 2 ranks: few pushing programs (2, 4, 8) for both fused splits, --write-table
-#   stress   bench/ep_stress.py, 1000 calls on 2 ranks
+#   stress   tests/ep_stress.py, 1000 calls on 2 ranks
 #   profile  python -m comet profile on a 2-layer Qwen3-30B-A3B-shape model, 1 GPU and expert-parallel on 2
 #   ep4      with 4 GPUs: bench/ep.py on 4 ranks, every shape, --write-table
 #   ep4_stress  with 4 GPUs: 300 stress calls on 4 ranks
@@ -26,7 +26,7 @@
 # Several instances can share one machine, each on its own GPUs (CUDA_VISIBLE_DEVICES): give each
 # its own COMET_TORCHRUN_PORT and OUT, install once first and set COMET_SKIP_INSTALL=1 for them.
 set -u
-COMMIT=${1:?usage: bash bench/device_run.sh COMMIT [PHASE ...]}
+COMMIT=${1:?usage: bash tools/device_run.sh COMMIT [PHASE ...]}
 shift
 PHASES=${*:-tests single host gemms kernels ep ep_graphs stress profile ep4 ep4_stress ep4_tests}
 export COMET_GIT_COMMIT=$COMMIT NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -64,34 +64,34 @@ for p in "$@"; do
     ep_tests)
       phase ep_tests 480 tests python3 -m pytest -v -p no:cacheprovider tests/test_ep.py tests/test_comm.py -k "nccl and not four" ;;
     single)
-      phase single_gpu 420 single python3 bench/single_gpu.py --quick --tokens 128 4096 16384 ;;
+      phase single_gpu 420 single python3 -m bench.single_gpu --quick --tokens 128 4096 16384 ;;
     gemms)
-      phase expert_gemms 300 gemms python3 bench/expert_gemms.py --runs Mixtral-8x7B:16384 DeepSeek-V3:16384 ;;
+      phase expert_gemms 300 gemms python3 -m bench.diagnostics.expert_gemms --runs Mixtral-8x7B:16384 DeepSeek-V3:16384 ;;
     kernels) run_phases kernels_1 kernels_2 ;;
     host)
-      phase host_overhead 120 host python3 bench/host_overhead.py --shapes OLMoE-1B-7B Qwen3-30B-A3B Mixtral-8x7B ;;
+      phase host_overhead 120 host python3 -m bench.diagnostics.host_overhead --shapes OLMoE-1B-7B Qwen3-30B-A3B Mixtral-8x7B ;;
     kernels_1)
-      phase ep_kernels_1 120 kernels $TORCHRUN --nproc-per-node 1 bench/ep_kernels.py --shapes Qwen3-30B-A3B Mixtral-8x7B --n-comm 0 8 ;;
+      phase ep_kernels_1 120 kernels $TORCHRUN --nproc-per-node 1 -m bench.diagnostics.ep_kernels --shapes Qwen3-30B-A3B Mixtral-8x7B --n-comm 0 8 ;;
     kernels_2)
-      phase ep_kernels_2 150 kernels $TORCHRUN --nproc-per-node 2 bench/ep_kernels.py --shapes Qwen3-30B-A3B Mixtral-8x7B --n-comm 0 8 16 8:0 ;;
+      phase ep_kernels_2 150 kernels $TORCHRUN --nproc-per-node 2 -m bench.diagnostics.ep_kernels --shapes Qwen3-30B-A3B Mixtral-8x7B --n-comm 0 8 16 8:0 ;;
     leads)
-      phase ep_kernels_leads 200 kernels $TORCHRUN --nproc-per-node 2 bench/ep_kernels.py \
+      phase ep_kernels_leads 200 kernels $TORCHRUN --nproc-per-node 2 -m bench.diagnostics.ep_kernels \
         --shapes Qwen3-30B-A3B OLMoE-1B-7B Mixtral-8x7B DeepSeek-V3 --n-comm 0 8:0 8 --leads model 1.0 0.5 ;;
     overlap)
-      phase overlap_probe 200 overlap $TORCHRUN --nproc-per-node 2 bench/overlap_probe.py ;;
+      phase overlap_probe 200 overlap $TORCHRUN --nproc-per-node 2 -m bench.overlap_probe ;;
     ep)
-      phase ep2 480 ep $TORCHRUN --nproc-per-node 2 bench/ep.py --n-comm 8 16 --write-table
+      phase ep2 480 ep $TORCHRUN --nproc-per-node 2 -m bench.ep --n-comm 8 16 --write-table
       cp scheduler/tables/ep_*.json "$RES/ep/" 2>/dev/null ;;
     ep_graphs)
-      phase ep2_graphs 240 ep $TORCHRUN --nproc-per-node 2 bench/ep.py --quick --graphs --tokens 8192 --n-comm 8 16 \
+      phase ep2_graphs 240 ep $TORCHRUN --nproc-per-node 2 -m bench.ep --quick --graphs --tokens 8192 --n-comm 8 16 \
         --impls ours ours_auto ours_fused ours_fused_dispatch comm_only compute_only --write-table
       cp scheduler/tables/ep_*.json "$RES/ep/" 2>/dev/null ;;
     ep_sweep)
-      phase ep2_sweep 240 ep $TORCHRUN --nproc-per-node 2 bench/ep.py --quick --graphs --tokens 8192 --n-comm 2 4 8 \
+      phase ep2_sweep 240 ep $TORCHRUN --nproc-per-node 2 -m bench.ep --quick --graphs --tokens 8192 --n-comm 2 4 8 \
         --shapes Qwen3-30B-A3B OLMoE-1B-7B --impls ours ours_fused ours_fused_dispatch --write-table
       cp scheduler/tables/ep_*.json "$RES/ep/" 2>/dev/null ;;
     stress)
-      phase ep_stress 200 stress $TORCHRUN --nproc-per-node 2 bench/ep_stress.py --calls 1000 ;;
+      phase ep_stress 200 stress $TORCHRUN --nproc-per-node 2 -m tests.ep_stress --calls 1000 ;;
     profile)
       phase profile_1 200 profile python3 -m comet profile --model qwen3-30b-a3b-shape --layers 2 --tokens 8192 \
         --out "$RES/profile/qwen3"
@@ -99,14 +99,14 @@ for p in "$@"; do
         --layers 2 --tokens 8192 --ep 2 --out "$RES/profile/qwen3_ep2" ;;
     ep4)
       if [ "$GPUS" -ge 4 ]; then
-        phase ep4 240 ep4 $TORCHRUN --nproc-per-node 4 bench/ep.py --quick --tokens 8192 --n-comm 8 16 --write-table
+        phase ep4 240 ep4 $TORCHRUN --nproc-per-node 4 -m bench.ep --quick --tokens 8192 --n-comm 8 16 --write-table
         cp scheduler/tables/ep_*.json "$RES/ep4/" 2>/dev/null
       else
         echo "== ep4: skipped, $GPUS GPUs"
       fi ;;
     ep4_stress)
       if [ "$GPUS" -ge 4 ]; then
-        phase ep4_stress 120 ep4 $TORCHRUN --nproc-per-node 4 bench/ep_stress.py --calls 300
+        phase ep4_stress 120 ep4 $TORCHRUN --nproc-per-node 4 -m tests.ep_stress --calls 300
       else
         echo "== ep4_stress: skipped, $GPUS GPUs"
       fi ;;

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Per-GEMM profile of our two expert GEMMs against `torch._grouped_mm` on the same data.
 
 For each (shape, tokens), on one random routing (uneven, as bench/single_gpu.py's router skew):
@@ -25,9 +24,9 @@ Writes bench/results/expert_gemms.csv (appended; with $OUT set, also $OUT/expert
 full log $OUT/expert_gemms.log); the short table (grouped_mm, the shipped config, the best config
 of each variant) is printed last.
 
-    python bench/expert_gemms.py                                  # Mixtral-8x7B:16384, DeepSeek-V3:4096,16384
-    python bench/expert_gemms.py --runs DeepSeek-V3:16384 --configs 128x256x64-g8w8s3 128x128x64-g16w8s3
-    python bench/expert_gemms.py --smoke                          # tiny shapes, 2 configs (CPU: interpreter)
+    python -m bench.diagnostics.expert_gemms                                  # Mixtral-8x7B:16384, DeepSeek-V3:4096,16384
+    python -m bench.diagnostics.expert_gemms --runs DeepSeek-V3:16384 --configs 128x256x64-g8w8s3 128x128x64-g16w8s3
+    python -m bench.diagnostics.expert_gemms --smoke                          # tiny shapes, 2 configs (CPU: interpreter)
 """
 from __future__ import annotations
 
@@ -43,19 +42,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-if __package__ in (None, ""):  # run as a script: make `bench` and `comet` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
 from bench.baselines import grouped_mm_missing
 from bench.common import (
-    DTYPES, RESULTS_DIR, TOLERANCE, RunLog, append_csv, environment, progress, relative_error,
-    run_on_cpu, time_calls, within_tolerance,
+    DTYPES, Inputs, RESULTS_DIR, ROUTER_SKEW_STD, RunLog, TIMINGS, TOLERANCE, append_csv, environment,
+    make_inputs, make_weights, progress, relative_error, routing_stats, run_on_cpu, time_calls,
+    within_tolerance,
 )
 from bench.shapes import MODELS, SMOKE_MODELS, ModelShape, model_shape
-from bench.single_gpu import ROUTER_SKEW_STD, TIMINGS, Inputs, make_inputs, make_weights, routing_stats
-from comet.reference import activation_reference, split_gate_up
+from comet.reference import activation_reference
+from comet.weights import split_gate_up
 
 # (shape, tokens) profiled by default: where single_gpu.py found us behind (Mixtral at 16384 tokens)
 # or short of the 1.3x target (DeepSeek-V3).

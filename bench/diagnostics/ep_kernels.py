@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Where an expert-parallel call spends its time: GPU time per kernel, from the PyTorch profiler.
 
 For each shape and each split (`--n-comm`: 0 is the unfused path; > 0 the fused kernels; N:0 only
@@ -8,7 +7,7 @@ call is listed, beside the wall time per call (CUDA events). Also run with one r
 --nproc-per-node 1): the fused kernels then have nothing to send or wait for, so what they cost
 over the unfused GEMMs is the price of their structure alone.
 
-    torchrun --nproc-per-node 2 bench/ep_kernels.py --shapes Qwen3-30B-A3B --tokens 8192 --n-comm 0 8 16 8:0
+    torchrun --nproc-per-node 2 -m bench.diagnostics.ep_kernels --shapes Qwen3-30B-A3B --tokens 8192 --n-comm 0 8 16 8:0
 
 `--leads` times the fused splits with other lead experts (the fused GEMM1's own rows run first,
 `comet.ep.ep_experts(lead_experts=...)`): "model" (the cost model's) or a share of a rank's experts
@@ -20,28 +19,20 @@ Prints a table per shape (kernels x splits, us per call, rank 0); appends bench/
 """
 from __future__ import annotations
 
-import os
+import argparse
+import sys
+from pathlib import Path
 
-os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast is never used
-os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-if __package__ in (None, ""):  # run as a script: make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
-from bench.common import (  # noqa: E402
-    DTYPES, RESULTS_DIR, append_csv, environment, init_torchrun_rank, parse_split,
+from bench.common import (
+    DTYPES, RESULTS_DIR, ROUTER_SKEW_STD, append_csv, environment, init_torchrun_rank, make_inputs,
+    make_weights, parse_split,
 )
-from bench.shapes import model_shape  # noqa: E402
-from bench.single_gpu import ROUTER_SKEW_STD, make_inputs, make_weights  # noqa: E402
+from bench.shapes import model_shape
 
 
 def parse_args(argv=None):
@@ -141,7 +132,7 @@ def run(args) -> list[dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    init_torchrun_rank("bench/ep_kernels.py")
+    init_torchrun_rank("bench.diagnostics.ep_kernels")
     try:
         rows = run(args)
         if dist.get_rank() == 0:
