@@ -6,7 +6,10 @@
 #
 # Phases:
 #   tests    kernel_tests, then ep_tests
-#   kernel_tests  GPU tests of the single-GPU kernels and the bf16 Hugging Face checks
+#   kernel_tests  GPU tests of the single-GPU kernels (forward and backward) and the bf16 Hugging Face checks
+#   backward_tune bench/diagnostics/backward_gemms.py --write-table: the backward kernels' configs, every shape
+#   training bench/training.py: forward + backward against Liger-Kernel (wheel in .whl/), _grouped_mm, transformers
+#   hf_training  bench/hf_training.py: 50 steps of a small Qwen3-MoE, patched and not
 #   ep_tests      EP tests on 2 ranks (nccl), CUDA-graph replay
 #   single   bench/single_gpu.py, all shapes, 128 / 4096 / 16384 tokens (eager and CUDA-graph rows)
 #   gemms    bench/diagnostics/expert_gemms.py, Mixtral 16384 and DeepSeek-V3 16384
@@ -60,7 +63,16 @@ for p in "$@"; do
   case $p in
     tests) run_phases kernel_tests ep_tests ;;
     kernel_tests)
-      phase kernel_tests 240 tests python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_hf_bf16_gpu.py ;;
+      phase kernel_tests 240 tests python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_hf_bf16_gpu.py \
+        tests/test_backward.py ;;
+    backward_tune)
+      phase backward_gemms 420 training python3 -m bench.diagnostics.backward_gemms --write-table \
+        --shapes Qwen3-30B-A3B OLMoE-1B-7B Mixtral-8x7B DeepSeek-V3 GPT-OSS-20B --tokens 8192
+      cp scheduler/tables/backward_*.json "$RES/training/" 2>/dev/null ;;
+    training)
+      phase training 560 training python3 -m bench.training --quick --profile ;;
+    hf_training)
+      phase hf_training 300 training python3 -m bench.hf_training ;;
     ep_tests)
       phase ep_tests 480 tests python3 -m pytest -v -p no:cacheprovider tests/test_ep.py tests/test_comm.py -k "nccl and not four" ;;
     single)
