@@ -12,15 +12,17 @@ import os
 from typing import Optional
 
 import torch
+from triton.runtime.interpreter import InterpretedFunction
 
-from comet.backends import register_backend
+from comet.backends import register_backend, resolve_backend
 from comet.config import MoEConfig
 from comet.functional import ExpertWeights
-from comet.kernels.combine import combine_slots
+from comet.kernels import combine
 from comet.kernels.expert_gemm import down_gemm, gate_up_gemm
 from comet.reference import experts_reference
 from comet.scheduler.configs import select_configs
 from comet.scheduler.routing import analyze_routing
+from comet.validation import kernel_ids
 
 
 @torch.library.custom_op("comet::routed_experts", mutates_args=())
@@ -38,9 +40,10 @@ def routed_experts(
     swiglu_limit: float,
     weight_on_input: bool,
 ) -> torch.Tensor:
+    resolve_backend("triton", x.device, x.dtype)  # or a clear error (float64, no GPU nor interpreter)
     num_tokens, top_k = topk_ids.shape
     num_experts, hidden, ffn = down.shape
-    topk_ids = topk_ids.contiguous()
+    topk_ids = kernel_ids(topk_ids).contiguous()
     row_weights = topk_weights.reshape(-1).float().contiguous()
     plan = analyze_routing(topk_ids, num_experts)
     cfg1, cfg2 = select_configs(num_tokens * top_k, num_experts, hidden, ffn, x.dtype, x.device)
@@ -52,12 +55,12 @@ def routed_experts(
     slots = torch.empty(num_tokens * top_k, hidden, dtype=x.dtype, device=x.device)
     down_gemm(act, down, down_bias, plan.sorted_rows, row_weights, plan.hist, slots, top_k=top_k,
               weight_on_input=weight_on_input, cfg=cfg2)
-    return combine_slots(slots, topk_ids, num_experts, torch.empty_like(x))
+    return combine.combine_slots(slots, topk_ids, num_experts, x.new_empty(num_tokens, hidden))  # row-major, any x
 
 
 @routed_experts.register_fake
 def _(x, *args):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 _DIFFERENTIABLE = (0, 2, 3, 4, 5, 6)  # x, topk_weights, gate_up, down, gate_up_bias, down_bias
@@ -96,9 +99,13 @@ def _triton_backend(x, topk_ids, topk_weights, w: ExpertWeights, cfg: MoEConfig)
 def _triton_unavailable(device: torch.device) -> str | None:
     if device.type == "cuda":
         return _cuda_unavailable(device)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    # Triton fixes interpretation when a kernel is defined: what counts is how comet's were imported.
+    if isinstance(combine._combine_kernel, InterpretedFunction):
         return None
-    return "needs a CUDA GPU (or TRITON_INTERPRET=1 to run the kernels under the Triton interpreter)"
+    late = ("it was set after they were imported, which has no effect in this process"
+            if os.environ.get("TRITON_INTERPRET") == "1" else "setting it later in this process has no effect")
+    return (f"needs a CUDA GPU, or TRITON_INTERPRET=1 set before comet's kernels are imported (at the start of the "
+            f"process, e.g. `TRITON_INTERPRET=1 python ...`) to run them under the Triton interpreter; {late}")
 
 
 @functools.lru_cache(maxsize=None)  # asked on every call
@@ -107,4 +114,5 @@ def _cuda_unavailable(device: torch.device) -> str | None:
     return None if major >= 8 else "needs compute capability 8.0 or newer"
 
 
-register_backend("triton", _triton_backend, _triton_unavailable, auto_priority=10)
+register_backend("triton", _triton_backend, _triton_unavailable, auto_priority=10,
+                 dtypes=(torch.float16, torch.bfloat16, torch.float32))
