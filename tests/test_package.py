@@ -97,3 +97,45 @@ def test_pip_install_editable(tmp_path):
     files = _run(python, tmp_path)
     for sub, folder in SUBPACKAGES.items():
         assert Path(files[sub]).is_relative_to(src / folder), (sub, files[sub])
+
+
+def _setup_cfg_requirements(section: str, key: str) -> list[str]:
+    """The project names a setup.cfg requirement list holds (versions dropped)."""
+    import configparser
+    import re
+
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    return [re.split(r"[<>=!~ \[;]", line.strip())[0] for line in parser[section][key].splitlines() if line.strip()]
+
+
+def _imported_top_level_modules() -> set[str]:
+    """Top-level modules imported anywhere in the installed package's source."""
+    import ast
+
+    modules = set()
+    for folder in ("comet", *SUBPACKAGES.values()):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    modules.update(alias.name.split(".")[0] for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    modules.add(node.module.split(".")[0])
+    return modules
+
+
+def test_declared_dependencies_are_used_and_listed_in_the_readme():
+    """Every install requirement is imported by the package (none declared for nothing), and the
+    README's install lines name exactly what `pip install -e .` and `.[test]` add."""
+    required = _setup_cfg_requirements("options", "install_requires")
+    test_extra = _setup_cfg_requirements("options.extras_require", "test")
+    imported = _imported_top_level_modules()
+    module_of = {"megatron-core": "megatron"}  # project name -> import name, where they differ
+    unused = [name for name in required if module_of.get(name, name).replace("-", "_") not in imported]
+    assert not unused, f"install_requires lists {unused}, which nothing in the package imports"
+    readme = (ROOT / "README.md").read_text()
+    lines = {line.split("#")[0].strip(): line.split("#", 1)[1] for line in readme.splitlines()
+             if line.startswith("pip install -e ")}
+    listed = lambda text: {w.strip(" ,.+") for w in text.split("(")[0].split(",")} - {""}  # noqa: E731
+    assert listed(lines["pip install -e ."]) == set(required)
+    assert listed(lines["pip install -e '.[test]'"]) == set(test_extra) - set(required)
