@@ -257,22 +257,21 @@ def test_cuda_graph_replay_with_new_routings_and_no_host_sync():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layout", ["column_major", "strided_columns", "strided_rows"])
-def test_inputs_of_any_strides(layout, dtype):
-    """x, the routing and the weights as views (transposed, strided, sliced) give the reference's
-    result; the output is row-major whatever x's strides."""
+def test_inputs_of_any_strides(dtype):
+    """x (column-major, strided columns, strided rows), the routing and the weights as views
+    (transposed, sliced) give the reference's result; the output is row-major whatever x's strides."""
     T, E, K, H, F = 29, 8, 2, 64, 48
     cfg, x, ids, weights, w = make_case(T, E, K, H=H, F=F, dtype=dtype, bias=True)
-    x = {"column_major": x.t().contiguous().t(),
-         "strided_columns": torch.stack([x, torch.randn_like(x)], dim=-1)[..., 0],  # column stride 2
-         "strided_rows": torch.cat([x, torch.randn_like(x)], dim=1)[:, :H]}[layout]  # row stride 2H
     ids = torch.stack([ids, torch.zeros_like(ids)], dim=0)[0].t().contiguous().t()  # column-major ids
     weights = weights.t().contiguous().t()
     w = w._replace(gate_up=torch.cat([w.gate_up, torch.randn_like(w.gate_up)], dim=2)[:, :, :H],  # row stride 2H
                    down=w.down.transpose(1, 2).contiguous().transpose(1, 2),
                    gate_up_bias=w.gate_up_bias.t().contiguous().t(), down_bias=w.down_bias.t().contiguous().t())
-    out = check(cfg, x, ids, weights, w)
-    assert out.is_contiguous()
+    for view in (x.t().contiguous().t(),  # column-major
+                 torch.stack([x, torch.randn_like(x)], dim=-1)[..., 0],  # column stride 2
+                 torch.cat([x, torch.randn_like(x)], dim=1)[:, :H]):  # row stride 2H
+        out = check(cfg, view, ids, weights, w)
+        assert out.is_contiguous()
 
 
 def test_layer_with_column_major_hidden_states():
@@ -330,13 +329,14 @@ def test_gemm_launcher_refuses_an_output_it_cannot_address():
                      activation="swiglu", alpha=0.0, limit=0.0, weight_on_input=False, cfg=c1)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
-@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.uint8, torch.uint16, torch.uint32])
-def test_expert_ids_of_every_integer_dtype(dtype, backend):
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.uint32])
+def test_expert_ids_of_unsigned_dtypes(dtype):
+    """Unsigned ids (signed ones of any width worked already) on both backends."""
     cfg, x, ids, weights, w = make_case(23, 8, 2)
-    out = comet.moe_experts(x, ids.to(dtype), weights, w, cfg, backend=backend)
     ref = reference(cfg, x, ids, weights, w)
-    assert ((out - ref).norm() / ref.norm()).item() <= TOL[torch.float32]
+    for backend in ("triton", "reference"):
+        out = comet.moe_experts(x, ids.to(dtype), weights, w, cfg, backend=backend)
+        assert ((out - ref).norm() / ref.norm()).item() <= TOL[torch.float32], backend
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

@@ -151,7 +151,6 @@ def test_reference_backward_reaches_every_parameter():
     ("ffn_size", True, TypeError, "ffn_size must be an int, got True (bool)"),
     ("norm_topk_prob", "no", TypeError, "norm_topk_prob must be a bool (True or False), got 'no' (str)"),
     ("expert_bias", 1, TypeError, "expert_bias must be a bool (True or False), got 1 (int)"),
-    ("group_score", None, ValueError, "group_score must be one of"),
     ("family", 3, TypeError, "family must be a str, got 3 (int)"),
 ])
 def test_config_field_types_and_ranges(field, value, error, message):
