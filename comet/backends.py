@@ -38,23 +38,23 @@ def backend_status(device: torch.device) -> dict[str, str | None]:
 
 def check_backend_name(name: str):
     _load_kernel_backends()
-    if name != "auto" and name not in BACKENDS:
+    if not isinstance(name, str) or (name != "auto" and name not in BACKENDS):
         raise ValueError(f"backend: expected 'auto' or one of {sorted(BACKENDS)}, got {name!r}")
 
 
-def resolve_backend(name: str, device: torch.device) -> Backend:
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None = None) -> Backend:
+    """The backend `name` ("auto": the usable one of highest priority) for inputs on `device` of
+    `dtype` (None: not checked); raises if it cannot run them."""
     _load_kernel_backends()
     device = torch.device(device)
     if name == "auto":
         if device.type != "cuda":  # kernels on the CPU only run under the interpreter: not for speed
             return BACKENDS["reference"]
-        usable = [b for b in BACKENDS.values() if b.why_unavailable(device) is None]
+        usable = [b for b in BACKENDS.values() if b.why_unavailable(device) is None and b.computes(dtype)]
         return max(usable, key=lambda b: b.auto_priority)
     check_backend_name(name)
     backend = BACKENDS[name]
-    reason = backend.why_unavailable(device)
-    if reason is not None:
-        raise RuntimeError(f"backend {name!r} cannot run on {device}: {reason}")
+    backend.check(device, dtype)
     return backend
 
 

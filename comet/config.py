@@ -5,10 +5,18 @@ import dataclasses
 from dataclasses import dataclass
 
 from comet.hf_family_table import moe_config_fields
+from comet.validation import as_int, as_real, check_bool, check_choice
 
 SCORINGS = ("softmax", "sigmoid", "sparsemixer")
 GROUP_SCORES = ("max", "top2_sum")
 ACTIVATIONS = ("swiglu", "geglu", "clamped_swiglu")
+# field -> smallest value; field -> (bound, whether the bound itself is allowed): finite floats.
+INT_FIELDS = {"hidden_size": 1, "ffn_size": 1, "num_experts": 1, "top_k": 1, "n_group": 1, "topk_group": 1,
+              "shared_ffn_size": 0}
+REAL_FIELDS = {"routed_scaling_factor": (0.0, False), "swiglu_alpha": (0.0, False), "swiglu_limit": (0.0, False),
+               "sparsemixer_jitter_eps": (0.0, True)}
+BOOL_FIELDS = ("norm_topk_prob", "router_bias", "score_correction_bias", "expert_bias", "weight_on_input",
+               "shared_expert_gate")
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,10 @@ class MoEConfig:
 
     Shared experts: an always-on gated MLP of width ``shared_ffn_size`` (0 = none) with the same
     ``activation``, optionally scaled by ``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE).
+
+    Checked on construction, naming the field: sizes and counts are ints >= 1 (``shared_ffn_size``
+    >= 0; numpy integers are stored as int), ``routed_scaling_factor``, ``swiglu_alpha`` and
+    ``swiglu_limit`` finite and > 0, ``sparsemixer_jitter_eps`` finite and >= 0, flags bools.
     """
 
     hidden_size: int
@@ -55,23 +67,20 @@ class MoEConfig:
     family: str = "custom"
 
     def __post_init__(self):
-        for name in ("hidden_size", "ffn_size", "num_experts", "top_k", "n_group", "topk_group"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
+        # Types and ranges of each field (numpy numbers are taken and stored as int / float).
+        for name, minimum in INT_FIELDS.items():
+            object.__setattr__(self, name, as_int(getattr(self, name), f"MoEConfig.{name}", minimum))
+        for name, (minimum, minimum_allowed) in REAL_FIELDS.items():
+            object.__setattr__(self, name, as_real(getattr(self, name), f"MoEConfig.{name}", minimum, minimum_allowed))
+        for name in BOOL_FIELDS:
+            check_bool(getattr(self, name), f"MoEConfig.{name}")
+        for name, choices in (("scoring", SCORINGS), ("group_score", GROUP_SCORES), ("activation", ACTIVATIONS)):
+            check_choice(getattr(self, name), f"MoEConfig.{name}", choices)
+        if not isinstance(self.family, str):
+            raise TypeError(f"MoEConfig.family must be a str, got {self.family!r} ({type(self.family).__name__})")
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"MoEConfig.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})"
-            )
-        if self.scoring not in SCORINGS:
-            raise ValueError(f"MoEConfig.scoring must be one of {SCORINGS}, got {self.scoring!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"MoEConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}"
-            )
-        if self.group_score not in GROUP_SCORES:
-            raise ValueError(
-                f"MoEConfig.group_score must be one of {GROUP_SCORES}, got {self.group_score!r}"
             )
         if self.num_experts % self.n_group:
             raise ValueError(
@@ -92,14 +101,8 @@ class MoEConfig:
                 raise ValueError("MoEConfig.group_score='top2_sum' needs >= 2 experts per group")
         if self.scoring == "sparsemixer" and self.top_k != 2:
             raise ValueError(f"MoEConfig.scoring='sparsemixer' needs top_k=2, got {self.top_k}")
-        if self.shared_ffn_size < 0:
-            raise ValueError(f"MoEConfig.shared_ffn_size must be >= 0, got {self.shared_ffn_size}")
         if self.shared_expert_gate and not self.shared_ffn_size:
             raise ValueError("MoEConfig.shared_expert_gate needs shared_ffn_size > 0")
-        if not self.routed_scaling_factor > 0:
-            raise ValueError(
-                f"MoEConfig.routed_scaling_factor must be > 0, got {self.routed_scaling_factor}"
-            )
 
     def replace(self, **changes) -> "MoEConfig":
         return dataclasses.replace(self, **changes)

@@ -65,7 +65,7 @@ from comet.scheduler.ep_split import (
     lead_experts as model_lead_experts,
 )
 from comet.scheduler.routing import analyze_routing
-from comet.validation import check_hidden, check_routing
+from comet.validation import check_hidden, check_routing, kernel_ids
 
 # Tokens per flag. The interpreter gets small chunks and few programs per push launch so that tiny
 # test shapes still cross several of each; on a GPU the push launches (which never wait) use every SM.
@@ -173,7 +173,7 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
                                        for t in (x, topk_weights, *local_weights[:4])):
         raise NotImplementedError("expert parallelism is forward-only: run it under torch.no_grad() "
                                   "or torch.inference_mode()")
-    resolve_backend("triton", x.device)  # the kernels can run here, or a clear error
+    resolve_backend("triton", x.device, x.dtype)  # the kernels can run here, or a clear error
     ws = group_workspace(group)
     if x.device != ws.device:
         raise ValueError(f"x: on {x.device} but the group's workspace is on {ws.device}")
@@ -194,7 +194,7 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     combine = combine_buffers(ws, max_tokens, hidden, x.dtype, COMBINE_CHUNK_TOKENS[device.type])
 
     x = x if x.stride(-1) == 1 else x.contiguous()
-    topk_ids = topk_ids.contiguous()
+    topk_ids = kernel_ids(topk_ids).contiguous()
     topk_weights = topk_weights.float().contiguous()
     fused = split.n_comm > 0
     plan = plan_sends(topk_ids, cfg.num_experts, world, every_token_to=ws.rank if fused else None)

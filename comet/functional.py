@@ -6,23 +6,28 @@ import torch
 from comet.backends import resolve_backend
 from comet.config import MoEConfig
 from comet.reference import route
-from comet.validation import check_hidden, check_routing
+from comet.validation import check_bool, check_hidden, check_routing, check_tensor, check_type
 from comet.weights import ExpertWeights
 
 
 def check_expert_weights(w: ExpertWeights, cfg: MoEConfig, like: torch.Tensor):
+    check_bool(w.interleaved, "weights.interleaved")
     e, f, h = cfg.num_experts, cfg.ffn_size, cfg.hidden_size
     expected = {"gate_up": (e, 2 * f, h), "down": (e, h, f), "gate_up_bias": (e, 2 * f), "down_bias": (e, h)}
     for name, shape in expected.items():
         t = getattr(w, name)
-        if t is None:
+        if not check_tensor(t, shape, f"weights.{name}", optional=name.endswith("bias")):
             continue
-        if tuple(t.shape) != shape:
-            raise ValueError(f"weights.{name}: expected shape {shape}, got {tuple(t.shape)}")
         if t.dtype != like.dtype:
             raise TypeError(f"weights.{name}: dtype {t.dtype} does not match hidden_states ({like.dtype})")
         if t.device != like.device:
             raise ValueError(f"weights.{name}: on device {t.device} but hidden_states is on {like.device}")
+
+
+def _check_weights_and_config(weights: ExpertWeights, cfg: MoEConfig):
+    check_type(cfg, MoEConfig, "cfg", "a comet.MoEConfig (comet.MoEConfig(**fields))")
+    check_type(weights, ExpertWeights, "weights", "a comet.ExpertWeights (comet.ExpertWeights(gate_up, down, ...))")
+    check_type(weights.gate_up, torch.Tensor, "weights.gate_up", "a torch.Tensor")  # hidden_states are checked against it
 
 
 def moe_experts(
@@ -43,6 +48,8 @@ def moe_experts(
     backend): the forward saves only the routing plan and the backward runs GEMM1 again, instead
     of saving its [T*K, 2F] activation input.
     """
+    _check_weights_and_config(weights, cfg)
+    check_bool(check_values, "check_values")
     check_hidden(x, cfg.hidden_size, weights.gate_up, name="x")
     if x.dim() != 2:
         raise ValueError(f"x: expected [tokens, hidden], got shape {tuple(x.shape)}")
@@ -50,7 +57,7 @@ def moe_experts(
     check_expert_weights(weights, cfg, x)
     if x.shape[0] == 0:
         return torch.empty_like(x)
-    return resolve_backend(backend, x.device).fn(x, topk_ids, topk_weights, weights, cfg, recompute=recompute)
+    return resolve_backend(backend, x.device, x.dtype).fn(x, topk_ids, topk_weights, weights, cfg, recompute=recompute)
 
 
 def moe(
@@ -63,6 +70,11 @@ def moe(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Router + routed experts (no shared experts): x [T, H] -> [T, H]."""
+    _check_weights_and_config(weights, cfg)
+    check_tensor(router_weight, (cfg.num_experts, cfg.hidden_size), "router_weight")
+    check_tensor(router_bias, (cfg.num_experts,), "router_bias", optional=True)
+    check_tensor(correction_bias, (cfg.num_experts,), "correction_bias", optional=True)
+    check_hidden(x, cfg.hidden_size, router_weight, name="x")
     logits = torch.nn.functional.linear(x, router_weight, router_bias)
     topk_weights, topk_ids = route(logits, cfg, correction_bias)
     return moe_experts(x, topk_ids, topk_weights, weights, cfg, backend, check_values=False)

@@ -12,7 +12,7 @@ from comet.backends import check_backend_name, resolve_backend
 from comet.config import MoEConfig
 from comet.weights import ExpertWeights
 from comet.reference import activation_reference, route
-from comet.validation import check_hidden
+from comet.validation import check_hidden, check_type
 
 
 class Router(nn.Module):
@@ -91,8 +91,7 @@ class MoELayer(nn.Module):
     def __init__(self, config: MoEConfig, process_group=None, backend: str = "auto",
                  max_tokens_per_rank: int = 4096):
         super().__init__()
-        if not isinstance(config, MoEConfig):
-            raise TypeError(f"config: expected a comet.MoEConfig, got {type(config).__name__}")
+        check_type(config, MoEConfig, "config", "a comet.MoEConfig (comet.MoEConfig(**fields))")
         self.config = config
         self.process_group = process_group
         self.backend = backend
@@ -107,6 +106,7 @@ class MoELayer(nn.Module):
         self.shared_expert = SharedExpert(config) if config.shared_ffn_size else None
 
     def _init_expert_parallel(self, group, backend: str, max_tokens_per_rank: int):
+        check_type(group, dist.ProcessGroup, "process_group", "a torch.distributed.ProcessGroup")
         if backend not in ("auto", "triton"):
             raise ValueError(f"backend: expert parallelism runs the Triton kernels ('auto' or 'triton'), "
                              f"got {backend!r}")
@@ -133,8 +133,8 @@ class MoELayer(nn.Module):
             out = ep_experts(x, topk_ids, topk_weights, self.experts.weights(), cfg, self.process_group,
                              max_tokens=self.max_tokens_per_rank, n_comm=self.ep_n_comm)
         else:
-            out = resolve_backend(self.backend, x.device).fn(x, topk_ids, topk_weights, self.experts.weights(), cfg,
-                                                             recompute=self.recompute_experts)
+            out = resolve_backend(self.backend, x.device, x.dtype).fn(x, topk_ids, topk_weights, self.experts.weights(),
+                                                                      cfg, recompute=self.recompute_experts)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
         return out.view(hidden_states.shape)

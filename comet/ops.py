@@ -14,15 +14,17 @@ import os
 from typing import Optional
 
 import torch
+from triton.runtime.interpreter import InterpretedFunction
 
-from comet.backend_registry import register_backend
+from comet.backend_registry import BACKENDS, register_backend
 from comet.config import MoEConfig
-from comet.kernels.combine import combine_slots
+from comet.kernels import combine
 from comet.kernels.expert_backward import down_dgrad, dw_partial_blocks, expert_wgrad, gate_up_dgrad
 from comet.kernels.expert_gemm import down_gemm, gate_up_gemm
 from comet.kernels.routing import histogram_bins
 from comet.scheduler.configs import backward_configs, select_configs
 from comet.scheduler.routing import RoutingPlan, analyze_routing
+from comet.validation import kernel_ids
 from comet.weights import ExpertWeights
 
 
@@ -30,9 +32,10 @@ def _forward(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, 
              swiglu_alpha, swiglu_limit, weight_on_input, pre_act=None, plan=None):
     """The forward's kernels: (output [T, H], routing plan). `pre_act` [T*K, 2F] or None also
     gets GEMM1's activation input; `plan` (from `analyze_routing`) is computed if not given."""
+    BACKENDS["triton"].check(x.device, x.dtype)  # or a clear error (float64, no GPU nor interpreter)
     num_tokens, top_k = topk_ids.shape
     num_experts, hidden, ffn = down.shape
-    topk_ids = topk_ids.contiguous()
+    topk_ids = kernel_ids(topk_ids).contiguous()
     row_weights = topk_weights.reshape(-1).float().contiguous()
     if plan is None:
         plan = analyze_routing(topk_ids, num_experts)
@@ -46,7 +49,7 @@ def _forward(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, 
     down_gemm(act, down, down_bias, plan.sorted_rows, row_weights, plan.hist, slots, top_k=top_k,
               weight_on_input=weight_on_input, cfg=cfg2)
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
-    return combine_slots(slots, topk_ids, num_experts, out), plan
+    return combine.combine_slots(slots, topk_ids, num_experts, out), plan
 
 
 @torch.library.custom_op("comet::routed_experts", mutates_args=())
@@ -195,7 +198,7 @@ def experts_backward(grad_out, x, topk_ids, topk_weights, w: ExpertWeights, plan
         slots = torch.empty(rows, hidden, dtype=dtype, device=device)
         gate_up_dgrad(d_pre_act, w.gate_up, x, plan.sorted_rows, row_weights, plan.hist, slots, dw_partial,
                       top_k=top_k, weight_on_input=weight_on_input, cfg=cfgs.gate_up_dgrad)
-        dx = combine_slots(slots, topk_ids.contiguous(), num_experts,
+        dx = combine.combine_slots(slots, kernel_ids(topk_ids).contiguous(), num_experts,
                            torch.empty(num_tokens, hidden, dtype=dtype, device=device))
     d_weights = dw_partial.sum(dim=0).view(num_tokens, top_k).to(topk_weights.dtype)
     return dx, d_weights, d_gate_up, d_down, d_gate_up_bias, d_down_bias
@@ -219,7 +222,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias = ctx.saved_tensors
-    plan = analyze_routing(topk_ids.contiguous(), down.shape[0])
+    plan = analyze_routing(kernel_ids(topk_ids).contiguous(), down.shape[0])
     grads = routed_experts_backward(grad_out, x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias,
                                     x.new_empty(0, gate_up.shape[1]), plan.sorted_rows, plan.hist, *ctx.options,
                                     ctx.needs_input_grad[0])
@@ -255,9 +258,13 @@ def _triton_backend(x, topk_ids, topk_weights, w: ExpertWeights, cfg: MoEConfig,
 def _triton_unavailable(device: torch.device) -> str | None:
     if device.type == "cuda":
         return _cuda_unavailable(device)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    # Triton fixes interpretation when a kernel is defined: what counts is how comet's were imported.
+    if isinstance(combine._combine_kernel, InterpretedFunction):
         return None
-    return "needs a CUDA GPU (or TRITON_INTERPRET=1 to run the kernels under the Triton interpreter)"
+    late = ("it was set after they were imported, which has no effect in this process"
+            if os.environ.get("TRITON_INTERPRET") == "1" else "setting it later in this process has no effect")
+    return (f"needs a CUDA GPU, or TRITON_INTERPRET=1 set before comet's kernels are imported (at the start of the "
+            f"process, e.g. `TRITON_INTERPRET=1 python ...`) to run them under the Triton interpreter; {late}")
 
 
 @functools.lru_cache(maxsize=None)  # asked on every call
@@ -266,4 +273,5 @@ def _cuda_unavailable(device: torch.device) -> str | None:
     return None if major >= 8 else "needs compute capability 8.0 or newer"
 
 
-register_backend("triton", _triton_backend, _triton_unavailable, auto_priority=10)
+register_backend("triton", _triton_backend, _triton_unavailable, auto_priority=10,
+                 dtypes=(torch.float16, torch.bfloat16, torch.float32))

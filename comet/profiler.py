@@ -47,13 +47,14 @@ def _capture_block_inputs(model: nn.Module, names: list[str], inputs) -> dict[st
     return captured
 
 
-def _time_blocks(model, names, captured, device, warmup, repeats) -> dict[str, tuple[float, torch.Tensor]]:
+def _time_blocks(model, names, captured, device, warmup, repeats, bar) -> dict[str, tuple[float, torch.Tensor]]:
     results = {}
     with torch.no_grad():
         for name in names:
             block = model.get_submodule(name)
             ms, out = time_ms(lambda: block(captured[name]), device, warmup, repeats)
             results[name] = (ms, _first(out))
+            bar.update(1)
     return results
 
 
@@ -109,7 +110,8 @@ def profile(
     baselines = _check_baselines(baselines, cfg.family)
     device = next(model.parameters()).device
     # With a process group the experts run expert-parallel (comet.ep: the Triton kernels).
-    backend_name = "ep (triton)" if process_group is not None else resolve_backend(backend, device).name
+    dtype = next(model.parameters()).dtype
+    backend_name = "ep (triton)" if process_group is not None else resolve_backend(backend, device, dtype).name
     on_gpu = device.type == "cuda"
     warmup = (5 if on_gpu else 1) if warmup is None else warmup
     repeats = (20 if on_gpu else 3) if repeats is None else repeats
@@ -119,14 +121,12 @@ def profile(
     model.eval()  # training-only block behaviour (input jitter) would change what is timed
     try:
         captured = _capture_block_inputs(model, names, inputs)
-        steps = [*baselines, "ours"]
-        bar = _progress(len(steps) * len(names), progress)
         timed = {}
-        for step in steps:
-            bar.set_description(step)
-            timed[step] = _time_step(model, step, names, captured, device, warmup, repeats, backend, process_group)
-            bar.update(len(names))
-        bar.close()
+        for step in [*baselines, "ours"]:  # one bar per step, over the layers
+            bar = _progress(step, len(names), progress)
+            timed[step] = _time_step(model, step, names, captured, device, warmup, repeats, backend, process_group,
+                                     bar)
+            bar.close()
     finally:
         model.train(was_training)
 
@@ -152,30 +152,27 @@ def profile(
     return table
 
 
-def _time_step(model, step, names, captured, device, warmup, repeats, backend, process_group):
+def _time_step(model, step, names, captured, device, warmup, repeats, backend, process_group, bar):
     """Time every block as the model is, under another experts implementation, or patched ("ours")."""
     from comet.integrations import hf as comet_hf
 
     if step == ORIGINAL:
-        return _time_blocks(model, names, captured, device, warmup, repeats)
+        return _time_blocks(model, names, captured, device, warmup, repeats, bar)
     if step == "ours":
         comet_hf.apply(model, process_group=process_group, backend=backend)
         try:
-            return _time_blocks(model, names, captured, device, warmup, repeats)
+            return _time_blocks(model, names, captured, device, warmup, repeats, bar)
         finally:
             comet_hf.revert(model)
     previous = model.config._experts_implementation
     model.set_experts_implementation(step)
     try:
-        return _time_blocks(model, names, captured, device, warmup, repeats)
+        return _time_blocks(model, names, captured, device, warmup, repeats, bar)
     finally:
         model.set_experts_implementation(previous)
 
 
 class _NoBar:
-    def set_description(self, _):
-        pass
-
     def update(self, _):
         pass
 
@@ -183,12 +180,12 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, enabled: bool):
+def _progress(step: str, layers: int, enabled: bool):
     if not enabled:
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="layer")
+    return tqdm(total=layers, desc=step, unit="layer")
 
 
 def save(table: pd.DataFrame, out_dir) -> tuple[Path, Path]:

@@ -1,4 +1,5 @@
-"""Plain PyTorch reference of every router rule and expert variant, accumulating in fp32.
+"""Plain PyTorch reference of every router rule and expert variant, accumulating in fp32 (in fp64
+for fp64 inputs).
 
 Everything else (Triton kernels, expert-parallel path, integrations) is tested against these.
 """
@@ -9,6 +10,11 @@ import torch.nn.functional as F
 
 from comet.config import MoEConfig
 from comet.weights import split_gate_up
+
+
+def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    """What the reference computes `t`'s dtype in: float64 for float64, else float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -44,13 +50,13 @@ def _sparsemixer_top2(logits: torch.Tensor, eps: float) -> tuple[torch.Tensor, t
 def route(
     logits: torch.Tensor, cfg: MoEConfig, correction_bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [T, E] -> (topk_weights fp32 [T, K], topk_ids int64 [T, K])."""
-    logits = logits.float()
+    """Router logits [T, E] -> (topk_weights fp32 [T, K] (fp64 for fp64 logits), topk_ids int64 [T, K])."""
+    logits = logits.to(accumulation_dtype(logits))
     if cfg.scoring == "sparsemixer":
         weights, ids = _sparsemixer_top2(logits, cfg.sparsemixer_jitter_eps)
         return weights * cfg.routed_scaling_factor, ids
     scores = logits.softmax(dim=-1) if cfg.scoring == "softmax" else logits.sigmoid()
-    choice = scores if correction_bias is None else scores + correction_bias.float()
+    choice = scores if correction_bias is None else scores + correction_bias.to(scores.dtype)
     if cfg.n_group > 1:
         choice = choice.masked_fill(~_group_limited_mask(choice, cfg), float("-inf"))
     ids = choice.topk(cfg.top_k, dim=-1).indices
@@ -92,28 +98,29 @@ def experts_reference(
     interleaved: bool = False,
     weight_on_input: bool = False,
 ) -> torch.Tensor:
-    """Routed experts in fp32: out[t] = sum_k w[t,k] * down_e(act(gate_up_e(x[t]))), e = ids[t,k].
+    """Routed experts in fp32 (fp64 for fp64 x): out[t] = sum_k w[t,k] * down_e(act(gate_up_e(x[t]))), e = ids[t,k].
 
     x [T, H]; topk_ids [T, K] (ids outside [0, E) are skipped: Hugging Face's expert-parallel
     convention); topk_weights [T, K]; gate_up [E, 2F, H] (gate rows first, or interleaved);
     down [E, H, F]; gate_up_bias [E, 2F]; down_bias [E, H]. Returns [T, H] in x's dtype.
     """
     num_experts = gate_up.shape[0]
-    xf = x.float()
-    out = torch.zeros(x.shape[0], down.shape[1], dtype=torch.float32, device=x.device)
+    acc = accumulation_dtype(x)
+    xf = x.to(acc)
+    out = torch.zeros(x.shape[0], down.shape[1], dtype=acc, device=x.device)
     for e in range(num_experts):
         token, slot = torch.where(topk_ids == e)
         if token.numel() == 0:
             continue
-        w = topk_weights[token, slot].float().unsqueeze(-1)
+        w = topk_weights[token, slot].to(acc).unsqueeze(-1)
         inp = xf[token] * w if weight_on_input else xf[token]
-        h = inp @ gate_up[e].float().t()
+        h = inp @ gate_up[e].to(acc).t()
         if gate_up_bias is not None:
-            h = h + gate_up_bias[e].float()
+            h = h + gate_up_bias[e].to(acc)
         gate, up = split_gate_up(h.t(), interleaved)
         a = activation_reference(gate.t(), up.t(), activation, swiglu_alpha, swiglu_limit)
-        y = a @ down[e].float().t()
+        y = a @ down[e].to(acc).t()
         if down_bias is not None:
-            y = y + down_bias[e].float()
+            y = y + down_bias[e].to(acc)
         out = out.index_add(0, token, y if weight_on_input else y * w)
     return out.to(x.dtype)

@@ -1,6 +1,9 @@
 """Input checks with errors that name the argument and what was expected."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 
@@ -13,8 +16,7 @@ def _capturing() -> bool:
 
 def check_hidden(x: torch.Tensor, hidden_size: int, like: torch.Tensor, name: str = "hidden_states"):
     """Shape, dtype and device of an activation tensor against the layer's weights `like`."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    check_type(x, torch.Tensor, name, "a torch.Tensor")
     if not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != hidden_size:
@@ -32,6 +34,67 @@ def check_hidden(x: torch.Tensor, hidden_size: int, like: torch.Tensor, name: st
         )
 
 
+def check_type(value, expected: type, name: str, what: str):
+    """TypeError naming `name` unless `value` is an `expected` instance (`what`: how to say it)."""
+    if not isinstance(value, expected):
+        raise TypeError(f"{name}: expected {what}, got {type(value).__name__}")
+
+
+def check_tensor(t, shape: tuple, name: str, optional: bool = False) -> bool:
+    """Whether `t` is given: a tensor of `shape`, or None where `optional`; else an error naming `name`."""
+    if t is None and optional:
+        return False
+    check_type(t, torch.Tensor, name, "a torch.Tensor")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+    return True
+
+
+def as_int(value, name: str, minimum: int) -> int:
+    """`value` (an int or a numpy integer, not a bool) as an int >= `minimum`."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be {'a positive int' if minimum == 1 else f'an int >= {minimum}'}, "
+                         f"got {value!r}")
+    return int(value)
+
+
+def as_real(value, name: str, minimum: float, minimum_allowed: bool) -> float:
+    """`value` (a real number, not a bool) as a finite float above `minimum` (or equal to it,
+    if `minimum_allowed`)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    number = float(value)
+    if not math.isfinite(number) or number < minimum or (number == minimum and not minimum_allowed):
+        raise ValueError(f"{name} must be a finite number {'>=' if minimum_allowed else '>'} {minimum:g}, "
+                         f"got {value!r}")
+    return number
+
+
+def check_bool(value, name: str):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r} ({type(value).__name__})")
+
+
+def check_choice(value, name: str, choices: tuple):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def kernel_ids(topk_ids: torch.Tensor) -> torch.Tensor:
+    """Expert ids as the kernels read them: int32 and int64 as they are, other integer dtypes
+    widened to int32 (uint32 to int64). Bool and uint64 ids are refused (TypeError)."""
+    if topk_ids.dtype == torch.bool:
+        raise TypeError("topk_ids: expected integer expert ids, got a torch.bool mask")
+    if topk_ids.dtype == torch.uint64:
+        raise TypeError("topk_ids: torch.uint64 ids are not supported (past 2**63 they have no int64 equivalent); "
+                        "pass int64 or int32")
+    if topk_ids.dtype in (torch.int32, torch.int64):
+        return topk_ids
+    return topk_ids.to(torch.int64 if topk_ids.dtype == torch.uint32 else torch.int32)
+
+
 def check_routing(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -44,6 +107,7 @@ def check_routing(
     (this reads the tensors back, so it is skipped under CUDA-graph capture and compilation)."""
     if not isinstance(topk_ids, torch.Tensor) or topk_ids.is_floating_point() or topk_ids.is_complex():
         raise TypeError(f"topk_ids: expected an integer tensor, got {getattr(topk_ids, 'dtype', type(topk_ids))}")
+    ids = kernel_ids(topk_ids)
     if not isinstance(topk_weights, torch.Tensor) or not topk_weights.is_floating_point():
         raise TypeError(
             f"topk_weights: expected a floating-point tensor, got {getattr(topk_weights, 'dtype', type(topk_weights))}"
@@ -61,7 +125,7 @@ def check_routing(
             raise ValueError(f"{name}: on device {t.device} but hidden_states is on {device}")
     if not check_values or _capturing() or topk_ids.numel() == 0:
         return
-    lo, hi = int(topk_ids.min()), int(topk_ids.max())
+    lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= num_experts:
         raise ValueError(f"topk_ids: expert ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
     if not bool(torch.isfinite(topk_weights).all()):

@@ -333,6 +333,9 @@ def gemm_args(a, a_rows_gathered, b, b2, bias, bias2, out, sorted_rows, row_weig
     """(the arguments of `_expert_gemm_kernel` but NUM_PROGRAMS, by name, with the launch options;
     an upper bound on its work items)."""
     max_tiles = triton.cdiv(sorted_rows.numel(), cfg.block_m) + num_experts
+    for name, t in (("out", out), ("row_weights", row_weights)):  # the kernel steps through their last dim by 1
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}: expected unit stride along its last dimension, got strides {t.stride()}")
     if a.is_cuda:
         set_descriptor_allocator()
     has_bias = bias is not None

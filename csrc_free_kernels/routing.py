@@ -39,7 +39,7 @@ def expert_histogram(topk_ids: torch.Tensor, num_experts: int, out: torch.Tensor
     num_ids = topk_ids.numel()
     block = 1024
     _expert_histogram_kernel[(triton.cdiv(num_ids, block),)](
-        topk_ids, hist, keys, num_ids, NUM_EXPERTS=num_experts, NUM_BINS=num_bins, BLOCK=block,
+        topk_ids.contiguous(), hist, keys, num_ids, NUM_EXPERTS=num_experts, NUM_BINS=num_bins, BLOCK=block,
         WRITE_KEYS=keys is not None)
     return hist
 
@@ -85,7 +85,7 @@ def small_routing_plan(flat_ids: torch.Tensor, num_experts: int) -> tuple[torch.
     block = max(16, triton.next_power_of_2(num_ids))
     sorted_rows = torch.empty(num_ids, dtype=torch.int64, device=flat_ids.device)
     hist = torch.empty(num_bins, dtype=torch.int32, device=flat_ids.device)
-    _small_routing_kernel[(1,)](flat_ids, sorted_rows, hist, num_ids, NUM_EXPERTS=num_experts, NUM_BINS=num_bins,
+    _small_routing_kernel[(1,)](flat_ids.contiguous(), sorted_rows, hist, num_ids, NUM_EXPERTS=num_experts, NUM_BINS=num_bins,
                                 BLOCK=block, INDEX_BITS=block.bit_length() - 1, num_warps=4 if block <= 1024 else 8)
     return sorted_rows, hist
 

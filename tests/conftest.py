@@ -33,8 +33,12 @@ def _fresh_seed(request):
     yield
 
 
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
-    if call.when == "call" and call.excinfo is not None:
+    """A failure's report names the test's seed (skips and passes say nothing)."""
+    report = yield
+    if report.failed:
         for key, value in item.user_properties:
             if key == "seed":
-                print(f"\n[{item.nodeid}] torch seed = {value}")
+                report.sections.append(("torch seed", f"torch seed = {value}"))
+    return report

@@ -254,3 +254,118 @@ def test_cuda_graph_replay_with_new_routings_and_no_host_sync():
         graph.replay()
         ref = reference(cfg, x, ids, weights, w)
         assert ((out.float() - ref).norm() / ref.norm()).item() <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inputs_of_any_strides(dtype):
+    """x (column-major, strided columns, strided rows), the routing and the weights as views
+    (transposed, sliced) give the reference's result; the output is row-major whatever x's strides."""
+    T, E, K, H, F = 29, 8, 2, 64, 48
+    cfg, x, ids, weights, w = make_case(T, E, K, H=H, F=F, dtype=dtype, bias=True)
+    ids = torch.stack([ids, torch.zeros_like(ids)], dim=0)[0].t().contiguous().t()  # column-major ids
+    weights = weights.t().contiguous().t()
+    w = w._replace(gate_up=torch.cat([w.gate_up, torch.randn_like(w.gate_up)], dim=2)[:, :, :H],  # row stride 2H
+                   down=w.down.transpose(1, 2).contiguous().transpose(1, 2),
+                   gate_up_bias=w.gate_up_bias.t().contiguous().t(), down_bias=w.down_bias.t().contiguous().t())
+    for view in (x.t().contiguous().t(),  # column-major
+                 torch.stack([x, torch.randn_like(x)], dim=-1)[..., 0],  # column stride 2
+                 torch.cat([x, torch.randn_like(x)], dim=1)[:, :H]):  # row stride 2H
+        out = check(cfg, view, ids, weights, w)
+        assert out.is_contiguous()
+
+
+def test_layer_with_column_major_hidden_states():
+    cfg = comet.MoEConfig(hidden_size=64, ffn_size=32, num_experts=8, top_k=2)
+    layer = comet.MoELayer(cfg, backend="triton").to(DEVICE)
+    ref_layer = comet.MoELayer(cfg, backend="reference").to(DEVICE)
+    ref_layer.load_state_dict(layer.state_dict())
+    for x in (torch.randn(64, 19, device=DEVICE).t(), torch.randn(5, 64, 3, device=DEVICE).transpose(1, 2)):
+        out, ref = layer(x), ref_layer(x)
+        assert out.shape == x.shape
+        assert ((out - ref).norm() / ref.norm()).item() <= TOL[torch.float32]
+
+
+def test_routing_plan_of_strided_ids():
+    """A column of a wider routing (a strided view) is sorted as its values, on both paths."""
+    from comet.kernels import routing
+    from comet.scheduler.routing import analyze_routing
+
+    ids = torch.randint(0, 8, (37, 2), device=DEVICE)[:, 1:]  # [37, 1], stride 2: reshape(-1) is a strided view
+    expected = torch.argsort(ids.reshape(-1), stable=True)
+    assert torch.equal(analyze_routing(ids, 8).sorted_rows, expected)
+    saved = routing.SMALL_ROUTING_ROWS
+    try:
+        routing.SMALL_ROUTING_ROWS = 0
+        plan = analyze_routing(ids, 8)
+    finally:
+        routing.SMALL_ROUTING_ROWS = saved
+    assert torch.equal(plan.sorted_rows, expected)
+    assert plan.hist[1:9].tolist() == torch.bincount(ids.reshape(-1), minlength=8).tolist()
+
+
+def test_combine_of_strided_buffers():
+    from comet.kernels.combine import combine_slots
+
+    T, K, H, E = 21, 3, 40, 8
+    ids = torch.randint(-1, E + 1, (K, T), device=DEVICE).t()  # column-major, with skipped ids
+    y = torch.randn(H, T * K, device=DEVICE).t()
+    out = combine_slots(y, ids, E, torch.full((H, T), float("nan"), device=DEVICE).t())
+    routed = ((ids >= 0) & (ids < E)).unsqueeze(-1)
+    expected = (y.reshape(T, K, H) * routed).sum(dim=1)
+    assert torch.allclose(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_gemm_launcher_refuses_an_output_it_cannot_address():
+    from comet.kernels.expert_gemm import gate_up_gemm
+    from comet.scheduler.configs import select_configs
+    from comet.scheduler.routing import analyze_routing
+
+    cfg, x, ids, weights, w = make_case(9, 4, 2)
+    plan = analyze_routing(ids, 4)
+    c1, _ = select_configs(18, 4, 64, 48, x.dtype, x.device)
+    act = torch.empty(48, 18, device=DEVICE).t()  # column-major
+    with pytest.raises(ValueError, match=r"out: expected unit stride along its last dimension, got strides \(1, 18\)"):
+        gate_up_gemm(x, w.gate_up, None, False, plan.sorted_rows, weights.reshape(-1), plan.hist, act, top_k=2,
+                     activation="swiglu", alpha=0.0, limit=0.0, weight_on_input=False, cfg=c1)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.uint32])
+def test_expert_ids_of_unsigned_dtypes(dtype):
+    """Unsigned ids (signed ones of any width worked already) on both backends."""
+    cfg, x, ids, weights, w = make_case(23, 8, 2)
+    ref = reference(cfg, x, ids, weights, w)
+    for backend in ("triton", "reference"):
+        out = comet.moe_experts(x, ids.to(dtype), weights, w, cfg, backend=backend)
+        assert ((out - ref).norm() / ref.norm()).item() <= TOL[torch.float32], backend
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_bool_and_uint64_ids_are_refused(backend):
+    cfg, x, ids, weights, w = make_case(6, 4, 2)
+    with pytest.raises(TypeError, match="topk_ids: expected integer expert ids, got a torch.bool mask"):
+        comet.moe_experts(x, ids > 1, weights, w, cfg, backend=backend)
+    with pytest.raises(TypeError, match="topk_ids: torch.uint64 ids are not supported"):
+        comet.moe_experts(x, ids.to(torch.uint64), weights, w, cfg, backend=backend)
+
+
+def test_kernels_refuse_float64():
+    cfg, x, ids, weights, w = make_case(7, 4, 2)
+    x, w = x.double(), w._replace(gate_up=w.gate_up.double(), down=w.down.double())
+    message = "backend 'triton' computes float16, bfloat16, float32, not float64"
+    with pytest.raises(TypeError, match=message):
+        comet.moe_experts(x, ids, weights, w, cfg, backend="triton")
+    with pytest.raises(TypeError, match=message):  # the custom op called directly
+        torch.ops.comet.routed_experts(x, ids, weights, w.gate_up, w.down, None, None, False, "swiglu", 1.702, 7.0,
+                                       False)
+    layer = comet.MoELayer(cfg, backend="triton").to(DEVICE, torch.float64)
+    with pytest.raises(TypeError, match=message):
+        layer(x)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="'auto' picks the kernels on a GPU only")
+def test_auto_backend_takes_the_reference_for_float64():
+    cfg, x, ids, weights, w = make_case(7, 4, 2)
+    x, w = x.double(), w._replace(gate_up=w.gate_up.double(), down=w.down.double())
+    out = comet.moe_experts(x, ids, weights, w, cfg, backend="auto")
+    assert out.dtype == torch.float64
+    assert torch.allclose(out, experts_reference(x, ids, weights, w.gate_up, w.down), rtol=1e-12, atol=1e-12)

@@ -140,3 +140,33 @@ def test_cli_subprocess(tmp_path):
     out = run_cli("profile", "--model", "mixtral-tiny", "--tokens", "16", "--out", str(tmp_path / "p"), cwd=tmp_path)
     assert "model.layers.0.mlp" in out and "model.layers.1.mlp" in out
     assert len(pd.read_csv(tmp_path / "p" / "profile.csv")) == 2 and (tmp_path / "p" / "speedup.png").exists()
+
+
+def test_cli_profile_verdict_and_what_was_compared(monkeypatch, capsys):
+    """The profile table gives each layer's tolerance and verdict, the run an overall one (and its
+    exit code), and says when comet's reference, not the kernels, was measured."""
+    from comet import __main__ as cli
+
+    assert main(["profile", "--model", "mixtral-tiny", "--tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.lstrip().startswith("layer"))
+    assert header.split()[-2:] == ["tolerance", "verdict"]
+    rows = [line.split() for line in out.splitlines() if line.lstrip().startswith("model.layers.")]
+    assert len(rows) == 2 and all(r[-1] == "OK" and float(r[-2]) == cli.TOLERANCE[torch.bfloat16] for r in rows)
+    assert "outputs against original: OK" in out
+    assert ("PyTorch reference" in out) == (DEVICE == "cpu")  # "auto" runs the kernels on a GPU only
+    assert main(["profile", "--model", "mixtral-tiny", "--tokens", "8", "--backend", "reference"]) == 0
+    assert "comet ran its PyTorch reference (--backend reference)" in capsys.readouterr().out
+    monkeypatch.setitem(cli.TOLERANCE, torch.bfloat16, -1.0)  # nothing passes
+    assert main(["profile", "--model", "mixtral-tiny", "--tokens", "8"]) == 1
+    out = capsys.readouterr().out
+    assert "outputs against original: FAIL" in out and out.count(" FAIL") >= 2
+
+
+def test_cli_profile_progress_counts_layers(tmp_path):
+    """One progress bar per timed step, each over the model's 2 MoE layers."""
+    result = subprocess.run([sys.executable, "-m", "comet", "profile", "--model", "mixtral-tiny", "--tokens", "4",
+                             "--backend", "reference"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "original: 100%" in result.stderr and "ours: 100%" in result.stderr, result.stderr
+    assert "2/2" in result.stderr and "4/4" not in result.stderr, result.stderr
