@@ -284,8 +284,6 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
 
     A lost peer: the call whose waits gave up returns NaN, the next call raises `CommTimeoutError`.
     """
-    if not isinstance(state, ExpertParallelState):
-        raise TypeError(f"state: expected a comet.ep.ExpertParallelState, got {type(state).__name__}")
     if n_comm != "auto" and (not isinstance(n_comm, int) or isinstance(n_comm, bool) or n_comm < 0):
         raise ValueError(f"n_comm: expected a non-negative int or 'auto', got {n_comm!r}")
     if column_chunks is not None and (not isinstance(column_chunks, int) or column_chunks < 0):
@@ -297,13 +295,16 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     check_hidden(x, cfg.hidden_size, local_weights.gate_up, name="x")
     if x.dim() != 2:
         raise ValueError(f"x: expected [tokens, hidden], got shape {tuple(x.shape)}")
-    num_tokens, max_tokens = x.shape[0], state.max_tokens
-    if num_tokens > max_tokens:
-        raise ValueError(f"x: {num_tokens} tokens exceed max_tokens={max_tokens}, the expert-parallel buffers' "
-                         f"capacity per rank; raise max_tokens or split the batch")
+    num_tokens = x.shape[0]
     check_routing(topk_ids, topk_weights, num_tokens, cfg.num_experts, x.device, check_values=False)
     if topk_ids.shape[1] != cfg.top_k:
         raise ValueError(f"topk_ids: expected top_k = {cfg.top_k} columns, got {topk_ids.shape[1]}")
+    if not isinstance(state, ExpertParallelState):
+        raise TypeError(f"state: expected a comet.ep.ExpertParallelState, got {type(state).__name__}")
+    max_tokens = state.max_tokens
+    if num_tokens > max_tokens:
+        raise ValueError(f"x: {num_tokens} tokens exceed max_tokens={max_tokens}, the expert-parallel buffers' "
+                         f"capacity per rank; raise max_tokens or split the batch")
     resolve_backend("triton", x.device)  # the kernels can run here, or a clear error
     if x.device != state.device:
         raise ValueError(f"x: on {x.device} but the state's workspace is on {state.device}")
@@ -430,7 +431,9 @@ def _local_experts_backward(grad_rows: torch.Tensor, x_rows: torch.Tensor, local
             swiglu_alpha=cfg.swiglu_alpha, swiglu_limit=cfg.swiglu_limit, interleaved=w.interleaved,
             weight_on_input=cfg.weight_on_input)
         used = [t for t in leaves if t is not None]
-        grads = iter(torch.autograd.grad(out, used, grad_rows, allow_unused=True))
+        # No received row uses a local expert: the output is a constant zero.
+        grads = torch.autograd.grad(out, used, grad_rows, allow_unused=True) if out.requires_grad else [None] * len(used)
+    grads = iter(grads)
     return tuple(None if t is None else _or_zeros(next(grads), t) for t in leaves)
 
 
