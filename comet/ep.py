@@ -40,7 +40,6 @@ record, no sync). Measurements of these kernels: docs/performance-ep.md.
 """
 from __future__ import annotations
 
-import itertools
 import os
 from datetime import timedelta
 from typing import NamedTuple
@@ -109,7 +108,7 @@ class ExpertParallelState:
     hundred milliseconds, `comet.scheduler.ep_calibrate`), so that no call has to.
     """
 
-    _setups = itertools.count()  # the n-th state made in this process: the same n on every rank
+    _setups: dict[str, int] = {}  # group name -> states made for it in this process (the same on every rank)
 
     def __init__(self, group=None, *, max_tokens: int, device=None, max_spins: int | None = None,
                  setup_timeout: float | None = None, configs=()):
@@ -123,7 +122,8 @@ class ExpertParallelState:
             setup_timeout = float(os.environ.get("COMET_EP_SETUP_TIMEOUT", DEFAULT_SETUP_TIMEOUT_S))
         if not setup_timeout > 0:
             raise ValueError(f"setup_timeout: expected a positive number of seconds, got {setup_timeout!r}")
-        _wait_for_group(group, next(self._setups), setup_timeout)
+        setup = self._setups[group.group_name] = self._setups.get(group.group_name, -1) + 1
+        _wait_for_group(group, setup, setup_timeout)
         self.workspace = ws = CommWorkspace.create(group, device, max_spins)
         self.max_tokens = max_tokens
         self.chunk = CHUNK_TOKENS[ws.device.type]

@@ -12,7 +12,13 @@ its tiles column chunk by column chunk in its first programs, while its last pro
 received token's K slot rows of every finished column chunk and push them. More chunks hide
 more of the push (only the last chunk's is exposed) but read GEMM2's input once more per chunk:
 `comet.scheduler.ep_split` picks the count. Either way, `combine_reduce` then waits on the
-chunks each token block reads and sums in fp32.
+chunks each token block reads and sums in fp32. The backward of `comet.ep` sends the partial
+input gradients (`combine_push`) and the fp32 routing-weight gradients (a second buffer, its
+own tag) the same way.
+
+`combine_buffers` is collective the first time a tag and shape are asked for; the launchers never
+sync the host. After any wait of the workspace gave up, `combine_reduce` writes NaN and copies the
+error record to host memory, where the host reads it without a sync.
 """
 from __future__ import annotations
 

@@ -7,9 +7,8 @@ expert lives elsewhere), `weights` fp32 [2, W, C, K], `count` int32 [2, W]. Flag
 ceil(C / META_BLOCK)] (the routing of slots [b*META_BLOCK, (b+1)*META_BLOCK) has arrived; block
 0's flag also covers the count, and is raised even when nothing is sent) and `chunk` [2, W,
 ceil(C / CHUNK)] (x rows of slots [c*CHUNK, (c+1)*CHUNK) have). The routing moves in blocks dealt
-over every pushing program and is received by one program per (source, block): a single program
-per source walking 8K slots one block at a time took ~150 us on an H200 (bench/results/ep_kernels.csv).
-The rows need no second half, so the host never picks one (a CUDA
+over every pushing program and is received by one program per (source, block) (why:
+docs/performance-ep.md). The rows need no second half, so the host never picks one (a CUDA
 graph replays whatever it picked): a source that sent the receiver any rows in a call cannot
 send the next call's before the receiver's partial rows of them came back, which the receiver
 pushes after its GEMM1 has read them; a source that sent none has no rows there to overwrite.
@@ -21,7 +20,12 @@ builds its GEMM1 tile plan from it, then one launch pushes the rows in its first
 the others run GEMM1 tiles, each waiting for the chunks it reads. No pushing program ever waits,
 so no rank's pushes depend on another rank's progress, which the Triton interpreter (programs run
 one after another, ranks are processes) needs to finish at all; waiting programs come after the
-pushing ones in their launch.
+pushing ones in their launch. The backward of `comet.ep` reuses both launches, the output
+gradients as the rows.
+
+`dispatch_buffers` is collective the first time a shape is asked for; the launchers never sync
+the host. A wait that gives up leaves the workspace's error record, and `dispatch_receive` then
+gives NaN routing weights for what never arrived.
 """
 from __future__ import annotations
 
@@ -301,8 +305,8 @@ def _dispatch_gate_up_kernel(
 
 
 # Warps of the push-only launches. A pushing program is bound by the latency of its loads (one
-# [CHUNK, BLOCK_H] tile in flight at a time): ~8 GB/s per program with 8K-element tiles on an H200
-# (bench/results/comm_probe.csv), so tiles are as large as the registers allow.
+# [CHUNK, BLOCK_H] tile in flight at a time), so tiles are as large as the registers allow
+# (docs/performance-ep.md).
 PUSH_WARPS = 8
 
 

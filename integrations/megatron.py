@@ -209,6 +209,11 @@ def apply(model: nn.Module, backend: str = "auto", max_tokens_per_rank: int = 40
         ep_group = getattr(layer, "ep_group", None)
         process_group = ep_group if _group_size(ep_group) > 1 else None
         check_process_group(process_group, backend)
+        if process_group is not None:  # comet.ep's layout: rank r of the group holds experts [r*E/W, (r+1)*E/W)
+            first = process_group.rank() * layer.num_local_experts
+            if list(layer.local_expert_indices) != list(range(first, first + layer.num_local_experts)):
+                raise NotImplementedError(f"{name or 'model'}: local_expert_indices {layer.local_expert_indices} are "
+                                          f"not this rank's consecutive share of the experts")
         groups.append(process_group)
     if any(g is not None for g in groups) and (not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1):
         raise ValueError(f"max_tokens_per_rank: expected a positive int, got {max_tokens_per_rank!r}")
