@@ -282,7 +282,7 @@ def time_round_robin(calls: dict, sets, device, timing) -> dict:
 
 
 def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
-    from comet.ep import call_split, ep_experts, group_workspace, release_workspace
+    from comet.ep import ExpertParallelState, ep_experts
 
     shape = model_shape(name)
     cfg, dtype = shape.cfg, DTYPES[args.dtype]
@@ -308,6 +308,7 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
         ref = reference_output(sets[0], full, cfg, min(tokens, args.check_rows))
         batches = {id(s): received_batch(s, cfg, tokens) for s in sets}
         routings = {id(s): megatron_routing(s, cfg.num_experts) for s in sets}
+        state = ExpertParallelState(max_tokens=tokens, configs=[cfg])  # buffers sized by this token count
 
         def baseline(s):
             return a2a_grouped_mm_experts(s.x, s.topk_ids, s.topk_weights, local, cfg)
@@ -318,7 +319,7 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
             return mcore(s.x.unsqueeze(1))[0].squeeze(1)  # Megatron's [sequence, batch, H]
 
         def ours(n_comm, experts=True, column_chunks=None):
-            return lambda s: ep_experts(s.x, s.topk_ids, s.topk_weights, local, cfg, max_tokens=tokens,
+            return lambda s: ep_experts(s.x, s.topk_ids, s.topk_weights, local, cfg, state,
                                         n_comm=n_comm, column_chunks=column_chunks, experts=experts)
 
         def compute_only(s):
@@ -348,7 +349,7 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
         split_shape = ep_shape(tokens, cfg.hidden_size, cfg.ffn_size, cfg.num_experts, cfg.top_k, world, dtype)
         for impl, n_comm, chunks, call in impls:  # check each, then time them all together
             missing = missing_baselines.get(impl)
-            split = call_split(group_workspace(), split_shape, n_comm, chunks) if n_comm is not None else None
+            split = state.split(split_shape, n_comm, chunks) if n_comm is not None else None
             row = {**env, "world_size": world, "shape": name, "E": cfg.num_experts, "K": cfg.top_k,
                    "H": cfg.hidden_size, "F": cfg.ffn_size, "dtype": args.dtype, "tokens_per_rank": tokens,
                    "impl": impl, "n_comm": split.n_comm if split else None,
@@ -381,7 +382,7 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
                 log(f"{name} T/rank={tokens} {row['series']}: {row['status']} "
                     + (f"{row['ms']:.3f} ms" if "ms" in row else f"({row['note']})"))
         add_comm_hidden(rows[first:])
-        release_workspace()  # buffers are sized by this token count
+        state.close()
     return rows
 
 

@@ -23,8 +23,9 @@ What a kernel gets from it:
   call, every rank waits on data from every rank it writes to (as an all-to-all does): a rank
   cannot then be two calls ahead of a peer that is still reading.
 - `errors` and `max_spins`: every wait gives up after `max_spins` polls and leaves a record in
-  `errors`; `check_errors()` (a host sync: call it where one is acceptable) raises
-  `CommTimeoutError` naming this rank, the peer and what was waited for.
+  `errors` (on the device); `check_errors()` (a host sync: call it where one is acceptable) raises
+  `CommTimeoutError` naming this rank, the peer and what was waited for. Callers that keep a host
+  copy of the record (`comet.ep.ExpertParallelState`) raise from it with `timeout_error`.
 
 Setup-time calls (`create`, `buffer`, `flags`, `free`, `barrier`, `close`) are collective: every rank of
 the group makes them in the same order (so make them before capturing a CUDA graph: run one call
@@ -179,16 +180,23 @@ class CommWorkspace:
         return self.epoch
 
     def check_errors(self):
-        """Raise `CommTimeoutError` if a kernel's wait timed out (reads the record: a host sync).
+        """Raise `CommTimeoutError` if a kernel's wait timed out (waits for this rank's queued work,
+        then reads the record: a host sync).
 
         The workspace stays broken afterwards (later waits give up at once): make a new one.
         """
-        record = dict(zip(ERROR_FIELDS, self.errors.tolist()))
-        if record["kind"] == 0:
-            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        record = self.errors.tolist()
+        if record[0] != 0:
+            raise self.timeout_error(record)
+
+    def timeout_error(self, record) -> CommTimeoutError:
+        """The `CommTimeoutError` an error record (`ERROR_FIELDS` values) describes."""
+        record = dict(zip(ERROR_FIELDS, (int(v) for v in record)))
         kind = record["kind"]
         what = WaitKind(kind).describe() if kind in WaitKind._value2member_map_ else f"wait of kind {kind}"
-        raise CommTimeoutError(
+        return CommTimeoutError(
             f"rank {self.rank} timed out waiting for rank {record['peer']}'s {what} {record['index']} "
             f"(epoch {record['expected']}, its flag reads {record['seen']}) after {self.max_spins} polls; "
             f"the peer is dead, hung, or not making the same calls. This workspace is unusable now.")

@@ -83,13 +83,16 @@ class MoELayer(nn.Module):
     process_group: expert parallelism (`comet.ep`) over this group of W ranks. Each rank keeps
     only its experts, `expert_range` = [r*E/W, (r+1)*E/W) (router and shared experts are
     replicated), runs its own tokens (at most `max_tokens_per_rank` per call) and gets their
-    outputs. Forward only; every rank of the group must call forward together. The attribute
+    outputs, forward and backward; every rank of the group must call forward (and backward)
+    together. The layer's `ep_state` (a `comet.ep.ExpertParallelState`) owns the buffers: pass
+    one to share it between layers of the group (its max_tokens then applies), else the layer
+    makes its own. Constructing an expert-parallel layer is collective. The attribute
     `ep_n_comm` sets the pushing programs of the fused kernels (`comet.ep`): "auto" (default,
     chosen per call from the shapes by `comet.scheduler.ep_split`), 0 (unfused) or a count.
     """
 
     def __init__(self, config: MoEConfig, process_group=None, backend: str = "auto",
-                 max_tokens_per_rank: int = 4096):
+                 max_tokens_per_rank: int = 4096, ep_state=None):
         super().__init__()
         check_type(config, MoEConfig, "config", "a comet.MoEConfig (comet.MoEConfig(**fields))")
         self.config = config
@@ -101,11 +104,15 @@ class MoELayer(nn.Module):
         self.router = Router(config)
         self.expert_range = range(config.num_experts)
         if process_group is not None:
-            self._init_expert_parallel(process_group, backend, max_tokens_per_rank)
+            self._init_expert_parallel(process_group, backend, max_tokens_per_rank, ep_state)
+        elif ep_state is not None:
+            raise ValueError("ep_state: expert parallelism needs process_group too")
         self.experts = Experts(config, num_experts=len(self.expert_range))
         self.shared_expert = SharedExpert(config) if config.shared_ffn_size else None
 
-    def _init_expert_parallel(self, group, backend: str, max_tokens_per_rank: int):
+    def _init_expert_parallel(self, group, backend: str, max_tokens_per_rank: int, state):
+        from comet.ep import ExpertParallelState  # lazily, like the kernel backends (see comet.backends)
+
         check_type(group, dist.ProcessGroup, "process_group", "a torch.distributed.ProcessGroup")
         if backend not in ("auto", "triton"):
             raise ValueError(f"backend: expert parallelism runs the Triton kernels ('auto' or 'triton'), "
@@ -117,7 +124,15 @@ class MoELayer(nn.Module):
             raise ValueError(f"process_group: {world} ranks do not evenly split {self.config.num_experts} experts")
         per_rank = self.config.num_experts // world
         self.expert_range = range(rank * per_rank, (rank + 1) * per_rank)
-        self.max_tokens_per_rank = max_tokens_per_rank
+        if state is None:
+            state = ExpertParallelState(group, max_tokens=max_tokens_per_rank)
+        elif not isinstance(state, ExpertParallelState):
+            raise TypeError(f"ep_state: expected a comet.ep.ExpertParallelState, got {type(state).__name__}")
+        elif state.group != group:
+            raise ValueError("ep_state: made for another process group than process_group")
+        state.reserve(self.config)
+        self.ep_state = state
+        self.max_tokens_per_rank = state.max_tokens
         self.ep_n_comm = "auto"
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -130,8 +145,8 @@ class MoELayer(nn.Module):
         if self.process_group is not None:
             from comet.ep import ep_experts  # lazily, like the kernel backends (see comet.backends)
 
-            out = ep_experts(x, topk_ids, topk_weights, self.experts.weights(), cfg, self.process_group,
-                             max_tokens=self.max_tokens_per_rank, n_comm=self.ep_n_comm)
+            out = ep_experts(x, topk_ids, topk_weights, self.experts.weights(), cfg, self.ep_state,
+                             n_comm=self.ep_n_comm)
         else:
             out = resolve_backend(self.backend, x.device, x.dtype).fn(x, topk_ids, topk_weights, self.experts.weights(),
                                                                       cfg, recompute=self.recompute_experts)
@@ -140,13 +155,15 @@ class MoELayer(nn.Module):
         return out.view(hidden_states.shape)
 
     @classmethod
-    def expert_parallel_from(cls, layer: "MoELayer", process_group, max_tokens_per_rank: int = 4096) -> "MoELayer":
-        """This rank's expert-parallel copy of a full `layer`: its router and shared experts, and
-        the experts of `expert_range`, on the same device and dtype."""
+    def expert_parallel_from(cls, layer: "MoELayer", process_group, max_tokens_per_rank: int = 4096,
+                             ep_state=None) -> "MoELayer":
+        """This rank's expert-parallel copy of a full `layer` (collective): its router and shared
+        experts, and the experts of `expert_range`, on the same device and dtype."""
         if layer.process_group is not None:
             raise ValueError("layer: expected a full layer (built without process_group)")
         ref = layer.experts.gate_up_proj
-        ep = cls(layer.config, process_group=process_group, max_tokens_per_rank=max_tokens_per_rank).to(
+        ep = cls(layer.config, process_group=process_group, max_tokens_per_rank=max_tokens_per_rank,
+                 ep_state=ep_state).to(
             ref.device, ref.dtype)
         part = slice(ep.expert_range.start, ep.expert_range.stop)
         ep.load_state_dict({k: v[part] if k.startswith("experts.") else v for k, v in layer.state_dict().items()})

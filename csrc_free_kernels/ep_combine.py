@@ -12,7 +12,13 @@ its tiles column chunk by column chunk in its first programs, while its last pro
 received token's K slot rows of every finished column chunk and push them. More chunks hide
 more of the push (only the last chunk's is exposed) but read GEMM2's input once more per chunk:
 `comet.scheduler.ep_split` picks the count. Either way, `combine_reduce` then waits on the
-chunks each token block reads and sums in fp32.
+chunks each token block reads and sums in fp32. The backward of `comet.ep` sends the partial
+input gradients (`combine_push`) and the fp32 routing-weight gradients (a second buffer, its
+own tag) the same way.
+
+`combine_buffers` is collective the first time a tag and shape are asked for; the launchers never
+sync the host. After any wait of the workspace gave up, `combine_reduce` writes NaN and copies the
+error record to host memory, where the host reads it without a sync.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import triton
 import triton.language as tl
 
 from comet.comm import CommWorkspace, WaitKind
-from comet.kernels.ep_dispatch import PUSH_WARPS, hidden_block
+from comet.kernels.ep_dispatch import PUSH_WARPS, ROW_STORAGE, hidden_block
 from comet.kernels.expert_gemm import expert_gemm_tile, locate_item
 from comet.kernels.routing import bin_expert, expert_segments
 from comet.kernels.signals import peer_ptr, signal_set, wait_flag_ge
@@ -40,12 +46,15 @@ class CombineBuffers(NamedTuple):
         return triton.cdiv(self.capacity, self.chunk)
 
 
-def combine_buffers(ws: CommWorkspace, capacity: int, hidden: int, dtype: torch.dtype, chunk: int) -> CombineBuffers:
-    """The combine buffers for `capacity` tokens per rank (made collectively on first use)."""
-    w, tag = ws.world_size, str(dtype).removeprefix("torch.")
+def combine_buffers(ws: CommWorkspace, capacity: int, width: int, chunk: int, tag: str) -> CombineBuffers:
+    """Collective on first use: combine buffers named `tag` for `capacity` tokens per rank of rows
+    of `width` elements of any dtype up to 4 bytes (each tag its own flags, so that two combines
+    can run in one call)."""
+    w = ws.world_size
     n_chunks = triton.cdiv(capacity, chunk)
-    names = CombineBuffers(f"ep.partials.{tag}.C{capacity}.H{hidden}", f"ep.combine_flags.{n_chunks}", capacity, chunk)
-    ws.buffer(names.partials, (2, w, capacity, hidden), dtype)
+    names = CombineBuffers(f"ep.partials.{tag}.C{capacity}.W{width}", f"ep.combine_flags.{tag}.C{capacity}.W{width}",
+                           capacity, chunk)
+    ws.buffer(names.partials, (2, w, capacity, width), ROW_STORAGE)
     ws.flags(names.flags, (2, w, n_chunks))
     return names
 
@@ -226,9 +235,10 @@ def _down_combine_kernel(
 def _combine_reduce_kernel(
     out_ptr, mask_ptr, slot_ptr,  # out [T, H]; the send plan's mask (bool) and slot (int32) [W, T]
     partials_table, flags_table, error_ptr,
+    host_error_table,  # int64 [1]: the address of the host's copy of the error record
     rank, epoch_ptr, num_tokens, capacity, hidden, n_chunks, max_spins,
     WORLD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-    WAIT_KIND: tl.constexpr,
+    WAIT_KIND: tl.constexpr, ERROR_FIELDS: tl.constexpr, ERROR_BLOCK: tl.constexpr,
 ):
     epoch = tl.load(epoch_ptr)
     parity = epoch % 2
@@ -245,6 +255,9 @@ def _combine_reduce_kernel(
         flags = own_flags + (parity * WORLD + d) * n_chunks
         for c in range(first, end):
             wait_flag_ge(flags + c, epoch, max_spins, error_ptr, WAIT_KIND, d, c)
+    # Any wait of this rank that gave up, in this call or before (the record is sticky): the rows
+    # are NaN, never a plausible result.
+    failed = tl.load(error_ptr, volatile=True) != 0
     for h in range(0, hidden, BLOCK_H):
         offs_h = h + tl.arange(0, BLOCK_H)
         h_mask = offs_h < hidden
@@ -255,8 +268,13 @@ def _combine_reduce_kernel(
             rows = tl.cast(parity * WORLD + d, tl.int64) * capacity + slots.to(tl.int64)
             acc += tl.load(partials + rows[:, None] * hidden + offs_h[None, :],
                            mask=sent[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
+        acc = tl.where(failed, float("nan"), acc)
         tl.store(out_ptr + offs_t.to(tl.int64)[:, None] * hidden + offs_h[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=t_mask[:, None] & h_mask[None, :])
+    if failed & (tl.program_id(0) == 0):  # the host reads this copy without a sync
+        fields = tl.arange(0, ERROR_BLOCK)
+        record = tl.load(error_ptr + fields, mask=fields < ERROR_FIELDS, volatile=True)
+        tl.store(peer_ptr(host_error_table, 0, error_ptr) + fields, record, mask=fields < ERROR_FIELDS)
 
 
 def combine_push(ws: CommWorkspace, bufs: CombineBuffers, epoch: torch.Tensor, partial: torch.Tensor, counts: torch.Tensor,
@@ -328,17 +346,19 @@ def down_combine(ws: CommWorkspace, bufs: CombineBuffers, epoch: torch.Tensor, g
 
 
 def combine_reduce(ws: CommWorkspace, bufs: CombineBuffers, epoch: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor,
-                   out: torch.Tensor) -> torch.Tensor:
-    """out[t] = sum over ranks d in order, where mask[d, t], of rank d's partial row at slot[d, t]."""
+                   out: torch.Tensor, host_error_table: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum over ranks d in order, where mask[d, t], of rank d's partial row at slot[d, t].
+    If any wait of this workspace has given up, out is NaN and the error record is copied to the
+    host memory at host_error_table[0] (int64 [1] on the workspace's device). Launched even for
+    T = 0, so that every call ends with that copy."""
     num_tokens, hidden = out.shape
-    if num_tokens == 0:
-        return out
     block_t = 16
     block_h = max(16, min(triton.next_power_of_2(hidden), 4096 // block_t))
-    _combine_reduce_kernel[(triton.cdiv(num_tokens, block_t),)](
-        out, mask, slot, ws.ptr_table(bufs.partials), ws.ptr_table(bufs.flags), ws.errors,
+    _combine_reduce_kernel[(max(1, triton.cdiv(num_tokens, block_t)),)](
+        out, mask, slot, ws.ptr_table(bufs.partials), ws.ptr_table(bufs.flags), ws.errors, host_error_table,
         ws.rank, epoch, num_tokens, bufs.capacity, hidden, bufs.n_chunks, ws.max_spins,
         WORLD=ws.world_size, CHUNK=bufs.chunk, BLOCK_T=block_t, BLOCK_H=block_h,
-        WAIT_KIND=int(WaitKind.COMBINE_CHUNK), num_warps=4,
+        WAIT_KIND=int(WaitKind.COMBINE_CHUNK), ERROR_FIELDS=ws.errors.numel(),
+        ERROR_BLOCK=triton.next_power_of_2(ws.errors.numel()), num_warps=4,
     )
     return out

@@ -7,9 +7,8 @@ expert lives elsewhere), `weights` fp32 [2, W, C, K], `count` int32 [2, W]. Flag
 ceil(C / META_BLOCK)] (the routing of slots [b*META_BLOCK, (b+1)*META_BLOCK) has arrived; block
 0's flag also covers the count, and is raised even when nothing is sent) and `chunk` [2, W,
 ceil(C / CHUNK)] (x rows of slots [c*CHUNK, (c+1)*CHUNK) have). The routing moves in blocks dealt
-over every pushing program and is received by one program per (source, block): a single program
-per source walking 8K slots one block at a time took ~150 us on an H200 (bench/results/ep_kernels.csv).
-The rows need no second half, so the host never picks one (a CUDA
+over every pushing program and is received by one program per (source, block) (why:
+docs/performance-ep.md). The rows need no second half, so the host never picks one (a CUDA
 graph replays whatever it picked): a source that sent the receiver any rows in a call cannot
 send the next call's before the receiver's partial rows of them came back, which the receiver
 pushes after its GEMM1 has read them; a source that sent none has no rows there to overwrite.
@@ -21,7 +20,12 @@ builds its GEMM1 tile plan from it, then one launch pushes the rows in its first
 the others run GEMM1 tiles, each waiting for the chunks it reads. No pushing program ever waits,
 so no rank's pushes depend on another rank's progress, which the Triton interpreter (programs run
 one after another, ranks are processes) needs to finish at all; waiting programs come after the
-pushing ones in their launch.
+pushing ones in their launch. The backward of `comet.ep` reuses both launches, the output
+gradients as the rows.
+
+`dispatch_buffers` is collective the first time a shape is asked for; the launchers never sync
+the host. A wait that gives up leaves the workspace's error record, and `dispatch_receive` then
+gives NaN routing weights for what never arrived.
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ class DispatchBuffers(NamedTuple):
     capacity: int
     chunk: int
     meta_block: int  # receive slots per routing block: a power-of-two number of chunks
+    hidden: int
 
     @property
     def n_chunks(self) -> int:
@@ -58,22 +63,42 @@ class DispatchBuffers(NamedTuple):
     def n_meta(self) -> int:
         return triton.cdiv(self.capacity, self.meta_block)
 
+    def received_x(self, ws: CommWorkspace, dtype: torch.dtype) -> torch.Tensor:
+        """This rank's receive buffer of rows as [W * C, H] of `dtype` (a view, local)."""
+        w, c = ws.world_size, self.capacity
+        return row_view(ws.buffer(self.x, (w, c, self.hidden), ROW_STORAGE), dtype, (w * c, self.hidden))
+
+
+# Row buffers (received rows, partial rows) are sized in fp32 elements, so that one buffer serves
+# every dtype of at most 4 bytes: a layer's buffers are made before its dtype is known.
+ROW_STORAGE = torch.float32
+
+
+def row_view(storage: torch.Tensor, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    """The first elements of a row buffer `storage` viewed as `dtype` in `shape`."""
+    if dtype.itemsize > storage.element_size():
+        raise TypeError(f"dtype: {dtype} is wider than the {storage.dtype} the row buffers are sized for")
+    count = 1
+    for s in shape:
+        count *= s
+    return storage.view(-1).view(torch.uint8)[: count * dtype.itemsize].view(dtype).view(shape)
+
 
 # Chunks per routing block. The interpreter's are small so that its tiny shapes cross several.
 META_CHUNKS = {"cpu": 2, "cuda": 8}
 
 
-def dispatch_buffers(ws: CommWorkspace, capacity: int, hidden: int, top_k: int, dtype: torch.dtype,
-                     chunk: int) -> DispatchBuffers:
-    """The receive buffers for `capacity` tokens per source (made collectively on first use)."""
-    w, tag = ws.world_size, str(dtype).removeprefix("torch.")
+def dispatch_buffers(ws: CommWorkspace, capacity: int, hidden: int, top_k: int, chunk: int) -> DispatchBuffers:
+    """Collective on first use: the receive buffers for `capacity` tokens per source of rows of
+    `hidden` elements of any dtype up to 4 bytes, with `top_k` routing slots each."""
+    w = ws.world_size
     meta_block = META_CHUNKS[ws.device.type] * chunk
     n_chunks, n_meta = triton.cdiv(capacity, chunk), triton.cdiv(capacity, meta_block)
     names = DispatchBuffers(
-        f"ep.recv_x.{tag}.C{capacity}.H{hidden}", f"ep.recv_ids.C{capacity}.K{top_k}",
+        f"ep.recv_x.C{capacity}.H{hidden}", f"ep.recv_ids.C{capacity}.K{top_k}",
         f"ep.recv_weights.C{capacity}.K{top_k}", "ep.recv_count", f"ep.dispatch_meta_flags.{n_meta}",
-        f"ep.dispatch_chunk_flags.{n_chunks}", capacity, chunk, meta_block)
-    ws.buffer(names.x, (w, capacity, hidden), dtype)
+        f"ep.dispatch_chunk_flags.{n_chunks}", capacity, chunk, meta_block, hidden)
+    ws.buffer(names.x, (w, capacity, hidden), ROW_STORAGE)
     ws.buffer(names.ids, (2, w, capacity, top_k), torch.int32)
     ws.buffer(names.weights, (2, w, capacity, top_k), torch.float32)
     ws.buffer(names.count, (2, w), torch.int32)
@@ -164,14 +189,14 @@ def _dispatch_receive_kernel(
     parity = epoch % 2
     row = parity * WORLD + src
     meta = peer_ptr(meta_table, rank, meta_table) + row * n_meta
-    wait_flag_ge(meta, epoch, max_spins, error_ptr, META_KIND, src, 0)
+    arrived_meta = wait_flag_ge(meta, epoch, max_spins, error_ptr, META_KIND, src, 0)
     # Clamped: after a timed-out wait the count may be stale; it must still index inside the buffers.
     count = tl.minimum(tl.load(peer_ptr(recv_count_table, rank, counts_out_ptr) + row, volatile=True), capacity)
     if block == 0:
         tl.store(counts_out_ptr + src, count)
     start = block * META_BLOCK
     if (block > 0) & (start < count):
-        wait_flag_ge(meta + block, epoch, max_spins, error_ptr, META_KIND, src, block)
+        arrived_meta = wait_flag_ge(meta + block, epoch, max_spins, error_ptr, META_KIND, src, block)
     if WAIT_ROWS:
         BLOCK_CHUNKS: tl.constexpr = META_BLOCK // CHUNK
         c = block * BLOCK_CHUNKS + tl.arange(0, BLOCK_CHUNKS)
@@ -192,7 +217,10 @@ def _dispatch_receive_kernel(
         ids = tl.where(ids >= 0, arrival_bin(ids, (rank - src + WORLD) % WORLD, lead_experts, ARRIVAL_EXPERTS, WORLD),
                        -1)
     tl.store(ids_out_ptr + out_base + off, ids, mask=in_buffer)
-    tl.store(weights_out_ptr + out_base + off, tl.load(recv_w + off, mask=arrived, other=0.0), mask=in_buffer)
+    weights = tl.load(recv_w + off, mask=arrived, other=0.0)
+    # A routing that never came: NaN weights, so that nothing computed from it looks plausible.
+    weights = tl.where(arrived_meta, weights, float("nan"))
+    tl.store(weights_out_ptr + out_base + off, weights, mask=in_buffer)
 
 
 # Chunk flags one poll reads; the interpreter's few chunks still cross blocks.
@@ -277,8 +305,8 @@ def _dispatch_gate_up_kernel(
 
 
 # Warps of the push-only launches. A pushing program is bound by the latency of its loads (one
-# [CHUNK, BLOCK_H] tile in flight at a time): ~8 GB/s per program with 8K-element tiles on an H200
-# (bench/results/comm_probe.csv), so tiles are as large as the registers allow.
+# [CHUNK, BLOCK_H] tile in flight at a time), so tiles are as large as the registers allow
+# (docs/performance-ep.md).
 PUSH_WARPS = 8
 
 

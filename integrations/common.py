@@ -1,30 +1,24 @@
-"""What the model adapters share: the routed-experts call with its backend (and, later, its
-expert-parallel process group), and the guard that makes training through a kernel backend
+"""What the model adapters share: the routed-experts call (through a backend on this rank, or
+expert-parallel through `comet.ep`), and the guard that makes training through a kernel backend
 without a backward fail loudly instead of silently dropping gradients."""
 from __future__ import annotations
 
 import torch
 
-from comet.backends import backend_names, resolve_backend
+from comet.backends import resolve_backend
 from comet.config import MoEConfig
 from comet.functional import ExpertWeights, moe_experts
 
-# Expert parallelism plugs in here: an "ep" backend's fn takes the same arguments as any backend
-# plus `process_group=`, and runs only this rank's experts (dispatch and combine inside).
-EP_BACKEND = "ep"
 
-
-def check_process_group(process_group):
-    """None (every expert on this rank), or a process group once an expert-parallel backend exists."""
+def check_process_group(process_group, backend: str):
+    """None (every expert on this rank), or a process group for expert parallelism, which runs
+    the Triton kernels (`backend` "auto" or "triton")."""
     if process_group is None:
         return
-    if EP_BACKEND not in backend_names():
-        raise NotImplementedError(
-            "process_group: expert parallelism needs the 'ep' backend, which is not registered in "
-            "comet.backends (not built yet); pass process_group=None to run every expert on this rank"
-        )
     if not isinstance(process_group, torch.distributed.ProcessGroup):
         raise TypeError(f"process_group: expected a torch.distributed.ProcessGroup, got {type(process_group).__name__}")
+    if backend not in ("auto", "triton"):
+        raise ValueError(f"backend: expert parallelism runs the Triton kernels ('auto' or 'triton'), got {backend!r}")
 
 
 class _NoBackward(torch.autograd.Function):
@@ -63,16 +57,15 @@ def run_experts(
     weights: ExpertWeights,
     cfg: MoEConfig,
     backend: str,
-    process_group=None,
+    ep_state=None,
 ) -> torch.Tensor:
-    """Routed experts of an adapted model: x [T, H] -> [T, H], no host sync."""
-    if process_group is None:
-        out = moe_experts(x, topk_ids, topk_weights, weights, cfg, backend, check_values=False)
-        backend_used = backend
-    else:
-        out = resolve_backend(EP_BACKEND, x.device).fn(
-            x, topk_ids, topk_weights, weights, cfg, process_group=process_group
-        )
-        backend_used = EP_BACKEND
+    """Routed experts of an adapted model: x [T, H] -> [T, H], no host sync. With `ep_state` (a
+    `comet.ep.ExpertParallelState`), expert-parallel: `weights` are this rank's experts, `cfg`
+    and `topk_ids` count all of them, and the call is collective (forward and backward)."""
+    if ep_state is not None:
+        from comet.ep import ep_experts  # lazily: the kernels load on first use
+
+        return ep_experts(x, topk_ids, topk_weights, weights, cfg, ep_state)
+    out = moe_experts(x, topk_ids, topk_weights, weights, cfg, backend, check_values=False)
     tensors = (x, topk_weights, weights.gate_up, weights.down, weights.gate_up_bias, weights.down_bias)
-    return guard_backward(out, backend_used, tensors)
+    return guard_backward(out, backend, tensors)

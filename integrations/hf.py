@@ -13,7 +13,8 @@ modules (same parameters, same state-dict keys) and only swaps the computation.
 Expert parallelism (`apply(model, process_group=g)`): attention, router and shared experts stay
 replicated and data-parallel (each rank runs its own batch); each experts module keeps only this
 rank's E/W experts (the others are dropped) and runs through `comet.ep.ep_experts` on the
-router's global expert ids.
+router's global expert ids, forward and backward, with one `comet.ep.ExpertParallelState` for
+the whole model (made by `apply`, closed by `revert`).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from torch import nn
 from comet.backends import check_backend_name
 from comet.config import MoEConfig
 from comet.hf_families import config_from_hf, experts_from_hf_layout, find_moe_blocks
-from comet.integrations.common import run_experts
+from comet.integrations.common import check_process_group, run_experts
 
 try:
     from transformers.integrations.moe import ExpertsInterface
@@ -42,8 +43,7 @@ class _ExpertsState:
     family: str
     config: MoEConfig  # the experts' shapes: num_experts is the number held by this module
     backend: str = "auto"
-    process_group: object = None  # expert parallelism: config holds all E experts, the module E/W
-    max_tokens_per_rank: int = 0
+    ep_state: object = None  # expert parallelism (comet.ep): config holds all E experts, the module E/W
 
 
 def _experts_config(family_cfg: MoEConfig, num_local_experts: int) -> MoEConfig:
@@ -74,11 +74,9 @@ def comet_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.
         state.family, self.gate_up_proj, self.down_proj,
         getattr(self, "gate_up_proj_bias", None), getattr(self, "down_proj_bias", None),
     )
-    if state.process_group is not None:
-        from comet.ep import ep_experts  # lazily: the kernels load on first use
-
-        return ep_experts(hidden_states, top_k_index, top_k_weights, weights, state.config, state.process_group,
-                          max_tokens=state.max_tokens_per_rank)
+    if state.ep_state is not None:  # ids >= E (experts on no rank) are skipped there
+        return run_experts(hidden_states, top_k_index, top_k_weights, weights, state.config, state.backend,
+                           state.ep_state)
     # HF's expert parallelism passes experts held by other ranks as ids >= E with weight 0. Point
     # them at a held expert with weight 0 (backends need ids in range). transformers < 5.17 has no
     # flag telling whether the module is sharded, so there this is always done (two tiny ops).
@@ -87,8 +85,7 @@ def comet_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.
         held = top_k_index < num_experts
         top_k_weights = top_k_weights.masked_fill(~held, 0.0)
         top_k_index = top_k_index.clamp(max=num_experts - 1)
-    return run_experts(hidden_states, top_k_index, top_k_weights, weights, state.config,
-                       state.backend, state.process_group)
+    return run_experts(hidden_states, top_k_index, top_k_weights, weights, state.config, state.backend)
 
 
 ExpertsInterface.register(IMPLEMENTATION, comet_experts_forward)
@@ -99,14 +96,13 @@ class CometLlama4Block(nn.Module):
     and shared expert (so output capture of the router and state-dict keys are unchanged);
     returns what the block returns: (output [T, H], router_logits [T, E])."""
 
-    def __init__(self, block: nn.Module, config: MoEConfig, backend: str, process_group=None):
+    def __init__(self, block: nn.Module, config: MoEConfig, backend: str):
         super().__init__()
         self.router = block.router
         self.experts = block.experts
         self.shared_expert = block.shared_expert
         self.moe_config = config
         self.backend = backend
-        self.process_group = process_group
 
     def forward(self, hidden_states: torch.Tensor):
         cfg = self.moe_config
@@ -116,7 +112,7 @@ class CometLlama4Block(nn.Module):
         router_scores, router_logits = self.router(x)
         topk_weights, topk_ids = router_scores.topk(cfg.top_k, dim=-1)
         weights = experts_from_hf_layout(cfg.family, self.experts.gate_up_proj, self.experts.down_proj)
-        routed = run_experts(x, topk_ids, topk_weights, weights, cfg, self.backend, self.process_group)
+        routed = run_experts(x, topk_ids, topk_weights, weights, cfg, self.backend)
         return self.shared_expert(x) + routed, router_logits
 
 
@@ -128,6 +124,7 @@ class _Patch:
     experts: list = field(default_factory=list)
     replaced: list = field(default_factory=list)  # (parent, attribute, original block)
     process_group: object = None  # expert parallel: the other ranks' experts were dropped
+    ep_state: object = None  # and this state runs them (closed by revert)
 
 
 def _uses_experts_interface(experts: nn.Module) -> bool:
@@ -141,10 +138,7 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _check_expert_parallel(process_group, backend: str, max_tokens_per_rank: int):
-    if not isinstance(process_group, torch.distributed.ProcessGroup):
-        raise TypeError(f"process_group: expected a torch.distributed.ProcessGroup, got {type(process_group).__name__}")
-    if backend not in ("auto", "triton"):
-        raise ValueError(f"backend: expert parallelism runs the Triton kernels ('auto' or 'triton'), got {backend!r}")
+    check_process_group(process_group, backend)
     if not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1:
         raise ValueError(f"max_tokens_per_rank: expected a positive int, got {max_tokens_per_rank!r}")
 
@@ -187,7 +181,9 @@ def apply(model: nn.Module, process_group=None, backend: str = "auto", max_token
     model and calls apply; each experts module then keeps only this rank's experts
     [r*E/W, (r+1)*E/W) (`revert` gathers them back: collective too). Each rank runs its own batches
     (at most `max_tokens_per_rank` tokens per forward), every rank of the group calling forward
-    together; forward only (under torch.no_grad()). Not for Llama4.
+    and backward together; the experts' gradients stay on their rank, those of the replicated
+    parameters are each rank's own (sum them as data parallelism does). Collective with a
+    process group. Not for Llama4.
     """
     check_backend_name(backend)
     if process_group is not None:
@@ -227,6 +223,10 @@ def apply(model: nn.Module, process_group=None, backend: str = "auto", max_token
     patch = _Patch()
     model._comet_patch = patch
     patch.process_group = process_group
+    if process_group is not None:
+        from comet.ep import ExpertParallelState  # lazily: the kernels load on first use
+
+        patch.ep_state = ExpertParallelState(process_group, max_tokens=max_tokens_per_rank, configs=[family_cfg])
     for _, block in interface_blocks:
         experts = block.experts
         if process_group is None:
@@ -234,11 +234,11 @@ def apply(model: nn.Module, process_group=None, backend: str = "auto", max_token
             experts._comet = _ExpertsState(family_cfg.family, local_cfg, backend)
         else:
             _keep_rank_experts(experts, process_group)
-            experts._comet = _ExpertsState(family_cfg.family, family_cfg, backend, process_group, max_tokens_per_rank)
+            experts._comet = _ExpertsState(family_cfg.family, family_cfg, backend, patch.ep_state)
         patch.experts.append(experts)
     for name, block in replaced_blocks:
         parent, attr = _parent(model, name)
-        setattr(parent, attr, CometLlama4Block(block, family_cfg, backend, process_group))
+        setattr(parent, attr, CometLlama4Block(block, family_cfg, backend))
         patch.replaced.append((parent, attr, block))
     if patch.experts:
         patch.previous_implementation = _get_implementation(model)
@@ -270,6 +270,8 @@ def revert(model: nn.Module) -> nn.Module:
             _gather_experts(experts, patch.process_group)
     for parent, attr, block in patch.replaced:
         setattr(parent, attr, block)
+    if patch.ep_state is not None:
+        patch.ep_state.close()
     del model._comet_patch
     return model
 

@@ -3,6 +3,16 @@
 bias, token dropping) and shared experts, and replaces dispatch -> experts -> combine with comet's
 experts on the same routing. `revert(model)` restores the original classes.
 
+Expert parallelism (a layer whose `ep_group` has W > 1 ranks): Megatron's token dispatchers take
+this rank's tokens ([S, B, H] viewed [S*B, H]) with their routing over all E experts, move them
+to the ranks holding the experts (each rank's `local_expert_indices`, E/W consecutive ids), run
+the local experts there on the received tokens sorted by local expert, and bring the outputs back
+into this rank's token order, so what the layer returns is this rank's tokens in its input's
+layout. `comet.ep.ep_experts` takes and gives exactly that ([S*B, H], global expert ids, this
+rank's experts' weights), forward and backward, so the dispatcher is bypassed whatever its type.
+One `comet.ep.ExpertParallelState` per expert-parallel group serves every layer (made by
+`apply`, closed by `revert`: both collective over the group then).
+
 Expert layouts read (Megatron applies the routing prob after the activation, before fc2, which is
 the same as weighting the expert's output, its fc2 bias included):
 - SequentialMLP: per expert `linear_fc1.weight` [2F, H] (gate rows first), `linear_fc2.weight` [H, F];
@@ -85,9 +95,10 @@ def _check_supported(layer: MoELayer, name: str):
 
 
 def moe_config(layer: MoELayer) -> MoEConfig:
-    """The `MoEConfig` of the experts a Megatron MoELayer holds on this rank."""
+    """The `MoEConfig` of a Megatron MoELayer: all E of its experts (this rank holds
+    `layer.num_local_experts` of them, all when there is no expert parallelism)."""
     config = layer.config
-    num_experts = layer.num_local_experts
+    num_experts = config.num_moe_experts
     return MoEConfig(
         hidden_size=config.hidden_size, ffn_size=config.moe_ffn_hidden_size, num_experts=num_experts,
         top_k=min(config.moe_router_topk, num_experts), expert_bias=bool(config.add_bias_linear),
@@ -106,9 +117,10 @@ def _grouped_linear(linear: nn.Module, num_experts: int, attr: str) -> list:
     return [getattr(linear, f"{attr}{i}") for i in range(num_experts)]
 
 
-def expert_weights(experts: nn.Module, cfg: MoEConfig) -> ExpertWeights:
-    """A Megatron experts module's weights in comet's layout: gate_up [E, 2F, H], down [E, H, F]."""
-    e, h = cfg.num_experts, cfg.hidden_size
+def expert_weights(experts: nn.Module, num_local_experts: int, cfg: MoEConfig) -> ExpertWeights:
+    """The weights of a Megatron experts module holding `num_local_experts` experts, in comet's
+    layout: gate_up [E_local, 2F, H], down [E_local, H, F]."""
+    e, h = num_local_experts, cfg.hidden_size
     bias = cfg.expert_bias
     if isinstance(experts, mcore_experts.SequentialMLP):
         gate_up, gate_up_bias = _per_expert([m.linear_fc1 for m in experts.local_experts], bias)
@@ -154,9 +166,8 @@ class CometMoELayer(MoELayer):
         cfg = self._comet_config
         x = hidden_states.reshape(-1, cfg.hidden_size)
         topk_ids, topk_weights = routing_from_map(probs, routing_map, cfg.top_k)
-        weights = expert_weights(self.experts, cfg)
-        output = run_experts(x, topk_ids, topk_weights, weights, cfg, self._comet_backend,
-                             self._comet_process_group)
+        weights = expert_weights(self.experts, self.num_local_experts, cfg)
+        output = run_experts(x, topk_ids, topk_weights, weights, cfg, self._comet_backend, self._comet_ep_state)
         output = output.view(hidden_states.shape)
         if shared_output is not None:
             output = output + shared_output
@@ -181,37 +192,73 @@ def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
 
 
-def apply(model: nn.Module, backend: str = "auto") -> nn.Module:
+def apply(model: nn.Module, backend: str = "auto", max_tokens_per_rank: int = 4096) -> nn.Module:
     """Run the experts of every Megatron-Core MoELayer in `model` through comet's `backend`
-    (in place; `model` may itself be a MoELayer). Expert parallelism (an expert-parallel group
-    of more than one rank) needs the "ep" backend: NotImplementedError until it exists."""
+    (in place; `model` may itself be a MoELayer). Layers whose expert-parallel group has more than
+    one rank run through `comet.ep` (the Triton kernels: backend "auto" or "triton"), at most
+    `max_tokens_per_rank` tokens per rank and forward; then `apply` is collective over that group
+    (it makes the group's `comet.ep.ExpertParallelState`), and every rank of it must run forward
+    and backward together, as Megatron's own dispatchers need. Applying again re-applies."""
     check_backend_name(backend)
     layers = moe_layers(model)
     if not layers:
         raise ValueError(f"model: no megatron.core MoELayer found in this {type(model).__name__}")
-    for name, layer in layers:
+    groups = []
+    for name, layer in layers:  # check everything before changing anything
         _check_supported(layer, name or "model")
         ep_group = getattr(layer, "ep_group", None)
         process_group = ep_group if _group_size(ep_group) > 1 else None
-        check_process_group(process_group)
+        check_process_group(process_group, backend)
+        if process_group is not None:  # comet.ep's layout: rank r of the group holds experts [r*E/W, (r+1)*E/W)
+            first = process_group.rank() * layer.num_local_experts
+            if list(layer.local_expert_indices) != list(range(first, first + layer.num_local_experts)):
+                raise NotImplementedError(f"{name or 'model'}: local_expert_indices {layer.local_expert_indices} are "
+                                          f"not this rank's consecutive share of the experts")
+        groups.append(process_group)
+    if any(g is not None for g in groups) and (not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1):
+        raise ValueError(f"max_tokens_per_rank: expected a positive int, got {max_tokens_per_rank!r}")
+    _close_states([layer for _, layer in layers])  # of an earlier apply
+    from comet.ep import ExpertParallelState  # lazily: the kernels load on first use
+
+    states: list[tuple[object, object]] = []  # (group, its state), in the order the layers come
+    for (name, layer), group in zip(layers, groups):
         cfg = moe_config(layer)
+        state = None
+        if group is not None:
+            state = next((s for g, s in states if g is group), None)
+            if state is None:
+                state = ExpertParallelState(group, max_tokens=max_tokens_per_rank)
+                states.append((group, state))
+            state.reserve(cfg)
         original = layer.__dict__.get("_comet_original_class", type(layer))
         layer._comet_config = cfg
         layer._comet_backend = backend
-        layer._comet_process_group = process_group
+        layer._comet_ep_state = state
         layer._comet_original_class = original
         layer.__class__ = _comet_class(original)
     return model
 
 
+def _close_states(layers: list):
+    """Close the expert-parallel states of patched `layers`, each once (collective)."""
+    closed = []
+    for layer in layers:
+        state = layer.__dict__.get("_comet_ep_state")
+        if state is not None and not any(state is c for c in closed):
+            state.close()
+            closed.append(state)
+
+
 def revert(model: nn.Module) -> nn.Module:
-    """Undo `apply`: every patched MoELayer gets its original class back."""
+    """Undo `apply`: every patched MoELayer gets its original class back (collective over the
+    expert-parallel groups of layers that ran through `comet.ep`: their states are closed)."""
     patched = [m for _, m in moe_layers(model) if "_comet_original_class" in m.__dict__]
     if not patched:
         raise ValueError("model: not patched by comet.integrations.megatron.apply")
+    _close_states(patched)
     for layer in patched:
         layer.__class__ = layer._comet_original_class
-        for attr in ("_comet_config", "_comet_backend", "_comet_process_group", "_comet_original_class"):
+        for attr in ("_comet_config", "_comet_backend", "_comet_ep_state", "_comet_original_class"):
             delattr(layer, attr)
     return model
 

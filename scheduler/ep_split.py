@@ -20,8 +20,7 @@ Cost model:
 - GEMM time = expert FLOPs of the rank's expected (balanced) rows / the GEMM rate; a fused kernel
   computes on SMs - n_comm programs, so its GEMMs take SMs / (SMs - n_comm) as long;
 - push time = bytes / bandwidth of the programs pushing, interpolated from the rates' push points
-  (H200: measured on 2 x H200, bench/results/comm_probe.csv, 64 MiB per peer in 32K-element stores, commit b50d2d9:
-  ~21 GB/s per program at 8 programs, flattening to ~300 GB/s at 132). A token goes once to every
+  (`H200_RATES`: docs/performance-ep.md). A token goes once to every
   rank holding one of its experts: with uniform routing of K distinct experts over E, a rank gets a
   token with probability 1 - C(E - E/W, K) / C(E, K); a rank pushes W - 1 such shares to the
   others, and unfused also copies its own share to itself;
@@ -34,12 +33,8 @@ Cost model:
   slot sum with the push.
   Plus the fused kernels' own costs: their structure (tile waits, counters, each token's K slot
   rows summed by the few pushing programs while GEMM2 runs) adds `FUSED_STRUCTURE` of the GEMM
-  time, and GEMM1 in arrival order reads each local expert's weights once per source. The
-  structure share was fitted to bench/ep.py's measurements (commit 1b57878, 8192 tokens per rank,
-  n_comm 8 and 16): 0.06-0.14 for Mixtral-8x7B (K = 2), 0.19-0.26 for DeepSeek-V3, 0.26-0.38
-  (2 GPUs) and 0.40-0.62 (4 GPUs) for Qwen3-30B-A3B and OLMoE-1B-7B (K = 8, whose slot sums are
-  the largest); 0.3 is taken. It measured 0.03-0.06 on one rank (bench/ep_kernels.py), where
-  nothing is pushed.
+  time, and GEMM1 in arrival order reads each local expert's weights once per source (the
+  fitted constants and what they were fitted to: docs/performance-ep.md).
 What it leaves out (so the tuned table wins where it exists): routing skew, launch latencies, and
 that small batches are bound by reading the expert weights, not by FLOPs.
 """
@@ -71,26 +66,20 @@ class MachineRates(NamedTuple):
                             tuple((max(1, round(p * f)), g * f) for p, g in self.push_gbps))
 
 
-# Measured on H200 (see the module docstring).
+# 2 x H200 (docs/performance-ep.md).
 H200_RATES = MachineRates(sms=132, gemm_flops=600e12, hbm_bytes_per_s=4.0e12,
                           push_gbps=((8, 171.7), (16, 223.7), (32, 264.6), (132, 303.0)))
 FUSED_STRUCTURE = 0.3
 N_COMM_CANDIDATES = (4, 8, 16, 24, 32, 48, 64)
 COLUMN_CHUNK_CANDIDATES = (0, 1, 2, 4, 8)  # 0: GEMM2 and the combine unfused
-# The model leaves out the fused path's own costs (see the docstring); before the column-chunk and
-# vector-wait fixes they made it 1.4x (Mixtral) to 2.3x (Qwen3-30B-A3B) slower than unfused at 8192
-# tokens per rank on 2 x H200 where the model predicted parity or a 15% gain. So it must predict a
-# clear win; the tuned table decides the rest.
+# The fused path must beat the unfused one by this share in the model to be chosen (the model
+# underrates the fused kernels' own costs: docs/performance-ep.md); the tuned table decides the rest.
 FUSED_MARGIN = 0.2
 # Spare GEMM1 work before the first tiles that read other ranks' rows (`lead_experts`): a stalled
 # program costs more than re-reading an expert's weights.
 LEAD_MARGIN = 1.25
 # The fused GEMM1's pushing programs run at this share of their idle rate (`push_gbps`) beside
-# the computing ones: fitted to the fused GEMM1 of Qwen3-30B-A3B on 2 x H200, 8 pushing programs,
-# 8192 tokens per rank (bench/results/ep_kernels.csv, commit 3cca3d7: 891 us with every source's
-# rows last, against 737 us for GEMM1 alone on every SM, i.e. ~785 us scaled to the 124
-# computing ones (not measured): ~105 us of waiting after the own rows, so the rows took ~500 us:
-# ~67 GB/s against 172 idle).
+# the computing ones (fitted: docs/performance-ep.md).
 PUSH_SHARE_BESIDE_GEMM = 0.4
 
 

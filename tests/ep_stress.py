@@ -14,7 +14,7 @@ Each rank then makes its own tokens and checks its output (every element; any Na
 mismatch) against `comet.reference.experts_reference` in fp32 on its device, with the full weights
 (made once from the seed on every rank; each rank passes its slice of experts). Relative Frobenius
 error must be within bench.common.TOLERANCE (2e-2 for bf16); the largest absolute error is tracked.
-`comet.ep.check_errors()` (a host sync) runs every --check-every calls and at the end.
+`ExpertParallelState.check_errors()` (a host sync) runs every --check-every calls and at the end.
 
 A mismatch prints the call's parameters; `--seed S --replay I` (with the run's other arguments)
 runs that call alone through a fresh workspace; `--seed S --calls I+1` repeats the run up to it
@@ -74,7 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--seed", type=int, help="seed of the weights and of every call (default: a fresh one, printed)")
     p.add_argument("--replay", type=int, metavar="CALL", help="run only this call index of the run with --seed")
-    p.add_argument("--check-every", type=int, default=50, help="calls between comet.ep.check_errors() (default 50)")
+    p.add_argument("--check-every", type=int, default=50, help="calls between the state's check_errors() (default 50)")
     p.add_argument("--cpu-ranks", type=int, metavar="W", help="W gloo ranks on CPU, kernels interpreted")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where ep_stress.csv goes")
     args = p.parse_args(argv)
@@ -198,7 +198,7 @@ def _comm_failed(failure: str | None, device: torch.device) -> bool:
 def run(args) -> dict | None:
     """One rank's part (the process group is up): rank 0 returns the summary, others None."""
     from comet.comm import CommTimeoutError
-    from comet.ep import check_errors, ep_experts, release_workspace
+    from comet.ep import ExpertParallelState, ep_experts
 
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -223,6 +223,7 @@ def run(args) -> dict | None:
     del full
 
     indices = [args.replay] if args.replay is not None else list(range(args.calls))
+    state = ExpertParallelState(max_tokens=args.max_tokens, configs=[cfg])
     bar = progress(len(indices), "ep stress") if log is not None else None
     records, failure, start = [], None, time.perf_counter()
     with torch.inference_mode():
@@ -230,7 +231,7 @@ def run(args) -> dict | None:
             p = call_params(seed, index, world, args.max_tokens, args.n_comm, cfg)
             x, ids, weights = rank_inputs(p, seed, rank, world, cfg, dtype, device)
             n_comm, column_chunks = parse_split(p.n_comm)
-            out = ep_experts(x, ids, weights, local, cfg, max_tokens=args.max_tokens, n_comm=n_comm,
+            out = ep_experts(x, ids, weights, local, cfg, state, n_comm=n_comm,
                              column_chunks=column_chunks, lead_experts=p.lead_experts)
             ref = experts_reference(x.float(), ids, weights, *ref_w[:4], activation=cfg.activation,
                                     swiglu_alpha=cfg.swiglu_alpha, swiglu_limit=cfg.swiglu_limit,
@@ -244,7 +245,7 @@ def run(args) -> dict | None:
                       f"max abs err {abs_err:.3g}; {p.describe(seed)}", flush=True)
             if done % args.check_every == 0 or done == len(indices):
                 try:
-                    check_errors()
+                    state.check_errors()
                 except CommTimeoutError as exc:
                     failure = f"rank {rank}: {exc}"
                     print(f"!!! {failure}", flush=True)
@@ -263,7 +264,7 @@ def run(args) -> dict | None:
     if bar is not None:
         bar.close()
     if len(records) == len(indices):  # every rank finished, so all are in step for this collective
-        release_workspace()
+        state.close()
     gathered = [None] * world if rank == 0 else None
     dist.gather_object((records, failure), gathered, dst=0)
     if rank != 0:

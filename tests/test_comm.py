@@ -20,18 +20,7 @@ from comet.comm import CommTimeoutError, CommWorkspace, SharedMemoryWorkspace
 from comet.kernels.comm_probe import comm_probe
 from comet.multiprocess import RankError, run_ranks
 from conftest import needs_interpreter_loops
-
-
-def _backends(world_size: int):
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return [pytest.param("gloo", marks=needs_interpreter_loops), pytest.param("nccl", marks=pytest.mark.skipif(gpus < world_size,
-                                                                  reason=f"needs {world_size} GPUs"))]
-
-
-def _launch(fn, world_size: int, *args, backend: str, timeout: float = 300.0):
-    """gloo ranks run the kernels in the interpreter; nccl ranks compile them."""
-    env = {"TRITON_INTERPRET": "1" if backend == "gloo" else None}
-    return run_ranks(fn, world_size, *args, backend=backend, timeout=timeout, env=env)
+from rank_helpers import backends as _backends, launch as _launch
 
 
 # (elements, dtype, programs, chunk elements) of consecutive calls through one workspace: new data

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from comet.scheduler import ep_split
-from test_comm import _backends, _launch
+from rank_helpers import backends as _backends, launch as _launch
 
 
 def _measure(_seed: int) -> dict:

@@ -11,7 +11,7 @@ from comet.integrations import common  # noqa: E402
 from comet.integrations import hf as comet_hf  # noqa: E402
 from comet.tiny_models import build_tiny_model  # noqa: E402
 from conftest import needs_interpreter_loops  # noqa: E402
-from test_comm import _launch  # noqa: E402
+from rank_helpers import launch as _launch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -204,9 +204,6 @@ def _expert_parallel_logits(seed: int, num_tokens: list) -> float:
     for (_, block), weights in zip(blocks, full):
         assert torch.equal(block.experts.gate_up_proj, weights)
     assert torch.equal(forward(model, ids).logits, expected)
-    from comet.ep import release_workspace
-
-    release_workspace()
     return rel_err(actual, expected)
 
 

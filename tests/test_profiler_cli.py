@@ -116,10 +116,7 @@ def test_cli_expert_parallel_path(monkeypatch, capsys):
     try:
         assert main(["profile", "--model", "mixtral-tiny", "--tokens", "4", "--ep", "1", "--dtype", "fp32"]) == 0
     finally:
-        if dist.is_initialized():
-            from comet.ep import release_workspace
-
-            release_workspace()
+        if dist.is_initialized():  # the adapter's revert closed the expert-parallel state
             dist.destroy_process_group()
     out = capsys.readouterr().out
     assert "model.layers.1.mlp" in out and "max rel diff" in out

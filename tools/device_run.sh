@@ -74,7 +74,7 @@ for p in "$@"; do
     hf_training)
       phase hf_training 300 training python3 -m bench.hf_training ;;
     ep_tests)
-      phase ep_tests 480 tests python3 -m pytest -v -p no:cacheprovider tests/test_ep.py tests/test_comm.py -k "nccl and not four" ;;
+      phase ep_tests 480 tests python3 -m pytest -v -p no:cacheprovider tests/test_ep_ranks.py tests/test_ep_training.py tests/test_comm.py -k "nccl and not four" ;;
     single)
       phase single_gpu 420 single python3 -m bench.single_gpu --quick --tokens 128 4096 16384 ;;
     gemms)
@@ -124,7 +124,7 @@ for p in "$@"; do
       fi ;;
     ep4_tests)
       if [ "$GPUS" -ge 4 ]; then
-        phase ep4_tests 300 ep4 python3 -m pytest -v -p no:cacheprovider tests/test_ep.py -k "nccl and (four or dispatch)"
+        phase ep4_tests 300 ep4 python3 -m pytest -v -p no:cacheprovider tests/test_ep_ranks.py -k "nccl and (four or dispatch)"
       else
         echo "== ep4_tests: skipped, $GPUS GPUs"
       fi ;;

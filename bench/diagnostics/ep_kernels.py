@@ -97,7 +97,7 @@ def kernel_times(call, calls: int) -> tuple[dict[str, float], float]:
 
 
 def run(args) -> list[dict]:
-    from comet.ep import ep_experts, release_workspace
+    from comet.ep import ExpertParallelState, ep_experts
 
     device = torch.device("cuda", torch.cuda.current_device())
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -113,12 +113,13 @@ def run(args) -> list[dict]:
                                   down=full.down[rank * per_rank:(rank + 1) * per_rank])
             torch.manual_seed(1 + rank)
             s = make_inputs(cfg, args.tokens, dtype, device, skew)
+            state = ExpertParallelState(max_tokens=args.tokens, configs=[cfg])
             for n_comm in args.n_comm:
                 split, column_chunks = parse_split(n_comm)
                 for lead in args.leads if split != 0 else ["-"]:
                     lead_experts = None if split == 0 else lead_count(lead, per_rank)
                     per_kernel, wall = kernel_times(
-                        lambda: ep_experts(s.x, s.topk_ids, s.topk_weights, local, cfg, max_tokens=args.tokens,
+                        lambda: ep_experts(s.x, s.topk_ids, s.topk_weights, local, cfg, state,
                                            n_comm=split, column_chunks=column_chunks, lead_experts=lead_experts),
                         args.calls)
                     per_kernel["(wall time per call)"] = wall
@@ -126,7 +127,7 @@ def run(args) -> list[dict]:
                     rows += [{**env, "world_size": world, "shape": name, "tokens_per_rank": args.tokens,
                               "n_comm": series, "lead_experts": lead, "kernel": k, "us_per_call": us}
                              for k, us in per_kernel.items()]
-            release_workspace()
+            state.close()
     return rows
 
 
