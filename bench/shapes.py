@@ -63,3 +63,14 @@ def model_shape(name: str) -> ModelShape:
 
         return ModelShape(name, _routed_experts(tiny_config(SMOKE_MODELS[name])))
     raise ValueError(f"name: expected one of {list(MODELS) + list(SMOKE_MODELS)}, got {name!r}")
+
+
+def shape_names(requested: list[str] | None, smoke: bool) -> list[str]:
+    """The benchmark names `requested` (any case; None: all) among MODELS, or SMOKE_MODELS for a
+    smoke run. Raises ValueError naming the unknown ones and the choices."""
+    names = list(SMOKE_MODELS if smoke else MODELS)
+    by_key = {name.lower(): name for name in names}
+    unknown = [n for n in requested or [] if n.lower() not in by_key]
+    if unknown:
+        raise ValueError(f"--shapes: unknown {unknown}; choose from {names}")
+    return [by_key[n.lower()] for n in requested] if requested else names

@@ -36,7 +36,7 @@ from bench.common import (
     expert_flops, graph_replays, make_inputs, make_weights, plot_panels, progress, publish, reference_output,
     relative_error, routing_stats, run_on_cpu, time_calls, within_tolerance,
 )
-from bench.shapes import MODELS, SMOKE_MODELS, SMOKE_TOKEN_COUNTS, TOKEN_COUNTS, ModelShape, model_shape
+from bench.shapes import MODELS, SMOKE_TOKEN_COUNTS, TOKEN_COUNTS, ModelShape, model_shape, shape_names
 from comet.backends import backend_status
 
 IMPLS = ("grouped_mm", "hf", "ours", "ours_graph")
@@ -127,12 +127,10 @@ def parse_args(argv):
     p.add_argument("--results-dir", type=Path, help="where the CSV and PNG go (default bench/results)")
     args = p.parse_args(argv)
 
-    names = list(SMOKE_MODELS if args.smoke else MODELS)
-    by_key = {name.lower(): name for name in names}
-    unknown = [n for n in args.shapes or [] if n.lower() not in by_key]
-    if unknown:
-        p.error(f"--shapes: unknown {unknown}; choose from {names}")
-    args.shape_names = [by_key[n.lower()] for n in args.shapes] if args.shapes else names
+    try:
+        args.shape_names = shape_names(args.shapes, args.smoke)
+    except ValueError as err:
+        p.error(str(err))
     args.tokens = args.tokens or list(SMOKE_TOKEN_COUNTS if args.smoke else TOKEN_COUNTS)
     if min(args.tokens) < 1 or args.input_sets < 1 or args.check_rows < 1:
         p.error("--tokens, --input-sets and --check-rows must be positive")

@@ -39,7 +39,7 @@ from bench.common import (
     make_inputs, make_weights, plot_panels, progress, publish, relative_error, run_on_cpu, time_calls,
     within_tolerance,
 )
-from bench.shapes import MODELS, SMOKE_MODELS, SMOKE_TOKEN_COUNTS, model_shape
+from bench.shapes import MODELS, SMOKE_TOKEN_COUNTS, model_shape, shape_names
 from comet.reference import experts_reference
 
 IMPLS = ("ours", "ours_recompute", "liger", "grouped_mm", "hf")
@@ -175,12 +175,10 @@ def parse_args(argv):
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (interpreter), results in a temp dir")
     p.add_argument("--results-dir", type=Path, help="where the CSV and PNG go (default bench/results)")
     args = p.parse_args(argv)
-    names = list(SMOKE_MODELS if args.smoke else MODELS)
-    by_key = {name.lower(): name for name in names}
-    unknown = [n for n in args.shapes or [] if n.lower() not in by_key]
-    if unknown:
-        p.error(f"--shapes: unknown {unknown}; choose from {names}")
-    args.shape_names = [by_key[n.lower()] for n in args.shapes] if args.shapes else names
+    try:
+        args.shape_names = shape_names(args.shapes, args.smoke)
+    except ValueError as err:
+        p.error(str(err))
     args.tokens = args.tokens or list(SMOKE_TOKEN_COUNTS if args.smoke else TOKEN_COUNTS)
     if min(args.tokens) < 1 or args.input_sets < 1:
         p.error("--tokens and --input-sets must be positive")
