@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from comet.device_info import num_sms
 from comet.kernels.routing import bin_expert, expert_segments, histogram_bins, locate_tile
 
 ACTIVATION_IDS = {"swiglu": 0, "geglu": 1, "clamped_swiglu": 2}
@@ -28,9 +29,8 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
-    # Weights through tensor descriptors where the layout allows (`weight_descriptor_mode`): on an
-    # H200, faster for GEMM2 but slower for Mixtral's gated GEMM1 at 16384 tokens (12.2 vs 11.5 ms,
-    # bench/results/expert_gemms.csv), so the tuned table says per GEMM.
+    # Weights (and, in the weight gradients, the sorted operand) through tensor descriptors where
+    # the layout allows; per GEMM, as the tuned table says (why: docs/performance.md).
     weight_descriptors: bool = True
 
 
@@ -268,8 +268,7 @@ USE_INPUT_DESCRIPTORS = True
 
 
 # Below this tile height (decode-sized batches, few rows per expert) pointer loads stream the
-# weights faster: on an H200, 128 tokens of Qwen3-30B-A3B / OLMoE took 0.36 / 0.37 ms with pointer
-# loads and 0.42 / 0.57 ms with descriptors (bench/results/single_gpu.csv).
+# weights faster (measured: docs/performance.md).
 DESCRIPTOR_MIN_BLOCK_M = 64
 
 
@@ -320,11 +319,7 @@ def _descriptor_scratch(size: int, alignment: int, stream):
 
 def persistent_programs(device: torch.device, upper_bound: int) -> int:
     """Programs of a persistent launch with `upper_bound` work items: one per SM at most."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 4  # interpreter: a few programs, so the persistent loop is exercised
-    return max(1, min(sms, upper_bound))
+    return max(1, min(num_sms(device), upper_bound))
 
 
 def gemm_args(a, a_rows_gathered, b, b2, bias, bias2, out, sorted_rows, row_weights, hist, *, top_k,

@@ -127,8 +127,7 @@ def backward_table_name(gpu: str) -> str:
 
 
 def heuristic_wgrad_config(device: torch.device) -> GemmConfig:
-    """128 x 256 output tiles: the fastest of those `python -m bench.diagnostics.backward_gemms` timed on an H200
-    (bench/results/backward_gemms.csv)."""
+    """128 x 256 output tiles (measured: docs/performance.md)."""
     if device.type != "cuda":
         return GemmConfig(16, 32, 16, group_m=1)
     return GemmConfig(128, 256, 64, group_m=1, num_warps=8, num_stages=3)
