@@ -210,9 +210,9 @@ _OPTIONS = slice(7, 12)  # interleaved, activation, swiglu_alpha, swiglu_limit, 
 def _input_grads(ctx, grads) -> tuple:
     """The op's backward result: each differentiable input's gradient where it is wanted."""
     dx, d_weights, d_gate_up, d_down, d_gate_up_bias, d_down_bias = grads
-    wanted = (dx, None, d_weights, d_gate_up, d_down, d_gate_up_bias, d_down_bias)
-    return tuple(g if i < len(wanted) and ctx.needs_input_grad[i] else None for i, g in
-                 enumerate(wanted + (None,) * (len(ctx.needs_input_grad) - len(wanted))))
+    per_input = (dx, None, d_weights, d_gate_up, d_down, d_gate_up_bias, d_down_bias)  # then the options
+    per_input += (None,) * (len(ctx.needs_input_grad) - len(per_input))
+    return tuple(g if needed else None for g, needed in zip(per_input, ctx.needs_input_grad))
 
 
 def _setup_context(ctx, inputs, output):
