@@ -51,6 +51,37 @@ def _activation_backward(gate, up, grad, alpha, limit, ACTIVATION: tl.constexpr)
 
 
 @triton.jit
+def _act_backward_slice(acc, w, n0, m_mask, N, pre_rows, d_pre_rows, act_rows, alpha, limit,
+                        WIDTH: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
+                        WEIGHT_GRAD: tl.constexpr):
+    """The activation backward of columns [n0, n0 + WIDTH) of a down_dgrad tile, acc = dA' there
+    (unweighted): rebuilds a = act(h) from h's gate/up columns (gate_up's order), stores w * a
+    (a with the weight on the input) and dh; returns the row sums of dA' * a (zeros unless
+    WEIGHT_GRAD), this slice's share of the routing weights' gradient."""
+    offs_n = n0 + tl.arange(0, WIDTH)
+    mask = m_mask[:, None] & (offs_n < N)[None, :]
+    if INTERLEAVED:
+        gate_cols, up_cols = 2 * offs_n, 2 * offs_n + 1
+    else:
+        gate_cols, up_cols = offs_n, N + offs_n
+    gate = tl.load(pre_rows + gate_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(pre_rows + up_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    act = _activation(gate, up, alpha, limit, ACTIVATION)
+    # w * a: GEMM2's input as its weight gradient sees it (the weight scales the output)
+    tl.store(act_rows + offs_n[None, :], (act * w[:, None] if WEIGHT_GRAD else act).to(act_rows.dtype.element_ty),
+             mask=mask)
+    if WEIGHT_GRAD:
+        dw = tl.sum(tl.where(mask, acc * act, 0.0), axis=1)
+        acc = acc * w[:, None]
+    else:
+        dw = tl.zeros_like(w)
+    d_gate, d_up = _activation_backward(gate, up, acc, alpha, limit, ACTIVATION)
+    tl.store(d_pre_rows + gate_cols[None, :], d_gate.to(d_pre_rows.dtype.element_ty), mask=mask)
+    tl.store(d_pre_rows + up_cols[None, :], d_up.to(d_pre_rows.dtype.element_ty), mask=mask)
+    return dw
+
+
+@triton.jit
 def _expert_dgrad_kernel(
     a_ptr, stride_am, stride_ak, b_ptr, stride_be, stride_bn, stride_bk,
     out_ptr, stride_om, sorted_rows_ptr, row_weights_ptr, hist_ptr, dw_partial_ptr, num_rows,
@@ -63,6 +94,7 @@ def _expert_dgrad_kernel(
     B_DESC: tl.constexpr, A_DESC: tl.constexpr,
     ACT_BACKWARD: tl.constexpr,  # True: dgrad of GEMM2 (+ activation backward); False: dgrad of GEMM1
     INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr, WEIGHT_GRAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr,  # column slices of the activation-backward epilogue: 1, 2 or 4
 ):
     row_start, counts, tile_start, tile_end, num_tiles = expert_segments(hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -74,26 +106,38 @@ def _expert_dgrad_kernel(
             expert, first_row, end_row, n_block, a_rows,
             a_ptr, stride_am, stride_ak, b_ptr, b_ptr, stride_be, stride_bn, stride_bk, N, K,
             BLOCK_M, BLOCK_N, BLOCK_K, False, False, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC, A_DESC)
-        offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        mask = m_mask[:, None] & n_mask[None, :]
         positions = offs_m.to(tl.int64)[:, None]
         w = tl.load(row_weights_ptr + rows, mask=m_mask, other=0.0).to(tl.float32)
         if ACT_BACKWARD:
-            # acc = dA' (unweighted) for activation columns offs_n; h's gate/up columns as in gate_up.
-            if INTERLEAVED:
-                gate_cols, up_cols = 2 * offs_n, 2 * offs_n + 1
+            # acc = dA' (unweighted) for activation columns offs_n, in EPILOGUE_SPLIT column slices
+            # (each loads its h columns, so fewer values are live at once).
+            pre_rows = pre_act_ptr + positions * stride_pm
+            d_pre_rows = out_ptr + positions * stride_om
+            act_rows = act_ptr + positions * stride_actm
+            n0 = n_block * BLOCK_N
+            if EPILOGUE_SPLIT == 1:
+                dw = _act_backward_slice(acc, w, n0, m_mask, N, pre_rows, d_pre_rows, act_rows, alpha, limit,
+                                         BLOCK_N, INTERLEAVED, ACTIVATION, WEIGHT_GRAD)
             else:
-                gate_cols, up_cols = offs_n, N + offs_n
-            pre = pre_act_ptr + positions * stride_pm
-            gate = tl.load(pre + gate_cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            up = tl.load(pre + up_cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            act = _activation(gate, up, alpha, limit, ACTIVATION)
-            # w * a: GEMM2's input as its weight gradient sees it (the weight scales the output)
-            tl.store(act_ptr + positions * stride_actm + offs_n[None, :],
-                     (act * w[:, None] if WEIGHT_GRAD else act).to(act_ptr.dtype.element_ty), mask=mask)
+                SLICE: tl.constexpr = BLOCK_N // EPILOGUE_SPLIT
+                lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+                if EPILOGUE_SPLIT == 2:
+                    dw = _act_backward_slice(lo, w, n0, m_mask, N, pre_rows, d_pre_rows, act_rows, alpha, limit,
+                                             SLICE, INTERLEAVED, ACTIVATION, WEIGHT_GRAD)
+                    dw += _act_backward_slice(hi, w, n0 + SLICE, m_mask, N, pre_rows, d_pre_rows, act_rows, alpha,
+                                              limit, SLICE, INTERLEAVED, ACTIVATION, WEIGHT_GRAD)
+                else:  # 4
+                    q0, q1 = tl.split(tl.permute(tl.reshape(lo, (BLOCK_M, 2, SLICE)), (0, 2, 1)))
+                    q2, q3 = tl.split(tl.permute(tl.reshape(hi, (BLOCK_M, 2, SLICE)), (0, 2, 1)))
+                    dw = _act_backward_slice(q0, w, n0, m_mask, N, pre_rows, d_pre_rows, act_rows, alpha, limit,
+                                             SLICE, INTERLEAVED, ACTIVATION, WEIGHT_GRAD)
+                    dw += _act_backward_slice(q1, w, n0 + SLICE, m_mask, N, pre_rows, d_pre_rows, act_rows, alpha,
+                                              limit, SLICE, INTERLEAVED, ACTIVATION, WEIGHT_GRAD)
+                    dw += _act_backward_slice(q2, w, n0 + 2 * SLICE, m_mask, N, pre_rows, d_pre_rows, act_rows,
+                                              alpha, limit, SLICE, INTERLEAVED, ACTIVATION, WEIGHT_GRAD)
+                    dw += _act_backward_slice(q3, w, n0 + 3 * SLICE, m_mask, N, pre_rows, d_pre_rows, act_rows,
+                                              alpha, limit, SLICE, INTERLEAVED, ACTIVATION, WEIGHT_GRAD)
             if WEIGHT_GRAD:  # the weight scales the output: dw = <g, y> = <dA', a> (+ <g, b2>)
-                dw = tl.sum(tl.where(mask, acc * act, 0.0), axis=1)
                 if HAS_BIAS:
                     if n_block == 0:
                         offs_k = tl.arange(0, BLOCK_K)
@@ -107,13 +151,10 @@ def _expert_dgrad_kernel(
                             bias_dot += tl.sum(g * b2[None, :], axis=1)
                         dw += bias_dot
                 tl.store(dw_partial_ptr + n_block.to(tl.int64) * num_rows + rows, dw, mask=m_mask)
-                acc = acc * w[:, None]
-            d_gate, d_up = _activation_backward(gate, up, acc, alpha, limit, ACTIVATION)
-            d_pre = out_ptr + positions * stride_om
-            tl.store(d_pre + gate_cols[None, :], d_gate.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.store(d_pre + up_cols[None, :], d_up.to(out_ptr.dtype.element_ty), mask=mask)
         else:
             # acc = dh @ gate_up_e for hidden columns offs_n; rows go back to token-slot order.
+            offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask = m_mask[:, None] & (offs_n < N)[None, :]
             if WEIGHT_GRAD:  # the weight scales the input: dw = <dh @ gate_up_e, x>
                 x = tl.load(x_ptr + (rows // TOP_K)[:, None] * stride_xm + offs_n[None, :] * stride_xk, mask=mask,
                             other=0.0).to(tl.float32)
@@ -150,6 +191,12 @@ def _launch_dgrad(args: dict, max_items: int, **epilogue):
     _expert_dgrad_kernel[(programs,)](**args, **epilogue, NUM_PROGRAMS=programs)
 
 
+def _epilogue_split(cfg: GemmConfig) -> int:
+    """Column slices of down_dgrad's epilogue: 32 columns or more each. A whole 128-column tile's
+    gate, up, a and dh at once spill registers (STACK in `python -m bench.diagnostics.kernel_resources`)."""
+    return max(1, min(4, cfg.block_n // 32))
+
+
 def dw_partial_blocks(n: int, cfg: GemmConfig) -> int:
     """Rows of the routing-weight gradient's partial sums a dgrad launch over N columns writes."""
     return triton.cdiv(n, cfg.block_n)
@@ -175,7 +222,7 @@ def down_dgrad(grad_out, down, down_bias, pre_act, sorted_rows, row_weights, his
                   bias_ptr=down_bias if has_bias else down, stride_bias_e=down_bias.stride(0) if has_bias else 0,
                   stride_bias_n=down_bias.stride(1) if has_bias else 0, alpha=alpha, limit=limit,
                   ACT_BACKWARD=True, INTERLEAVED=interleaved, ACTIVATION=ACTIVATION_IDS[activation],
-                  WEIGHT_GRAD=not weight_on_input, HAS_BIAS=has_bias)
+                  WEIGHT_GRAD=not weight_on_input, HAS_BIAS=has_bias, EPILOGUE_SPLIT=_epilogue_split(cfg))
 
 
 def gate_up_dgrad(d_pre_act, gate_up, x, sorted_rows, row_weights, hist, slots, dw_partial, *, top_k,
@@ -190,7 +237,8 @@ def gate_up_dgrad(d_pre_act, gate_up, x, sorted_rows, row_weights, hist, slots, 
     _launch_dgrad(args, items, pre_act_ptr=d_pre_act, stride_pm=0, act_ptr=slots, stride_actm=0,
                   x_ptr=x, stride_xm=x.stride(0), stride_xk=x.stride(1),
                   bias_ptr=gate_up, stride_bias_e=0, stride_bias_n=0, alpha=0.0, limit=0.0,
-                  ACT_BACKWARD=False, INTERLEAVED=False, ACTIVATION=0, WEIGHT_GRAD=weight_on_input, HAS_BIAS=False)
+                  ACT_BACKWARD=False, INTERLEAVED=False, ACTIVATION=0, WEIGHT_GRAD=weight_on_input, HAS_BIAS=False,
+                  EPILOGUE_SPLIT=1)
 
 
 @triton.jit

@@ -92,6 +92,23 @@ def test_token_and_expert_counts(T, E, K):
     check(make_case(T, E, K))
 
 
+
+@pytest.mark.parametrize("block_n", [64, 128], ids=["epilogue_in_2_slices", "epilogue_in_4_slices"])
+@pytest.mark.parametrize("interleaved,weight_on_input", [(False, False), (True, False), (False, True)])
+def test_wide_down_dgrad_tiles(monkeypatch, block_n, interleaved, weight_on_input):
+    """down_dgrad tiles of 64 and 128 columns, whose epilogue runs in column slices, over F = 72:
+    the last N block is partly and one slice wholly past F."""
+    import comet.ops
+    from comet.kernels.expert_gemm import GemmConfig
+
+    configs = comet.ops.backward_configs
+
+    def wide(*args):
+        return configs(*args)._replace(down_dgrad=GemmConfig(16, block_n, 32, group_m=2))
+    monkeypatch.setattr(comet.ops, "backward_configs", wide)
+    check(make_case(21, 4, 2, F=72, activation="geglu" if interleaved else "swiglu", bias=True,
+                    interleaved=interleaved, weight_on_input=weight_on_input))
+
 def test_expert_without_tokens_and_all_tokens_on_one_expert():
     T, E = 23, 5
     ids = torch.full((T, 1), 3, device=DEVICE)  # every token on expert 3; experts 0, 1, 2, 4 idle
