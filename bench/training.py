@@ -15,7 +15,7 @@ reference (relative Frobenius error per tensor, on the first token count of each
 ms_fwd, ms_fwd_bwd (median CUDA-event time of eager calls), tflops (3x the forward's GEMM FLOPs over
 ms_fwd_bwd), saved_gb (memory the forward leaves allocated for the backward, output excluded),
 speedup_vs_liger and speedup_vs_grouped_mm (on ours rows). Writes bench/results/training.csv
-(appended) and training.png; with $OUT set, copies and the log there. `--profile` adds a table of
+(appended after each shape) and training.png; with $OUT set, copies and the log there. `--profile` adds a table of
 our kernels' GPU times (torch.profiler) per shape at the middle token count.
 
     python -m bench.training                                   # all shapes, 4096 8192 16384 tokens
@@ -278,11 +278,13 @@ def run(args, device: torch.device) -> int:
     log(f"environment: {env}")
     bar = progress(len(args.shape_names) * len(args.tokens) * len(args.impls), "training")
     rows = []
-    for name in args.shape_names:
-        rows += run_shape(args, device, env, name, log, bar)
-    bar.close()
     csv_path = args.results_dir / "training.csv"
-    append_csv(csv_path, rows)
+    for name in args.shape_names:
+        shape_rows = run_shape(args, device, env, name, log, bar)
+        append_csv(csv_path, shape_rows)  # shape by shape: a run stopped midway keeps what it measured
+        log(format_table(shape_rows))
+        rows += shape_rows
+    bar.close()
     df = pd.DataFrame([r for r in rows if r["status"] in ("ok", "mismatch")])
     if not df.empty:
         png = args.results_dir / "training.png"

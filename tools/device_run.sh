@@ -9,6 +9,7 @@
 #   kernel_tests  GPU tests of the single-GPU kernels (forward and backward) and the bf16 Hugging Face checks
 #   backward_tune bench/diagnostics/backward_gemms.py --write-table: the backward kernels' configs, every shape
 #   training bench/training.py: forward + backward against Liger-Kernel (wheel in .whl/), _grouped_mm, transformers
+#   training_ours  bench/training.py at 8192 tokens, Qwen3 and OLMoE: ours, ours_recompute, _grouped_mm
 #   hf_training  bench/hf_training.py: 50 steps of a small Qwen3-MoE, patched and not
 #   ep_tests      EP tests on 2 ranks (nccl), CUDA-graph replay
 #   single   bench/single_gpu.py, all shapes, 128 / 4096 / 16384 tokens (eager and CUDA-graph rows)
@@ -66,11 +67,14 @@ for p in "$@"; do
       phase kernel_tests 240 tests python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_hf_bf16_gpu.py \
         tests/test_backward.py ;;
     backward_tune)
-      phase backward_gemms 420 training python3 -m bench.diagnostics.backward_gemms --write-table \
+      phase backward_gemms 330 training python3 -m bench.diagnostics.backward_gemms --write-table \
         --shapes Qwen3-30B-A3B OLMoE-1B-7B Mixtral-8x7B DeepSeek-V3 GPT-OSS-20B --tokens 8192
       cp scheduler/tables/backward_*.json "$RES/training/" 2>/dev/null ;;
     training)
       phase training 560 training python3 -m bench.training --quick --profile ;;
+    training_ours)
+      phase training_ours 200 training python3 -m bench.training --quick --profile --tokens 8192 \
+        --shapes Qwen3-30B-A3B OLMoE-1B-7B --impls ours ours_recompute grouped_mm ;;
     hf_training)
       phase hf_training 300 training python3 -m bench.hf_training ;;
     ep_tests)

@@ -26,10 +26,12 @@ from bench.common import (
 from bench.diagnostics.expert_gemms import config_label, parse_config
 from bench.shapes import model_shape
 
-WGRAD_CONFIGS = ("128x128x64-g1w8s3", "128x128x32-g1w4s4", "128x256x64-g1w8s3", "256x128x64-g1w8s3",
-                 "128x128x128-g1w8s2", "64x128x64-g1w4s4")
-DGRAD_CONFIGS = ("128x128x64-g8w8s3", "128x64x64-g8w4s4", "128x128x64-g8w4s4", "128x256x64-g8w8s3",
-                 "64x128x64-g8w4s4")
+# The weight gradients' row-index load takes a pipeline stage: num_stages s keeps s - 2 data
+# tiles in flight (s = 5: 3). 128 x 256 down_dgrad tiles spill registers
+# (`python -m bench.diagnostics.kernel_resources`); gate_up_dgrad's do not.
+WGRAD_CONFIGS = ("128x256x64-g1w8s3", "128x256x64-g1w8s5", "128x256x64-g1w8s6", "256x128x64-g1w8s5",
+                 "128x128x64-g1w8s6")
+DGRAD_CONFIGS = ("128x128x64-g8w8s3", "128x128x64-g8w8s4", "128x256x64-g8w8s3", "64x128x64-g8w4s4")
 
 
 def problems(shape_name: str, tokens: int, device):
@@ -69,13 +71,18 @@ def problems(shape_name: str, tokens: int, device):
                       weight_on_input=cfg.weight_on_input, cfg=c)
         return slots
 
+    # as comet.ops.experts_backward calls them (bias gradients where the shape has biases)
+    d_down_bias = torch.empty(e, h, dtype=s.x.dtype, device=device) if w.down_bias is not None else None
+    d_gate_up_bias = torch.empty(e, 2 * f, dtype=s.x.dtype, device=device) if w.gate_up_bias is not None else None
+
     def down_wgrad_call(c):
-        expert_wgrad(act, False, g, True, d_down.transpose(1, 2), None, sorted_rows, rw, hist, top_k=k, cfg=c)
+        expert_wgrad(act, False, g, True, d_down.transpose(1, 2), d_down_bias, sorted_rows, rw, hist, top_k=k,
+                     weighted_bias=not cfg.weight_on_input, cfg=c)
         return d_down
 
     def gate_up_wgrad_call(c):
-        expert_wgrad(s.x, True, d_pre, False, d_gate_up.transpose(1, 2), None, sorted_rows, rw, hist, top_k=k,
-                     cfg=c)
+        expert_wgrad(s.x, True, d_pre, False, d_gate_up.transpose(1, 2), d_gate_up_bias, sorted_rows, rw, hist,
+                     top_k=k, scale_a=cfg.weight_on_input, cfg=c)
         return d_gate_up
 
     return cfg, {"down_dgrad": (down_dgrad_call, gemm1_flops / 2, "dgrad"),
@@ -106,6 +113,10 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", nargs="+", type=int, default=[8192])
     p.add_argument("--wgrad-configs", nargs="*", default=list(WGRAD_CONFIGS))
     p.add_argument("--dgrad-configs", nargs="*", default=list(DGRAD_CONFIGS))
+    p.add_argument("--descriptors", choices=("both", "on", "off"), default="both",
+                   help="weights (and the weight gradients' sorted operand) through descriptors, pointers or both")
+    p.add_argument("--no-precompile", action="store_true",
+                   help="compile each config when it first runs, not all of them first in parallel processes")
     p.add_argument("--write-table", action="store_true", help="store each kernel's fastest config")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -113,8 +124,16 @@ def main(argv=None) -> int:
         return 2
     device = torch.device("cuda")
     env = environment(device)
-    configs = {kind: [dataclasses.replace(parse_config(c), weight_descriptors=d) for c in labels for d in (True, False)]
+    modes = {"both": (True, False), "on": (True,), "off": (False,)}[args.descriptors]
+    configs = {kind: [dataclasses.replace(parse_config(c), weight_descriptors=d) for c in labels for d in modes]
                for kind, labels in (("wgrad", args.wgrad_configs), ("dgrad", args.dgrad_configs))}
+    if not args.no_precompile:
+        from bench.diagnostics.offline_compile import precompile
+
+        kinds = {"down_dgrad": "dgrad", "gate_up_dgrad": "dgrad", "down_wgrad": "wgrad", "gate_up_wgrad": "wgrad"}
+        major, minor = torch.cuda.get_device_capability(device)
+        precompile([(s, kernel, c) for s in args.shapes for kernel, kind in kinds.items() for c in configs[kind]],
+                   10 * major + minor)
     bar = progress(len(args.shapes) * len(args.tokens) * 2 * sum(map(len, configs.values())), "backward_gemms")
     rows, best = [], {}
     for shape_name in args.shapes:
