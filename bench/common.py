@@ -290,12 +290,19 @@ def graph_replays(call: Callable[[object], torch.Tensor], sets: list, device: to
 # ----------------------------------------------------------------------------------------------
 # Accuracy
 # ----------------------------------------------------------------------------------------------
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in fp64 (nan if `out` has non-finite values)."""
-    out, ref = out.double(), ref.double()
-    if not bool(torch.isfinite(out).all()):
-        return math.nan
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+def relative_error(out: torch.Tensor, ref: torch.Tensor, chunk: int = 1 << 26) -> float:
+    """||out - ref|| / ||ref||, summed in fp64 over chunks of `chunk` elements, so that a weight
+    gradient of many GB fits beside its reference (nan if `out` has non-finite values)."""
+    out, ref = out.reshape(-1), ref.reshape(-1)
+    diff2 = torch.zeros((), dtype=torch.float64, device=out.device)
+    ref2 = torch.zeros((), dtype=torch.float64, device=out.device)
+    for start in range(0, out.numel(), chunk):
+        o, r = out[start:start + chunk].double(), ref[start:start + chunk].double()
+        if not bool(torch.isfinite(o).all()):
+            return math.nan
+        diff2 += (o - r).square().sum()
+        ref2 += r.square().sum()
+    return float(diff2.sqrt() / ref2.sqrt().clamp_min(1e-30))
 
 
 def within_tolerance(error: float, dtype: torch.dtype) -> bool:

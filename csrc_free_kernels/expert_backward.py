@@ -60,12 +60,14 @@ def _act_backward_slice(acc, w, n0, m_mask, N, pre_rows, d_pre_rows, act_rows, a
     WEIGHT_GRAD), this slice's share of the routing weights' gradient."""
     offs_n = n0 + tl.arange(0, WIDTH)
     mask = m_mask[:, None] & (offs_n < N)[None, :]
-    if INTERLEAVED:
-        gate_cols, up_cols = 2 * offs_n, 2 * offs_n + 1
+    if INTERLEAVED:  # gate/up pairs side by side: 2 * WIDTH contiguous columns, split in registers
+        offs_h = 2 * n0 + tl.arange(0, 2 * WIDTH)
+        h_mask = m_mask[:, None] & (offs_h < 2 * N)[None, :]
+        h = tl.load(pre_rows + offs_h[None, :], mask=h_mask, other=0.0).to(tl.float32)
+        gate, up = tl.split(tl.reshape(h, (acc.shape[0], WIDTH, 2)))
     else:
-        gate_cols, up_cols = offs_n, N + offs_n
-    gate = tl.load(pre_rows + gate_cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(pre_rows + up_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(pre_rows + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(pre_rows + N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     act = _activation(gate, up, alpha, limit, ACTIVATION)
     # w * a: GEMM2's input as its weight gradient sees it (the weight scales the output)
     tl.store(act_rows + offs_n[None, :], (act * w[:, None] if WEIGHT_GRAD else act).to(act_rows.dtype.element_ty),
@@ -76,9 +78,35 @@ def _act_backward_slice(acc, w, n0, m_mask, N, pre_rows, d_pre_rows, act_rows, a
     else:
         dw = tl.zeros_like(w)
     d_gate, d_up = _activation_backward(gate, up, acc, alpha, limit, ACTIVATION)
-    tl.store(d_pre_rows + gate_cols[None, :], d_gate.to(d_pre_rows.dtype.element_ty), mask=mask)
-    tl.store(d_pre_rows + up_cols[None, :], d_up.to(d_pre_rows.dtype.element_ty), mask=mask)
+    if INTERLEAVED:
+        d_h = tl.reshape(tl.join(d_gate, d_up), (acc.shape[0], 2 * WIDTH))
+        tl.store(d_pre_rows + offs_h[None, :], d_h.to(d_pre_rows.dtype.element_ty), mask=h_mask)
+    else:
+        tl.store(d_pre_rows + offs_n[None, :], d_gate.to(d_pre_rows.dtype.element_ty), mask=mask)
+        tl.store(d_pre_rows + N + offs_n[None, :], d_up.to(d_pre_rows.dtype.element_ty), mask=mask)
     return dw
+
+
+@triton.jit
+def _column_halves(x):
+    """(x[:, :W/2], x[:, W/2:]) of a [M, W] tile."""
+    return tl.split(tl.permute(tl.reshape(x, (x.shape[0], 2, x.shape[1] // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _act_backward_part(acc, w, n0, WIDTH: tl.constexpr, HALVES: tl.constexpr, m_mask, N, pre_rows, d_pre_rows,
+                       act_rows, alpha, limit, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
+                       WEIGHT_GRAD: tl.constexpr):
+    """`_act_backward_slice` of columns [n0, n0 + WIDTH), whole or in two halves."""
+    if HALVES:
+        lo, hi = _column_halves(acc)
+        dw = _act_backward_slice(lo, w, n0, m_mask, N, pre_rows, d_pre_rows, act_rows, alpha, limit, WIDTH // 2,
+                                 INTERLEAVED, ACTIVATION, WEIGHT_GRAD)
+        dw += _act_backward_slice(hi, w, n0 + WIDTH // 2, m_mask, N, pre_rows, d_pre_rows, act_rows, alpha, limit,
+                                  WIDTH // 2, INTERLEAVED, ACTIVATION, WEIGHT_GRAD)
+        return dw
+    return _act_backward_slice(acc, w, n0, m_mask, N, pre_rows, d_pre_rows, act_rows, alpha, limit, WIDTH,
+                               INTERLEAVED, ACTIVATION, WEIGHT_GRAD)
 
 
 @triton.jit
@@ -94,7 +122,7 @@ def _expert_dgrad_kernel(
     B_DESC: tl.constexpr, A_DESC: tl.constexpr,
     ACT_BACKWARD: tl.constexpr,  # True: dgrad of GEMM2 (+ activation backward); False: dgrad of GEMM1
     INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr, WEIGHT_GRAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-    EPILOGUE_SPLIT: tl.constexpr,  # column slices of the activation-backward epilogue: 1, 2 or 4
+    EPILOGUE_SPLIT: tl.constexpr,  # column slices of the activation-backward epilogue: 1, 2, 4 or 8
 ):
     row_start, counts, tile_start, tile_end, num_tiles = expert_segments(hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -115,28 +143,23 @@ def _expert_dgrad_kernel(
             d_pre_rows = out_ptr + positions * stride_om
             act_rows = act_ptr + positions * stride_actm
             n0 = n_block * BLOCK_N
-            if EPILOGUE_SPLIT == 1:
-                dw = _act_backward_slice(acc, w, n0, m_mask, N, pre_rows, d_pre_rows, act_rows, alpha, limit,
-                                         BLOCK_N, INTERLEAVED, ACTIVATION, WEIGHT_GRAD)
-            else:
-                SLICE: tl.constexpr = BLOCK_N // EPILOGUE_SPLIT
-                lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-                if EPILOGUE_SPLIT == 2:
-                    dw = _act_backward_slice(lo, w, n0, m_mask, N, pre_rows, d_pre_rows, act_rows, alpha, limit,
-                                             SLICE, INTERLEAVED, ACTIVATION, WEIGHT_GRAD)
-                    dw += _act_backward_slice(hi, w, n0 + SLICE, m_mask, N, pre_rows, d_pre_rows, act_rows, alpha,
-                                              limit, SLICE, INTERLEAVED, ACTIVATION, WEIGHT_GRAD)
-                else:  # 4
-                    q0, q1 = tl.split(tl.permute(tl.reshape(lo, (BLOCK_M, 2, SLICE)), (0, 2, 1)))
-                    q2, q3 = tl.split(tl.permute(tl.reshape(hi, (BLOCK_M, 2, SLICE)), (0, 2, 1)))
-                    dw = _act_backward_slice(q0, w, n0, m_mask, N, pre_rows, d_pre_rows, act_rows, alpha, limit,
-                                             SLICE, INTERLEAVED, ACTIVATION, WEIGHT_GRAD)
-                    dw += _act_backward_slice(q1, w, n0 + SLICE, m_mask, N, pre_rows, d_pre_rows, act_rows, alpha,
-                                              limit, SLICE, INTERLEAVED, ACTIVATION, WEIGHT_GRAD)
-                    dw += _act_backward_slice(q2, w, n0 + 2 * SLICE, m_mask, N, pre_rows, d_pre_rows, act_rows,
-                                              alpha, limit, SLICE, INTERLEAVED, ACTIVATION, WEIGHT_GRAD)
-                    dw += _act_backward_slice(q3, w, n0 + 3 * SLICE, m_mask, N, pre_rows, d_pre_rows, act_rows,
-                                              alpha, limit, SLICE, INTERLEAVED, ACTIVATION, WEIGHT_GRAD)
+            if EPILOGUE_SPLIT <= 2:
+                dw = _act_backward_part(acc, w, n0, BLOCK_N, EPILOGUE_SPLIT == 2, m_mask, N, pre_rows, d_pre_rows,
+                                        act_rows, alpha, limit, INTERLEAVED, ACTIVATION, WEIGHT_GRAD)
+            else:  # 4 quarters, each whole (4) or in halves (8)
+                QUARTER: tl.constexpr = BLOCK_N // 4
+                EIGHTHS: tl.constexpr = EPILOGUE_SPLIT == 8
+                lo, hi = _column_halves(acc)
+                q0, q1 = _column_halves(lo)
+                q2, q3 = _column_halves(hi)
+                dw = _act_backward_part(q0, w, n0, QUARTER, EIGHTHS, m_mask, N, pre_rows, d_pre_rows, act_rows,
+                                        alpha, limit, INTERLEAVED, ACTIVATION, WEIGHT_GRAD)
+                dw += _act_backward_part(q1, w, n0 + QUARTER, QUARTER, EIGHTHS, m_mask, N, pre_rows, d_pre_rows,
+                                         act_rows, alpha, limit, INTERLEAVED, ACTIVATION, WEIGHT_GRAD)
+                dw += _act_backward_part(q2, w, n0 + 2 * QUARTER, QUARTER, EIGHTHS, m_mask, N, pre_rows,
+                                         d_pre_rows, act_rows, alpha, limit, INTERLEAVED, ACTIVATION, WEIGHT_GRAD)
+                dw += _act_backward_part(q3, w, n0 + 3 * QUARTER, QUARTER, EIGHTHS, m_mask, N, pre_rows,
+                                         d_pre_rows, act_rows, alpha, limit, INTERLEAVED, ACTIVATION, WEIGHT_GRAD)
             if WEIGHT_GRAD:  # the weight scales the output: dw = <g, y> = <dA', a> (+ <g, b2>)
                 if HAS_BIAS:
                     if n_block == 0:
@@ -192,9 +215,9 @@ def _launch_dgrad(args: dict, max_items: int, **epilogue):
 
 
 def _epilogue_split(cfg: GemmConfig) -> int:
-    """Column slices of down_dgrad's epilogue: 32 columns or more each. A whole 128-column tile's
-    gate, up, a and dh at once spill registers (STACK in `python -m bench.diagnostics.kernel_resources`)."""
-    return max(1, min(4, cfg.block_n // 32))
+    """Column slices of down_dgrad's epilogue: 32 columns each. A whole 128-column tile's gate, up,
+    a and dh at once spill registers (STACK in `python -m bench.diagnostics.kernel_resources`)."""
+    return max(1, min(8, cfg.block_n // 32))
 
 
 def dw_partial_blocks(n: int, cfg: GemmConfig) -> int:

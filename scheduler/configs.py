@@ -127,10 +127,10 @@ def backward_table_name(gpu: str) -> str:
 
 
 def heuristic_wgrad_config(device: torch.device) -> GemmConfig:
-    """128 x 256 output tiles (measured: docs/performance.md)."""
+    """128 x 256 output tiles, 5 stages (3 data tiles in flight; measured: docs/performance.md)."""
     if device.type != "cuda":
         return GemmConfig(16, 32, 16, group_m=1)
-    return GemmConfig(128, 256, 64, group_m=1, num_warps=8, num_stages=3)
+    return GemmConfig(128, 256, 64, group_m=1, num_warps=8, num_stages=5)
 
 
 def backward_configs(num_rows: int, num_experts: int, hidden: int, ffn: int, dtype: torch.dtype,

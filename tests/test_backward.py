@@ -93,11 +93,12 @@ def test_token_and_expert_counts(T, E, K):
 
 
 
-@pytest.mark.parametrize("block_n", [64, 128], ids=["epilogue_in_2_slices", "epilogue_in_4_slices"])
+@pytest.mark.parametrize("block_n", [64, 128, 256], ids=["epilogue_in_2_slices", "epilogue_in_4_slices",
+                                                          "epilogue_in_8_slices"])
 @pytest.mark.parametrize("interleaved,weight_on_input", [(False, False), (True, False), (False, True)])
 def test_wide_down_dgrad_tiles(monkeypatch, block_n, interleaved, weight_on_input):
-    """down_dgrad tiles of 64 and 128 columns, whose epilogue runs in column slices, over F = 72:
-    the last N block is partly and one slice wholly past F."""
+    """down_dgrad tiles of 64, 128 and 256 columns, whose epilogue runs in 32-column slices, over
+    F = 72: the last N block is partly and some slices wholly past F."""
     import comet.ops
     from comet.kernels.expert_gemm import GemmConfig
 

@@ -21,7 +21,8 @@ import sys
 import torch
 
 from bench.common import (
-    RESULTS_DIR, ROUTER_SKEW_STD, append_csv, environment, make_inputs, make_weights, progress, time_calls,
+    RESULTS_DIR, ROUTER_SKEW_STD, append_csv, environment, make_inputs, make_weights, progress, relative_error,
+    time_calls,
 )
 from bench.diagnostics.expert_gemms import config_label, parse_config
 from bench.shapes import model_shape
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
                     try:
                         out = call(c).clone()
                         first = out if first is None else first
-                        err = float((out.float() - first.float()).norm() / first.float().norm().clamp_min(1e-30))
+                        err = relative_error(out, first)
                         times = time_calls(lambda i: call(c), 1, device, warmup=3, min_reps=10, max_reps=200,
                                            budget_s=0.2)
                         us = statistics.median(times) * 1e3
