@@ -6,7 +6,10 @@
 #
 # Phases:
 #   tests    kernel_tests, then ep_tests
-#   kernel_tests  GPU tests of the single-GPU kernels (forward and backward) and the bf16 Hugging Face checks
+#   kernel_tests  forward_tests (the single-GPU kernels, bf16 Hugging Face checks), then backward_tests
+#   training_8192  bench/training.py at 8192 tokens, Qwen3 and OLMoE, against Liger-Kernel (autotuned) and _grouped_mm
+#   training_large bench/training.py at 8192 and 16384 tokens, Mixtral and DeepSeek-V3, against Liger-Kernel and _grouped_mm
+#   backward_tune_dsv3  the backward sweep for DeepSeek-V3 at 8192 tokens only
 #   backward_tune bench/diagnostics/backward_gemms.py --write-table: the backward kernels' configs, every shape
 #   training bench/training.py: forward + backward against Liger-Kernel (wheel in .whl/), _grouped_mm, transformers
 #   training_ours  bench/training.py at 8192 tokens, Qwen3 and OLMoE: ours, ours_recompute, _grouped_mm
@@ -63,15 +66,27 @@ run_phases() {
 for p in "$@"; do
   case $p in
     tests) run_phases kernel_tests ep_tests ;;
-    kernel_tests)
-      phase kernel_tests 240 tests python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_hf_bf16_gpu.py \
-        tests/test_backward.py ;;
+    kernel_tests) run_phases forward_tests backward_tests ;;
+    forward_tests)
+      phase forward_tests 240 tests python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_hf_bf16_gpu.py ;;
+    backward_tests)
+      phase backward_tests 300 tests python3 -m pytest -q -p no:cacheprovider tests/test_backward.py ;;
     backward_tune)
       phase backward_gemms 330 training python3 -m bench.diagnostics.backward_gemms --write-table \
         --shapes Qwen3-30B-A3B OLMoE-1B-7B Mixtral-8x7B DeepSeek-V3 GPT-OSS-20B --tokens 8192
       cp scheduler/tables/backward_*.json "$RES/training/" 2>/dev/null ;;
     training)
       phase training 560 training python3 -m bench.training --quick --profile ;;
+    training_8192)
+      phase training_8192 330 training python3 -m bench.training --quick --profile --tokens 8192 \
+        --shapes Qwen3-30B-A3B OLMoE-1B-7B --impls ours ours_recompute liger grouped_mm ;;
+    training_large)
+      phase training_large 330 training python3 -m bench.training --quick --tokens 8192 16384 \
+        --shapes Mixtral-8x7B DeepSeek-V3 --impls ours liger grouped_mm ;;
+    backward_tune_dsv3)
+      phase backward_gemms_dsv3 250 training python3 -m bench.diagnostics.backward_gemms --write-table \
+        --shapes DeepSeek-V3 --tokens 8192
+      cp scheduler/tables/backward_*.json "$RES/training/" 2>/dev/null ;;
     training_ours)
       phase training_ours 200 training python3 -m bench.training --quick --profile --tokens 8192 \
         --shapes Qwen3-30B-A3B OLMoE-1B-7B --impls ours ours_recompute grouped_mm ;;
