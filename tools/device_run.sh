@@ -8,7 +8,9 @@
 #   tests    kernel_tests, then ep_tests
 #   kernel_tests  forward_tests (the single-GPU kernels, bf16 Hugging Face checks), then backward_tests
 #   training_8192  bench/training.py at 8192 tokens, Qwen3 and OLMoE, against Liger-Kernel (autotuned) and _grouped_mm
-#   training_large bench/training.py at 8192 and 16384 tokens, Mixtral and DeepSeek-V3, against Liger-Kernel and _grouped_mm
+#   training_liger bench/training.py at 8192 tokens against Liger-Kernel (autotuned), shapes $COMET_TRAINING_SHAPES
+#                  (default OLMoE-1B-7B DeepSeek-V3)
+#   training_16384 bench/training.py at 16384 tokens, Mixtral and DeepSeek-V3, ours only (the TFLOP/s targets)
 #   backward_tune_dsv3  the backward sweep for DeepSeek-V3 at 8192 tokens only
 #   backward_tune bench/diagnostics/backward_gemms.py --write-table: the backward kernels' configs, every shape
 #   training bench/training.py: forward + backward against Liger-Kernel (wheel in .whl/), _grouped_mm, transformers
@@ -80,9 +82,12 @@ for p in "$@"; do
     training_8192)
       phase training_8192 330 training python3 -m bench.training --quick --profile --tokens 8192 \
         --shapes Qwen3-30B-A3B OLMoE-1B-7B --impls ours ours_recompute liger grouped_mm ;;
-    training_large)
-      phase training_large 330 training python3 -m bench.training --quick --tokens 8192 16384 \
-        --shapes Mixtral-8x7B DeepSeek-V3 --impls ours liger grouped_mm ;;
+    training_liger)
+      phase training_liger 520 training python3 -m bench.training --quick --tokens 8192 \
+        --shapes ${COMET_TRAINING_SHAPES:-OLMoE-1B-7B DeepSeek-V3} --impls ours liger ;;
+    training_16384)
+      phase training_16384 200 training python3 -m bench.training --quick --tokens 16384 \
+        --shapes Mixtral-8x7B DeepSeek-V3 --impls ours ;;
     backward_tune_dsv3)
       phase backward_gemms_dsv3 250 training python3 -m bench.diagnostics.backward_gemms --write-table \
         --shapes DeepSeek-V3 --tokens 8192
