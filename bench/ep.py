@@ -152,7 +152,7 @@ def a2a_grouped_mm_experts(x, topk_ids, topk_weights, local_w: comet.ExpertWeigh
     send_x = x.index_select(0, order // top_k)
     recv_x = x.new_empty(sum(recv_splits), x.shape[1])
     dist.all_to_all_single(recv_x, send_x, recv_splits, send_splits, group=group)
-    local_cfg = cfg.replace(num_experts=per_rank, top_k=1, n_group=1, topk_group=1)
+    local_cfg = cfg.with_experts(per_rank).replace(top_k=1)  # each received row is one (token, slot)
     y = grouped_mm_experts(recv_x, recv_meta[:, :1].long(), recv_meta[:, 1:], local_w, local_cfg)
     back = torch.empty_like(send_x)
     dist.all_to_all_single(back, y, send_splits, recv_splits, group=group)

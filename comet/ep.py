@@ -51,6 +51,7 @@ import triton
 from comet.backends import resolve_backend
 from comet.comm import CommTimeoutError, CommWorkspace
 from comet.config import MoEConfig
+from comet.device_info import num_sms
 from comet.kernels.ep_combine import (
     CombineBuffers, combine_buffers, combine_push, combine_reduce, down_combine, slot_sum_push,
 )
@@ -67,7 +68,7 @@ from comet.scheduler.ep_split import (
 )
 from comet.ops import experts_backward
 from comet.scheduler.routing import analyze_routing
-from comet.validation import check_hidden, check_routing, kernel_ids
+from comet.validation import check_expert_weights, check_hidden, check_routing, kernel_ids
 from comet.weights import ExpertWeights
 
 # Tokens per flag. The interpreter gets small chunks and few programs per push launch so that tiny
@@ -128,8 +129,7 @@ class ExpertParallelState:
         self.max_tokens = max_tokens
         self.chunk = CHUNK_TOKENS[ws.device.type]
         self.combine_chunk = COMBINE_CHUNK_TOKENS[ws.device.type]
-        programs = (torch.cuda.get_device_properties(ws.device).multi_processor_count if ws.device.type == "cuda"
-                    else INTERPRETER_PUSH_PROGRAMS)
+        programs = num_sms(ws.device) if ws.device.type == "cuda" else INTERPRETER_PUSH_PROGRAMS
         self.push_programs = min(programs, triton.cdiv(max_tokens, self.chunk))  # of the push-only launches
         # The error record of the last kernel of every call (`combine_reduce`), copied from the
         # workspace's device record: host memory (pinned, hence mapped into the GPU's address
@@ -240,21 +240,6 @@ def _wait_for_group(group, setup: int, timeout_s: float):
             f"order)") from exc
 
 
-def _check_local_weights(w: ExpertWeights, experts_per_rank: int, cfg: MoEConfig, x: torch.Tensor):
-    f, h = cfg.ffn_size, cfg.hidden_size
-    expected = {"gate_up": (experts_per_rank, 2 * f, h), "down": (experts_per_rank, h, f),
-                "gate_up_bias": (experts_per_rank, 2 * f), "down_bias": (experts_per_rank, h)}
-    for name, shape in expected.items():
-        t = getattr(w, name)
-        if t is None:
-            continue
-        if tuple(t.shape) != shape:
-            raise ValueError(f"local_weights.{name}: expected this rank's {experts_per_rank} experts, shape {shape}, "
-                             f"got {tuple(t.shape)}")
-        if t.dtype != x.dtype or t.device != x.device:
-            raise TypeError(f"local_weights.{name}: {t.dtype} on {t.device}, expected x's {x.dtype} on {x.device}")
-
-
 def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, local_weights: ExpertWeights,
                cfg: MoEConfig, state: ExpertParallelState, *, n_comm: int | str = "auto",
                column_chunks: int | None = None, lead_experts: int | None = None,
@@ -311,7 +296,7 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     if cfg.num_experts % state.world_size:
         raise ValueError(f"cfg.num_experts ({cfg.num_experts}) must be a multiple of the group size "
                          f"({state.world_size})")
-    _check_local_weights(local_weights, cfg.num_experts // state.world_size, cfg, x)
+    check_expert_weights(local_weights, cfg, x, cfg.num_experts // state.world_size, "local_weights")
     bufs = state.buffers(cfg)
     state.raise_if_failed()
     tensors = (x, topk_weights, *local_weights[:4])

@@ -49,7 +49,9 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from comet.device_info import num_sms
 from comet.scheduler.configs import TABLE_DIR, gpu_key
+
 
 class MachineRates(NamedTuple):
     """What the cost model knows of a machine."""
@@ -268,4 +270,4 @@ def default_rates(device: torch.device) -> MachineRates:
     """The H200's rates scaled to `device`'s SM count (as they are off a GPU): no measurement."""
     if device.type != "cuda":
         return H200_RATES
-    return H200_RATES.scaled(torch.cuda.get_device_properties(device).multi_processor_count)
+    return H200_RATES.scaled(num_sms(device))
