@@ -26,7 +26,7 @@ of the communication hidden behind computation, 1 - (t - t_compute_only) / t_com
 (with `--graphs`, every row of ours and both diagnostics are CUDA-graph replays: GPU time alone;
 eager, comm_only is bound by the host's launches, which overstates the communication):
 
-  comm_only       ours without the expert computation (ep_experts(experts=False)): the same traffic
+  comm_only       ours without the expert computation (comet.ep._ep_experts(experts=False)): the same traffic
   compute_only    the expert computation alone on the batch this rank receives (comet.ops.routed_experts
                   on every source's tokens that use this rank's experts, padded as ours pads them)
 
@@ -282,7 +282,7 @@ def time_round_robin(calls: dict, sets, device, timing) -> dict:
 
 
 def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
-    from comet.ep import ExpertParallelState, ep_experts
+    from comet.ep import ExpertParallelState, _ep_experts
 
     shape = model_shape(name)
     cfg, dtype = shape.cfg, DTYPES[args.dtype]
@@ -319,7 +319,7 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
             return mcore(s.x.unsqueeze(1))[0].squeeze(1)  # Megatron's [sequence, batch, H]
 
         def ours(n_comm, experts=True, column_chunks=None):
-            return lambda s: ep_experts(s.x, s.topk_ids, s.topk_weights, local, cfg, state,
+            return lambda s: _ep_experts(s.x, s.topk_ids, s.topk_weights, local, cfg, state,
                                         n_comm=n_comm, column_chunks=column_chunks, experts=experts)
 
         def compute_only(s):

@@ -242,8 +242,7 @@ def _wait_for_group(group, setup: int, timeout_s: float):
 
 def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, local_weights: ExpertWeights,
                cfg: MoEConfig, state: ExpertParallelState, *, n_comm: int | str = "auto",
-               column_chunks: int | None = None, lead_experts: int | None = None,
-               experts: bool = True) -> torch.Tensor:
+               column_chunks: int | None = None, lead_experts: int | None = None) -> torch.Tensor:
     """Routed experts of this rank's tokens, x [T, H] -> [T, H], with the experts spread over
     `state`'s group: this rank holds experts [r*E/W, (r+1)*E/W) in `local_weights`; `topk_ids`
     [T, K] are global ids (ids outside [0, E) are skipped); `topk_weights` [T, K]. Collective:
@@ -264,11 +263,20 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     `column_chunks`: GEMM2's column chunks in the fused path (None: the split's choice; 0: only
     the dispatch fused). `lead_experts`: in the fused GEMM1, how many local experts' own rows run
     before any other rank's rows are read (None: the cost model's `ep_split.lead_experts`).
-    `experts=False` (with n_comm=0, no autograd) skips the expert computation and sends the
-    received rows back as the partials: the same traffic and no result, to time the communication.
 
     A lost peer: the call whose waits gave up returns NaN, the next call raises `CommTimeoutError`.
     """
+    return _ep_experts(x, topk_ids, topk_weights, local_weights, cfg, state, n_comm=n_comm,
+                       column_chunks=column_chunks, lead_experts=lead_experts)
+
+
+def _ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, local_weights: ExpertWeights,
+                cfg: MoEConfig, state: ExpertParallelState, *, n_comm: int | str = "auto",
+                column_chunks: int | None = None, lead_experts: int | None = None,
+                experts: bool = True) -> torch.Tensor:
+    """`ep_experts`, and for the benchmarks `experts=False` (with n_comm=0, no autograd): the
+    expert computation skipped, the received rows sent back as the partials: the same traffic and
+    no result, to time the communication (bench/ep.py's comm_only row)."""
     if n_comm != "auto" and (not isinstance(n_comm, int) or isinstance(n_comm, bool) or n_comm < 0):
         raise ValueError(f"n_comm: expected a non-negative int or 'auto', got {n_comm!r}")
     if column_chunks is not None and (not isinstance(column_chunks, int) or column_chunks < 0):
