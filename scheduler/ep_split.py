@@ -9,8 +9,9 @@ picks the same path), never tensor values: no host sync.
 
 Sources, in order:
 1. the tuned table for this GPU, `scheduler/tables/ep_<gpu>.json` (written by
-   `torchrun --nproc-per-node W bench/ep.py --write-table`: the fastest measured of the unfused path
-   and each fused n_comm), entry of the nearest token bucket (log scale);
+   `torchrun --nproc-per-node W -m comet tune --ep-split`, or `bench/ep.py --write-table` beside the
+   baselines, both through `comet.ep_tune`: the fastest measured of the unfused path and each fused
+   n_comm), entry of the nearest token bucket (log scale);
 2. else the cost model below; it picks the fused path only where it predicts a gain of more than
    `FUSED_MARGIN` (20%). It is fed `MachineRates`: measured once per process group on the machine
    (`comet.scheduler.ep_calibrate`, what `comet.ep` passes), else the H200's (`H200_RATES`, the
