@@ -143,7 +143,7 @@ def test_declared_dependencies_are_used_and_listed_in_the_readme():
 
 # The ground floor (ARCHITECTURE.md): core types and small utilities that import nothing above them.
 GROUND_FLOOR = {"comet.backend_registry", "comet.comm", "comet.config", "comet.device_info", "comet.hf_family_table",
-                "comet.measurement", "comet.validation", "comet.weights"}
+                "comet.measurement", "comet.multiprocess", "comet.validation", "comet.weights"}
 
 
 def _package_imports() -> dict[str, set[str]]:
