@@ -26,6 +26,7 @@ from tqdm import tqdm
 import comet
 from bench.shapes import ModelShape
 from comet import measurement
+from comet.multiprocess import init_torchrun_rank  # noqa: F401  (the benchmarks' torchrun preamble)
 from comet.reference import experts_reference, route
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -98,26 +99,6 @@ def run_on_cpu(run: Callable[[torch.device], int]) -> int:
         return run(torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
-
-
-def init_torchrun_rank(module: str, cpu_option: str | None = None):
-    """Join the NCCL process group of a torchrun launch on this rank's GPU (NVLink multicast off), or
-    exit saying how to launch `module` (`cpu_option`: the option that runs it on CPU ranks instead,
-    if any)."""
-    import torch.distributed as dist
-
-    instead = f" (or use {cpu_option} for a CPU run)" if cpu_option else ""
-    if "LOCAL_RANK" not in os.environ:
-        sys.exit(f"{module}: launch it with torchrun, e.g. torchrun --nproc-per-node 2 -m {module}{instead}")
-    if not torch.cuda.is_available():
-        sys.exit(f"{module}: needs CUDA GPUs{instead}")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if local_rank >= torch.cuda.device_count():
-        sys.exit(f"{module}: local rank {local_rank} but only {torch.cuda.device_count()} GPUs visible")
-    torch.cuda.set_device(local_rank)
-    os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast is never used
-    os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
-    dist.init_process_group("nccl")
 
 
 def run_probe(module: str, run: Callable, report: Callable, args) -> int:

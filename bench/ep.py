@@ -26,7 +26,7 @@ of the communication hidden behind computation, 1 - (t - t_compute_only) / t_com
 (with `--graphs`, every row of ours and both diagnostics are CUDA-graph replays: GPU time alone;
 eager, comm_only is bound by the host's launches, which overstates the communication):
 
-  comm_only       ours without the expert computation (ep_experts(experts=False)): the same traffic
+  comm_only       ours without the expert computation (comet.ep._ep_experts(experts=False)): the same traffic
   compute_only    the expert computation alone on the batch this rank receives (comet.ops.routed_experts
                   on every source's tokens that use this rank's experts, padded as ours pads them)
 
@@ -38,7 +38,8 @@ the machine then spreads over every row); a row reports the slowest rank's media
 each of ours' speedups over each baseline and the share of communication hidden. Appends
 bench/results/ep<W>.csv and writes ep<W>.png for W ranks (copied to $OUT when set). `--write-table` records the
 fastest of ours, ours_fused and ours_fused_dispatch per shape and token count in scheduler/tables/ep_<gpu>.json, the
-table `n_comm="auto"` reads first (also copied to $OUT).
+table `n_comm="auto"` reads first (also copied to $OUT), through `comet.ep_tune`, the same code as
+`torchrun --nproc-per-node W -m comet tune --ep-split` (which times only our splits, no baselines).
 
     torchrun --nproc-per-node 2 -m bench.ep                      # 4 shapes x 4096, 16384 tokens per rank, bf16
     torchrun --nproc-per-node 2 -m bench.ep --write-table        # and tune the split
@@ -69,7 +70,7 @@ from bench.shapes import SMOKE_MODELS, model_shape
 from comet.ops import routed_experts
 from comet.scheduler.configs import gpu_key
 from comet.scheduler.ep_plan import plan_sends
-from comet.scheduler.ep_split import EpSplit, ep_shape, write_table_entry
+from comet.scheduler.ep_split import ep_shape
 
 SHAPES = ("Mixtral-8x7B", "Qwen3-30B-A3B", "OLMoE-1B-7B", "DeepSeek-V3")
 # The issue's token counts; at 8192 alone, 4 shapes with 2 n_comm values took ~45 s on 2 H200s.
@@ -152,7 +153,7 @@ def a2a_grouped_mm_experts(x, topk_ids, topk_weights, local_w: comet.ExpertWeigh
     send_x = x.index_select(0, order // top_k)
     recv_x = x.new_empty(sum(recv_splits), x.shape[1])
     dist.all_to_all_single(recv_x, send_x, recv_splits, send_splits, group=group)
-    local_cfg = cfg.replace(num_experts=per_rank, top_k=1, n_group=1, topk_group=1)
+    local_cfg = cfg.with_experts(per_rank).replace(top_k=1)  # each received row is one (token, slot)
     y = grouped_mm_experts(recv_x, recv_meta[:, :1].long(), recv_meta[:, 1:], local_w, local_cfg)
     back = torch.empty_like(send_x)
     dist.all_to_all_single(back, y, send_splits, recv_splits, group=group)
@@ -282,7 +283,7 @@ def time_round_robin(calls: dict, sets, device, timing) -> dict:
 
 
 def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
-    from comet.ep import ExpertParallelState, ep_experts
+    from comet.ep import ExpertParallelState, _ep_experts
 
     shape = model_shape(name)
     cfg, dtype = shape.cfg, DTYPES[args.dtype]
@@ -319,7 +320,7 @@ def run_shape(args, name: str, device: torch.device, env: dict) -> list[dict]:
             return mcore(s.x.unsqueeze(1))[0].squeeze(1)  # Megatron's [sequence, batch, H]
 
         def ours(n_comm, experts=True, column_chunks=None):
-            return lambda s: ep_experts(s.x, s.topk_ids, s.topk_weights, local, cfg, state,
+            return lambda s: _ep_experts(s.x, s.topk_ids, s.topk_weights, local, cfg, state,
                                         n_comm=n_comm, column_chunks=column_chunks, experts=experts)
 
         def compute_only(s):
@@ -423,23 +424,14 @@ def run(args) -> list[dict]:
     return rows if dist.get_rank() == 0 else []
 
 
-def best_splits(df: pd.DataFrame) -> dict:
-    """(shape, tokens per rank) -> the fastest checked split of ours (n_comm=0) and the swept ones."""
-    candidates = df[df["impl"].isin(("ours",) + SWEPT) & (df["status"] == "ok")]
-    best = candidates.loc[candidates.groupby(["shape", "tokens_per_rank"])["ms"].idxmin()]
-    return {(r["shape"], int(r["tokens_per_rank"])): EpSplit(int(r["n_comm"]), int(r["column_chunks"]))
-            for _, r in best.iterrows()}
-
-
 def write_table(rows: list[dict], device: torch.device, dtype: torch.dtype) -> Path | None:
-    """Record each measured (shape, tokens)'s fastest split in the GPU's ep_split table."""
-    path = None
-    for (name, tokens), split in best_splits(pd.DataFrame(rows)).items():
-        c = model_shape(name).cfg
-        shape = ep_shape(tokens, c.hidden_size, c.ffn_size, c.num_experts, c.top_k, rows[0]["world_size"], dtype)
-        path = write_table_entry(gpu_key(device), shape, split)
-        print(f"table: {name} T/rank={tokens}: n_comm={split.n_comm}, column_chunks={split.column_chunks}")
-    return path
+    """Record each measured (shape, tokens)'s fastest checked split of ours (n_comm=0) and the
+    swept ones in the GPU's ep_split table (`comet.ep_tune`, what `comet tune --ep-split` writes)."""
+    from comet.ep_tune import best_splits, write_splits
+
+    candidates = [r for r in rows if r["impl"] in ("ours",) + SWEPT]
+    configs = {name: model_shape(name).cfg for name in {r["shape"] for r in candidates}}
+    return write_splits(best_splits(candidates), configs, rows[0]["world_size"], dtype, gpu_key(device))
 
 
 def report(rows: list[dict], results_dir: Path, table: Path | None = None):

@@ -26,6 +26,7 @@ with COMET-style overlap of expert-parallel communication and expert GEMMs.
   python -m comet demo                          tiny Mixtral, its MoE layers through comet vs the originals
   python -m comet profile --model mixtral-tiny  per-layer time and error of a model, CSV and plot with --out
   python -m comet tune                          sweep the kernels' tile configs on this GPU, write its table
+  torchrun --nproc-per-node W -m comet tune --ep-split   sweep the expert-parallel split over W GPUs, write its table
 
 In Python: comet.MoELayer (your own model), comet.integrations.hf.apply(model) (a Hugging Face
 model), comet.integrations.megatron.apply(model) (Megatron-Core), comet.profile(model, inputs).
@@ -303,11 +304,20 @@ def _tune_arguments(parser: argparse.ArgumentParser):
                              "are then per rank); 1: the whole layer (default: %(default)s)")
     parser.add_argument("--dtype", choices=list(TUNE_DTYPES), default="bf16")
     parser.add_argument("--dry-run", action="store_true", help="print the table, do not write it")
+    parser.add_argument("--ep-split", action="store_true",
+                        help="instead, tune the expert-parallel split (n_comm, column_chunks) over the GPUs of a "
+                             "torchrun launch and write scheduler/tables/ep_<gpu>.json, which n_comm='auto' "
+                             "reads: torchrun --nproc-per-node W -m comet tune --ep-split (W >= 2 ranks, one GPU "
+                             "each; the token counts are per rank)")
+    parser.add_argument("--n-comm", nargs="+", type=int, default=None, metavar="N",
+                        help="with --ep-split: pushing programs of the fused candidates (default: 8 16 32)")
 
 
 @command("tune", "sweep the expert kernels' tile configs on this GPU and write its table "
          "(scheduler/tables/<gpu>.json), which later calls read", _tune_arguments)
 def tune_command(args) -> int:
+    if args.ep_split:
+        return _tune_ep_split(args)
     try:
         shapes = tuning_shapes(args.shapes, args.ep_ranks)
     except ValueError as err:
@@ -319,6 +329,44 @@ def tune_command(args) -> int:
     from comet.scheduler import tune
 
     tune.run(shapes, args.tokens, TUNE_DTYPES[args.dtype], torch.device("cuda"), write=not args.dry_run)
+    return 0
+
+
+def _tune_ep_split(args) -> int:
+    """`comet tune --ep-split` on one torchrun rank: `comet.ep_tune`'s sweep over the group, the
+    table written by rank 0."""
+    import torch.distributed as dist
+
+    from comet import ep_tune
+    from comet.config import MoEConfig
+    from comet.model_shapes import shape_config
+    from comet.multiprocess import init_torchrun_rank
+    from comet.scheduler.configs import gpu_key
+
+    if args.ep_ranks != [1]:
+        print("comet tune: --ep-split tunes over the torchrun group (its size is W); leave out --ep-ranks")
+        return 2
+    n_comms = args.n_comm or list(ep_tune.DEFAULT_N_COMM)
+    if min(n_comms) < 1 or min(args.tokens) < 1:
+        print("comet tune: --n-comm and --tokens must be positive")
+        return 2
+    init_torchrun_rank("comet tune --ep-split")
+    try:
+        if dist.get_world_size() < 2:
+            print("comet tune: --ep-split needs at least 2 ranks (torchrun --nproc-per-node W, W >= 2)")
+            return 2
+        device, dtype = torch.device("cuda", torch.cuda.current_device()), TUNE_DTYPES[args.dtype]
+        configs = {name: MoEConfig.from_hf(shape_config(name)) for name in args.shapes}
+        rows = ep_tune.sweep_splits(configs, args.tokens, dtype, device, n_comms)
+        if dist.get_rank() == 0:
+            for r in rows:
+                print(f"{r['shape']} T/rank={r['tokens_per_rank']} n_comm={r['n_comm']} "
+                      f"column_chunks={r['column_chunks']}: {r['status']} {r['ms']:.3f} ms")
+            best = ep_tune.best_splits(rows)
+            if not args.dry_run:
+                print(f"wrote {ep_tune.write_splits(best, configs, dist.get_world_size(), dtype, gpu_key(device))}")
+    finally:
+        dist.destroy_process_group()
     return 0
 
 

@@ -50,10 +50,9 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-# A wait polls this many times before giving up. A poll costs about 0.3 ms under the Triton
-# interpreter (so over a minute) and of the order of a microsecond on a GPU (minutes: a peer may be
-# legitimately late by host-side work; bench/comm_probe.py measures it). COMET_COMM_MAX_SPINS
-# overrides both.
+# A wait polls this many times before giving up: over a minute under the Triton interpreter, minutes
+# on a GPU (a peer may be legitimately late by host-side work; the poll costs behind these numbers
+# are in docs/performance.md). COMET_COMM_MAX_SPINS overrides both.
 DEFAULT_MAX_SPINS = {"cpu": 1 << 18, "cuda": 1 << 28}
 ERROR_FIELDS = ("kind", "peer", "index", "expected", "seen")  # the error record a timed-out wait writes
 

@@ -51,6 +51,7 @@ import triton
 from comet.backends import resolve_backend
 from comet.comm import CommTimeoutError, CommWorkspace
 from comet.config import MoEConfig
+from comet.device_info import num_sms
 from comet.kernels.ep_combine import (
     CombineBuffers, combine_buffers, combine_push, combine_reduce, down_combine, slot_sum_push,
 )
@@ -67,7 +68,7 @@ from comet.scheduler.ep_split import (
 )
 from comet.ops import experts_backward
 from comet.scheduler.routing import analyze_routing
-from comet.validation import check_hidden, check_routing, kernel_ids
+from comet.validation import check_expert_weights, check_hidden, check_routing, kernel_ids
 from comet.weights import ExpertWeights
 
 # Tokens per flag. The interpreter gets small chunks and few programs per push launch so that tiny
@@ -128,8 +129,7 @@ class ExpertParallelState:
         self.max_tokens = max_tokens
         self.chunk = CHUNK_TOKENS[ws.device.type]
         self.combine_chunk = COMBINE_CHUNK_TOKENS[ws.device.type]
-        programs = (torch.cuda.get_device_properties(ws.device).multi_processor_count if ws.device.type == "cuda"
-                    else INTERPRETER_PUSH_PROGRAMS)
+        programs = num_sms(ws.device) if ws.device.type == "cuda" else INTERPRETER_PUSH_PROGRAMS
         self.push_programs = min(programs, triton.cdiv(max_tokens, self.chunk))  # of the push-only launches
         # The error record of the last kernel of every call (`combine_reduce`), copied from the
         # workspace's device record: host memory (pinned, hence mapped into the GPU's address
@@ -240,25 +240,9 @@ def _wait_for_group(group, setup: int, timeout_s: float):
             f"order)") from exc
 
 
-def _check_local_weights(w: ExpertWeights, experts_per_rank: int, cfg: MoEConfig, x: torch.Tensor):
-    f, h = cfg.ffn_size, cfg.hidden_size
-    expected = {"gate_up": (experts_per_rank, 2 * f, h), "down": (experts_per_rank, h, f),
-                "gate_up_bias": (experts_per_rank, 2 * f), "down_bias": (experts_per_rank, h)}
-    for name, shape in expected.items():
-        t = getattr(w, name)
-        if t is None:
-            continue
-        if tuple(t.shape) != shape:
-            raise ValueError(f"local_weights.{name}: expected this rank's {experts_per_rank} experts, shape {shape}, "
-                             f"got {tuple(t.shape)}")
-        if t.dtype != x.dtype or t.device != x.device:
-            raise TypeError(f"local_weights.{name}: {t.dtype} on {t.device}, expected x's {x.dtype} on {x.device}")
-
-
 def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, local_weights: ExpertWeights,
                cfg: MoEConfig, state: ExpertParallelState, *, n_comm: int | str = "auto",
-               column_chunks: int | None = None, lead_experts: int | None = None,
-               experts: bool = True) -> torch.Tensor:
+               column_chunks: int | None = None, lead_experts: int | None = None) -> torch.Tensor:
     """Routed experts of this rank's tokens, x [T, H] -> [T, H], with the experts spread over
     `state`'s group: this rank holds experts [r*E/W, (r+1)*E/W) in `local_weights`; `topk_ids`
     [T, K] are global ids (ids outside [0, E) are skipped); `topk_weights` [T, K]. Collective:
@@ -279,11 +263,20 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     `column_chunks`: GEMM2's column chunks in the fused path (None: the split's choice; 0: only
     the dispatch fused). `lead_experts`: in the fused GEMM1, how many local experts' own rows run
     before any other rank's rows are read (None: the cost model's `ep_split.lead_experts`).
-    `experts=False` (with n_comm=0, no autograd) skips the expert computation and sends the
-    received rows back as the partials: the same traffic and no result, to time the communication.
 
     A lost peer: the call whose waits gave up returns NaN, the next call raises `CommTimeoutError`.
     """
+    return _ep_experts(x, topk_ids, topk_weights, local_weights, cfg, state, n_comm=n_comm,
+                       column_chunks=column_chunks, lead_experts=lead_experts)
+
+
+def _ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, local_weights: ExpertWeights,
+                cfg: MoEConfig, state: ExpertParallelState, *, n_comm: int | str = "auto",
+                column_chunks: int | None = None, lead_experts: int | None = None,
+                experts: bool = True) -> torch.Tensor:
+    """`ep_experts`, and for the benchmarks `experts=False` (with n_comm=0, no autograd): the
+    expert computation skipped, the received rows sent back as the partials: the same traffic and
+    no result, to time the communication (bench/ep.py's comm_only row)."""
     if n_comm != "auto" and (not isinstance(n_comm, int) or isinstance(n_comm, bool) or n_comm < 0):
         raise ValueError(f"n_comm: expected a non-negative int or 'auto', got {n_comm!r}")
     if column_chunks is not None and (not isinstance(column_chunks, int) or column_chunks < 0):
@@ -311,7 +304,7 @@ def ep_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     if cfg.num_experts % state.world_size:
         raise ValueError(f"cfg.num_experts ({cfg.num_experts}) must be a multiple of the group size "
                          f"({state.world_size})")
-    _check_local_weights(local_weights, cfg.num_experts // state.world_size, cfg, x)
+    check_expert_weights(local_weights, cfg, x, cfg.num_experts // state.world_size, "local_weights")
     bufs = state.buffers(cfg)
     state.raise_if_failed()
     tensors = (x, topk_weights, *local_weights[:4])

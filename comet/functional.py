@@ -6,22 +6,8 @@ import torch
 from comet.backends import resolve_backend
 from comet.config import MoEConfig
 from comet.reference import route
-from comet.validation import check_bool, check_hidden, check_routing, check_tensor, check_type
+from comet.validation import check_bool, check_expert_weights, check_hidden, check_routing, check_tensor, check_type
 from comet.weights import ExpertWeights
-
-
-def check_expert_weights(w: ExpertWeights, cfg: MoEConfig, like: torch.Tensor):
-    check_bool(w.interleaved, "weights.interleaved")
-    e, f, h = cfg.num_experts, cfg.ffn_size, cfg.hidden_size
-    expected = {"gate_up": (e, 2 * f, h), "down": (e, h, f), "gate_up_bias": (e, 2 * f), "down_bias": (e, h)}
-    for name, shape in expected.items():
-        t = getattr(w, name)
-        if not check_tensor(t, shape, f"weights.{name}", optional=name.endswith("bias")):
-            continue
-        if t.dtype != like.dtype:
-            raise TypeError(f"weights.{name}: dtype {t.dtype} does not match hidden_states ({like.dtype})")
-        if t.device != like.device:
-            raise ValueError(f"weights.{name}: on device {t.device} but hidden_states is on {like.device}")
 
 
 def _check_weights_and_config(weights: ExpertWeights, cfg: MoEConfig):

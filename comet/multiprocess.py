@@ -1,4 +1,5 @@
-"""One process per rank on this machine: `run_ranks(fn, world_size, *args)`.
+"""One process per rank on this machine: `run_ranks(fn, world_size, *args)`; and
+`init_torchrun_rank`, the preamble of a script launched by torchrun.
 
 For multi-rank tests on CPU (gloo; kernels under the Triton interpreter, which needs one process
 per rank) and for multi-GPU runs (nccl; rank r on GPU r). Processes are started with the spawn
@@ -136,3 +137,23 @@ def _rank_main(conn, fn, args, rank, world_size, backend, init_method, timeout):
     conn.close()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def init_torchrun_rank(module: str, cpu_option: str | None = None):
+    """Join the NCCL process group of a torchrun launch on this rank's GPU (NVLink multicast off), or
+    exit saying how to launch `module` (`cpu_option`: the option that runs it on CPU ranks instead,
+    if any)."""
+    import sys
+
+    instead = f" (or use {cpu_option} for a CPU run)" if cpu_option else ""
+    if "LOCAL_RANK" not in os.environ:
+        sys.exit(f"{module}: launch it with torchrun, e.g. torchrun --nproc-per-node 2 -m {module}{instead}")
+    if not torch.cuda.is_available():
+        sys.exit(f"{module}: needs CUDA GPUs{instead}")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if local_rank >= torch.cuda.device_count():
+        sys.exit(f"{module}: local rank {local_rank} but only {torch.cuda.device_count()} GPUs visible")
+    torch.cuda.set_device(local_rank)
+    os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast is never used
+    os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+    dist.init_process_group("nccl")

@@ -34,6 +34,24 @@ def check_hidden(x: torch.Tensor, hidden_size: int, like: torch.Tensor, name: st
         )
 
 
+def check_expert_weights(w, cfg, like: torch.Tensor, num_experts: int | None = None, name: str = "weights"):
+    """The `comet.ExpertWeights` `w` hold `num_experts` experts (None: all of `cfg.num_experts`;
+    an expert-parallel rank passes its E/W) of `cfg`'s shapes, in `like`'s dtype and on its device;
+    the biases may be None. Errors name `name`.<field>."""
+    check_bool(w.interleaved, f"{name}.interleaved")
+    e = cfg.num_experts if num_experts is None else num_experts
+    f, h = cfg.ffn_size, cfg.hidden_size
+    expected = {"gate_up": (e, 2 * f, h), "down": (e, h, f), "gate_up_bias": (e, 2 * f), "down_bias": (e, h)}
+    for field, shape in expected.items():
+        t = getattr(w, field)
+        if not check_tensor(t, shape, f"{name}.{field}", optional=field.endswith("bias")):
+            continue
+        if t.dtype != like.dtype:
+            raise TypeError(f"{name}.{field}: dtype {t.dtype} does not match hidden_states ({like.dtype})")
+        if t.device != like.device:
+            raise ValueError(f"{name}.{field}: on device {t.device} but hidden_states is on {like.device}")
+
+
 def check_type(value, expected: type, name: str, what: str):
     """TypeError naming `name` unless `value` is an `expected` instance (`what`: how to say it)."""
     if not isinstance(value, expected):

@@ -7,7 +7,8 @@ import torch
 
 from comet.backends import resolve_backend
 from comet.config import MoEConfig
-from comet.functional import ExpertWeights, moe_experts
+from comet.functional import moe_experts
+from comet.weights import ExpertWeights
 
 
 def check_process_group(process_group, backend: str):

@@ -51,8 +51,7 @@ def _experts_config(family_cfg: MoEConfig, num_local_experts: int) -> MoEConfig:
     parallelism shards them); routing fields are not used by the experts."""
     if num_local_experts == family_cfg.num_experts:
         return family_cfg
-    return family_cfg.replace(num_experts=num_local_experts, top_k=min(family_cfg.top_k, num_local_experts),
-                              n_group=1, topk_group=1)
+    return family_cfg.with_experts(num_local_experts)
 
 
 def _state(experts: nn.Module) -> _ExpertsState:

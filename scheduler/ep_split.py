@@ -9,8 +9,9 @@ picks the same path), never tensor values: no host sync.
 
 Sources, in order:
 1. the tuned table for this GPU, `scheduler/tables/ep_<gpu>.json` (written by
-   `torchrun --nproc-per-node W bench/ep.py --write-table`: the fastest measured of the unfused path
-   and each fused n_comm), entry of the nearest token bucket (log scale);
+   `torchrun --nproc-per-node W -m comet tune --ep-split`, or `bench/ep.py --write-table` beside the
+   baselines, both through `comet.ep_tune`: the fastest measured of the unfused path and each fused
+   n_comm), entry of the nearest token bucket (log scale);
 2. else the cost model below; it picks the fused path only where it predicts a gain of more than
    `FUSED_MARGIN` (20%). It is fed `MachineRates`: measured once per process group on the machine
    (`comet.scheduler.ep_calibrate`, what `comet.ep` passes), else the H200's (`H200_RATES`, the
@@ -49,7 +50,9 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from comet.device_info import num_sms
 from comet.scheduler.configs import TABLE_DIR, gpu_key
+
 
 class MachineRates(NamedTuple):
     """What the cost model knows of a machine."""
@@ -268,4 +271,4 @@ def default_rates(device: torch.device) -> MachineRates:
     """The H200's rates scaled to `device`'s SM count (as they are off a GPU): no measurement."""
     if device.type != "cuda":
         return H200_RATES
-    return H200_RATES.scaled(torch.cuda.get_device_properties(device).multi_processor_count)
+    return H200_RATES.scaled(num_sms(device))

@@ -179,12 +179,12 @@ def test_run_ranks_times_out():
 # The GPU benchmark's logic, on CPU ranks
 # ----------------------------------------------------------------------------------------------
 def _bench_probe(name: str, tmp_path, monkeypatch):
-    """bench/<name>.py, importable, with $OUT pointing into tmp_path."""
+    """bench/experiments/<name>.py, importable, with $OUT pointing into tmp_path."""
     root = str(Path(__file__).resolve().parents[1])
     if root not in sys.path:
         monkeypatch.syspath_prepend(root)
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
-    return importlib.import_module(f"bench.{name}")
+    return importlib.import_module(f"bench.experiments.{name}")
 
 
 @needs_interpreter_loops
@@ -201,7 +201,7 @@ def test_bench_smoke(tmp_path, monkeypatch, capsys):
 
 @needs_interpreter_loops
 def test_overlap_probe_smoke(tmp_path, monkeypatch, capsys):
-    """bench/overlap_probe.py's logic on 2 CPU ranks: both movers run alone and beside GEMM1, what
+    """bench/experiments/overlap_probe.py's logic on 2 CPU ranks: both movers run alone and beside GEMM1, what
     arrives is checked, and a row per mover is written."""
     overlap_probe = _bench_probe("overlap_probe", tmp_path, monkeypatch)
     assert overlap_probe.main(["--smoke", "--results-dir", str(tmp_path)]) == 0

@@ -139,3 +139,94 @@ def test_declared_dependencies_are_used_and_listed_in_the_readme():
     listed = lambda text: {w.strip(" ,.+") for w in text.split("(")[0].split(",")} - {""}  # noqa: E731
     assert listed(lines["pip install -e ."]) == set(required)
     assert listed(lines["pip install -e '.[test]'"]) == set(test_extra) - set(required)
+
+
+# The ground floor (ARCHITECTURE.md): core types and small utilities that import nothing above them.
+GROUND_FLOOR = {"comet.backend_registry", "comet.comm", "comet.config", "comet.device_info", "comet.hf_family_table",
+                "comet.measurement", "comet.multiprocess", "comet.validation", "comet.weights"}
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, anywhere in its source (function-level imports
+    too), read with `ast` from the folders setup.cfg installs (`comet.kernels` is csrc_free_kernels/, ...)."""
+    import ast
+
+    folders = {"comet": "comet", **SUBPACKAGES}
+    modules = {}
+    for package, folder in folders.items():
+        for path in sorted((ROOT / folder).glob("*.py")):
+            modules[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.stem == "__init__" else name.rpartition(".")[0]
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    base = f"{parent}.{base}" if base else parent
+                # `from comet import ops` imports the module comet.ops; `from comet.x import f`, comet.x
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            else:
+                continue
+            imported.update(t for t in targets if t in modules and t != name)
+        graph[name] = imported
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of `graph` (its modules in order, the first again at the end), or None."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_package_has_no_import_cycle():
+    """No module of the package imports, directly or through others, one that imports it back
+    (lazy, function-level imports count: they are dependencies too)."""
+    graph = _package_imports()
+    assert {"comet.ep", "comet.kernels.expert_gemm", "comet.scheduler.ep_split", "comet.integrations.hf"} <= set(graph)
+    assert "comet.ops" in graph["comet.backends"]  # the reader sees `from comet import ops`
+    cycle = _cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_upward_import():
+    """The ground floor imports only the ground floor; the kernels and the scheduler import, of
+    comet's own modules, only the ground floor (and each other: the scheduler stands on the kernels)."""
+    graph = _package_imports()
+    assert GROUND_FLOOR <= set(graph)
+    for name, imported in graph.items():
+        if name in GROUND_FLOOR:
+            allowed = GROUND_FLOOR
+        elif name.startswith("comet.kernels"):
+            allowed = GROUND_FLOOR | {m for m in graph if m.startswith("comet.kernels")}
+        elif name.startswith("comet.scheduler"):
+            allowed = GROUND_FLOOR | {m for m in graph if m.startswith(("comet.kernels", "comet.scheduler"))}
+        else:
+            continue
+        upward = sorted(imported - allowed)
+        assert not upward, f"{name} imports {upward}, above it"

@@ -21,7 +21,7 @@
 #   gemms    bench/diagnostics/expert_gemms.py, Mixtral 16384 and DeepSeek-V3 16384
 #   kernels  kernels_1, then kernels_2: bench/diagnostics/ep_kernels.py on 1 and 2 ranks (GPU time per kernel of an EP call)
 #   leads    bench/diagnostics/ep_kernels.py on 2 ranks, every shape: the fused GEMM1 with the model's lead experts and others
-#   overlap  bench/overlap_probe.py on 2 ranks: SM pushes and copy-engine copies beside GEMM1
+#   overlap  bench/experiments/overlap_probe.py on 2 ranks: SM pushes and copy-engine copies beside GEMM1
 #   host     bench/diagnostics/host_overhead.py: host time of eager calls at 128 tokens, profiled
 #   ep       bench/ep.py on 2 ranks, every shape and token count, --write-table
 #   ep_graphs  bench/ep.py --graphs on 2 ranks: every row timed as CUDA-graph replays (GPU time), --write-table
@@ -114,7 +114,7 @@ for p in "$@"; do
       phase ep_kernels_leads 200 kernels $TORCHRUN --nproc-per-node 2 -m bench.diagnostics.ep_kernels \
         --shapes Qwen3-30B-A3B OLMoE-1B-7B Mixtral-8x7B DeepSeek-V3 --n-comm 0 8:0 8 --leads model 1.0 0.5 ;;
     overlap)
-      phase overlap_probe 200 overlap $TORCHRUN --nproc-per-node 2 -m bench.overlap_probe ;;
+      phase overlap_probe 200 overlap $TORCHRUN --nproc-per-node 2 -m bench.experiments.overlap_probe ;;
     ep)
       phase ep2 480 ep $TORCHRUN --nproc-per-node 2 -m bench.ep --n-comm 8 16 --write-table
       cp scheduler/tables/ep_*.json "$RES/ep/" 2>/dev/null ;;

@@ -1,7 +1,7 @@
 """Push bandwidth of Triton programs storing into peer GPUs' memory, through the comm workspace.
 
-    torchrun --nproc-per-node 2 -m bench.comm_probe [--sizes-mib 1 4 16 64 256] [--programs 4 8 16 32 64 132]
-    python -m bench.comm_probe --smoke        # the same logic on 2 CPU ranks (interpreter), tiny sizes
+    torchrun --nproc-per-node 2 -m bench.experiments.comm_probe [--sizes-mib 1 4 16 64 256] [--programs 4 8 16 32 64 132]
+    python -m bench.experiments.comm_probe --smoke        # the same logic on 2 CPU ranks (interpreter), tiny sizes
 
 Every rank sends its data to every rank (itself included) with `comet.kernels.comm_probe`. The run
 (1) checks what arrives over several consecutive calls and shapes, (2) times calls back to back (no
@@ -209,8 +209,8 @@ def main(argv=None) -> int:
     try:
         import comet.kernels  # noqa: F401
     except ImportError as e:
-        sys.exit(f"bench/comm_probe.py: comet.kernels is not importable ({e}); run `pip install -e .` first")
-    return run_probe("bench.comm_probe", run, report, args)
+        sys.exit(f"bench/experiments/comm_probe.py: comet.kernels is not importable ({e}); run `pip install -e .` first")
+    return run_probe("bench.experiments.comm_probe", run, report, args)
 
 
 if __name__ == "__main__":
