@@ -3,7 +3,7 @@
 A small persistent kernel exercising the workspace the way the expert-parallel kernels will: peer
 addresses from pointer tables, plain stores into peer memory, one flag per (source rank, chunk)
 raised with release semantics, bounded acquire waits, buffers and flags reused across calls through
-epochs. Used by the multi-rank tests (CPU, interpreter) and `bench/comm_probe.py` (GPU bandwidth).
+epochs. Used by the multi-rank tests (CPU, interpreter) and `bench/experiments/comm_probe.py` (GPU bandwidth).
 """
 from __future__ import annotations
 

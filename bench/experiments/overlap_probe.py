@@ -17,8 +17,8 @@ mover's time hidden: 1 - (pair - GEMM1 alone on every SM) / mover alone. Every t
 rank's median over --repeats; what arrived is checked after each timing. Rank 0 prints the table
 and appends bench/results/overlap_probe.csv (copied to $OUT when set).
 
-    torchrun --nproc-per-node 2 -m bench.overlap_probe [--shapes Qwen3-30B-A3B Mixtral-8x7B] [--tokens 8192]
-    python -m bench.overlap_probe --smoke     # the same logic on 2 CPU ranks (interpreter), one after another
+    torchrun --nproc-per-node 2 -m bench.experiments.overlap_probe [--shapes Qwen3-30B-A3B Mixtral-8x7B] [--tokens 8192]
+    python -m bench.experiments.overlap_probe --smoke     # the same logic on 2 CPU ranks (interpreter), one after another
 """
 from __future__ import annotations
 
@@ -235,7 +235,7 @@ def report(rows: list[dict], results_dir: Path):
 
 
 def main(argv=None) -> int:
-    return run_probe("bench.overlap_probe", run, report, parse_args(argv))
+    return run_probe("bench.experiments.overlap_probe", run, report, parse_args(argv))
 
 
 if __name__ == "__main__":
