@@ -8,6 +8,7 @@
 #   tests    kernel_tests, then ep_tests
 #   kernel_tests  forward_tests (the single-GPU kernels, bf16 Hugging Face checks), then backward_tests
 #   training_8192  bench/training.py at 8192 tokens, Qwen3 and OLMoE, against Liger-Kernel (autotuned) and _grouped_mm
+#   backward_rest  the backward tests after the size and tile sweeps, the CUDA-graph training step first
 #   training_liger bench/training.py at 8192 tokens against Liger-Kernel (autotuned), shapes $COMET_TRAINING_SHAPES
 #                  (default OLMoE-1B-7B DeepSeek-V3)
 #   training_16384 bench/training.py at 16384 tokens, Mixtral and DeepSeek-V3, ours only (the TFLOP/s targets)
@@ -71,6 +72,10 @@ for p in "$@"; do
     kernel_tests) run_phases forward_tests backward_tests ;;
     forward_tests)
       phase forward_tests 240 tests python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_hf_bf16_gpu.py ;;
+    backward_rest)
+      phase backward_rest 200 tests python3 -m pytest -q -p no:cacheprovider \
+        tests/test_backward.py::test_cuda_graph_training_step_replays_without_host_sync tests/test_backward.py \
+        -k "not test_gradients_of_every_variant and not test_token_and_expert_counts and not test_wide_down_dgrad_tiles" ;;
     backward_tests)
       phase backward_tests 300 tests python3 -m pytest -q -p no:cacheprovider tests/test_backward.py ;;
     backward_tune)
