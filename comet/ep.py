@@ -21,7 +21,7 @@ Forward, per call (one epoch of the workspace):
    single-GPU kernels on this rank's experts, then `slot_sum_push` sums each received token's K
    slot rows and stores the sum straight into its source's combine buffer. With `n_comm` > 0 the
    routing moves first, the token rows are pushed inside GEMM1's launch (`dispatch_gate_up`, tiles
-   in arrival-bin order: `comet.kernels.routing.arrival_bin`) and the slot sums inside GEMM2's
+   in arrival-bin order: `comet.kernels.ep_tiles`) and the slot sums inside GEMM2's
    (`down_combine`; with `column_chunks=0` by `slot_sum_push` after GEMM2);
 4. combine (`comet.kernels.ep_combine`): each source waits for the partial rows of its tokens
    and sums them in a fixed rank order.
@@ -55,10 +55,10 @@ from comet.device_info import num_sms
 from comet.kernels.ep_combine import (
     CombineBuffers, combine_buffers, combine_push, combine_reduce, down_combine, slot_sum_push,
 )
-from comet.kernels.ep_dispatch import (
-    DispatchBuffers, dispatch_buffers, dispatch_gate_up, dispatch_push, dispatch_receive, over_arrival_bins,
-)
-from comet.kernels.expert_gemm import down_gemm_args, gate_up_gemm_args, launch_gemm
+from comet.device_info import num_sms
+from comet.kernels.ep_dispatch import DispatchBuffers, dispatch_buffers, dispatch_gate_up, dispatch_push, dispatch_receive
+from comet.kernels.ep_tiles import ArrivalTiles, arrival_gemm
+from comet.kernels.expert_gemm import GemmProblem, launch_gemm
 from comet.scheduler.configs import select_configs
 from comet.scheduler.ep_calibrate import group_rates
 from comet.scheduler.ep_plan import SendPlan, plan_sends
@@ -337,14 +337,14 @@ def _forward(state: ExpertParallelState, bufs: _ShapeBuffers, x, topk_ids, topk_
         lead_experts = model_lead_experts(shape, split.n_comm, default_rates(x.device))
     else:
         lead_experts = min(lead_experts, experts_per_rank)
+    tiles = ArrivalTiles(experts_per_rank, world, lead_experts) if fused else None
     epoch = ws.next_epoch()
     # Fused, this launch only sends the routing (the rows go inside GEMM1's).
     dispatch_push(ws, bufs.dispatch, epoch, x, topk_ids, topk_weights, plan.send_tokens, plan.counts,
                   experts_per_rank, state.push_programs, push_rows=not fused)
     # Fused, GEMM1 runs tiles in the order their rows can arrive: see dispatch_receive.
     recv_ids, recv_weights, recv_counts = dispatch_receive(ws, bufs.dispatch, epoch, top_k, wait_rows=not fused,
-                                                           arrival_experts=experts_per_rank if fused else 0,
-                                                           lead_experts=lead_experts)
+                                                           tiles=tiles)
     recv_x = bufs.dispatch.received_x(ws, x.dtype)
     if keep_rows or (not fused and x.device.type == "cpu"):
         # The interpreter writes a kernel's tensor arguments back after the launch, and a
@@ -352,8 +352,7 @@ def _forward(state: ExpertParallelState, bufs: _ShapeBuffers, x, topk_ids, topk_
         recv_x = recv_x.clone()
     recv_ids, recv_weights = recv_ids.view(-1, top_k), recv_weights.view(-1, top_k)
     if experts:
-        _experts(state, bufs, epoch, x, plan, recv_x, recv_ids, recv_weights, recv_counts, w, cfg, split,
-                 lead_experts)
+        _experts(state, bufs, epoch, x, plan, recv_x, recv_ids, recv_weights, recv_counts, w, cfg, split, tiles)
     else:
         combine_push(ws, bufs.combine, epoch, recv_x, recv_counts, state.push_programs)  # the received rows
     out = _combine(state, bufs.combine, epoch, plan, torch.empty_like(x))
@@ -366,9 +365,9 @@ def _combine(state: ExpertParallelState, bufs: CombineBuffers, epoch, plan: Send
 
 
 def _experts(state: ExpertParallelState, bufs: _ShapeBuffers, epoch, x, plan, recv_x, recv_ids, recv_weights,
-             recv_counts, w: ExpertWeights, cfg: MoEConfig, split: EpSplit, lead: int):
+             recv_counts, w: ExpertWeights, cfg: MoEConfig, split: EpSplit, tiles: ArrivalTiles | None):
     """This rank's experts on the received tokens (recv_x [W*C, H], the receive buffer; recv_ids
-    [W*C, K] local expert ids, or with split.n_comm > 0 arrival bins with `lead` lead experts),
+    [W*C, K] local expert ids, or with split.n_comm > 0 the bins of `tiles`),
     their partial rows pushed to the sources' combine buffers. Unfused: routing, GEMM1, GEMM2 and
     `slot_sum_push`, each on every SM. Fused: pushing the token rows inside GEMM1's launch
     (recv_x is filled while GEMM1 runs) and, unless split.column_chunks is 0, the slot sums and
@@ -377,28 +376,28 @@ def _experts(state: ExpertParallelState, bufs: _ShapeBuffers, epoch, x, plan, re
     rows, top_k = recv_ids.numel(), recv_ids.shape[1]
     experts, hidden, ffn = w.down.shape
     fused = split.n_comm > 0
-    bins = ws.world_size * experts if fused else experts
+    bins = tiles.bins if fused else experts
     routing = analyze_routing(recv_ids, bins)
     row_weights = recv_weights.reshape(-1)
     # Looked up for the receive buffer's W*C*K slots (`comet tune --ep-ranks` stores under that).
     cfg1, cfg2 = select_configs(rows, experts, hidden, ffn, x.dtype, x.device)
     act = torch.empty(rows, ffn, dtype=x.dtype, device=x.device)
-    gemm1 = gate_up_gemm_args(recv_x, w.gate_up, w.gate_up_bias, w.interleaved, routing.sorted_rows, row_weights,
-                              routing.hist, act, top_k=top_k, activation=cfg.activation, alpha=cfg.swiglu_alpha,
-                              limit=cfg.swiglu_limit, weight_on_input=cfg.weight_on_input, cfg=cfg1)
+    gemm1 = GemmProblem.gate_up(recv_x, w.gate_up, w.gate_up_bias, w.interleaved, routing.sorted_rows, row_weights,
+                                routing.hist, act, top_k=top_k, activation=cfg.activation, alpha=cfg.swiglu_alpha,
+                                limit=cfg.swiglu_limit, weight_on_input=cfg.weight_on_input, cfg=cfg1)
     slots = torch.empty(rows, hidden, dtype=x.dtype, device=x.device)
-    gemm2 = down_gemm_args(act, w.down, w.down_bias, routing.sorted_rows, row_weights, routing.hist, slots,
-                           top_k=top_k, weight_on_input=cfg.weight_on_input, cfg=cfg2)
+    gemm2 = GemmProblem.down(act, w.down, w.down_bias, routing.sorted_rows, row_weights, routing.hist, slots,
+                             top_k=top_k, weight_on_input=cfg.weight_on_input, cfg=cfg2)
     if fused:
-        dispatch_gate_up(ws, bufs.dispatch, epoch, x, plan.send_tokens, plan.counts,
-                         over_arrival_bins(gemm1, bins, lead), split.n_comm)
-        gemm2 = over_arrival_bins(gemm2, bins, lead)
+        dispatch_gate_up(ws, bufs.dispatch, epoch, x, plan.send_tokens, plan.counts, gemm1, tiles, split.n_comm)
         if split.column_chunks > 0:
-            down_combine(ws, bufs.combine, epoch, gemm2, recv_ids, recv_counts, split.n_comm, split.column_chunks)
+            down_combine(ws, bufs.combine, epoch, gemm2, tiles, recv_ids, recv_counts, split.n_comm,
+                         split.column_chunks)
             return
+        arrival_gemm(gemm2, tiles)
     else:
-        launch_gemm(*gemm1)
-    launch_gemm(*gemm2)
+        launch_gemm(gemm1)
+        launch_gemm(gemm2)
     slot_sum_push(ws, bufs.combine, epoch, slots, recv_ids, recv_counts, bins)
 
 

@@ -30,8 +30,9 @@ import triton.language as tl
 
 from comet.comm import CommWorkspace, WaitKind
 from comet.kernels.ep_dispatch import PUSH_WARPS, ROW_STORAGE, hidden_block
-from comet.kernels.expert_gemm import expert_gemm_tile, locate_item
-from comet.kernels.routing import bin_expert, expert_segments
+from comet.kernels.ep_tiles import ArrivalTiles, bin_expert, fused_programs
+from comet.kernels.expert_gemm import GemmProblem, expert_gemm_tile, locate_item
+from comet.kernels.routing import expert_segments
 from comet.kernels.signals import peer_ptr, signal_set, wait_flag_ge
 
 
@@ -165,24 +166,24 @@ def _slot_sum_push_kernel(
 # Program and chunk counts are plain arguments here: a new split must not compile a new kernel.
 @triton.jit(do_not_specialize=["rank", "max_spins", "lead_experts", "NUM_PROGRAMS", "COMM_PROGRAMS", "COLUMN_CHUNKS"])
 def _down_combine_kernel(
-    recv_ids_ptr, recv_counts_ptr,  # local: int32 [W*C, K] received routing (local ids), int32 [W]
+    recv_ids_ptr, recv_counts_ptr,  # local: int32 [W*C, K] received routing (arrival bins), int32 [W]
     # local, zeroed: int64 [COLUMN_CHUNKS] GEMM2 work items finished and push units taken per
     # column chunk; int64 [W, n_chunks] column chunks pushed per token chunk
     column_done_ptr, claims_ptr, chunk_done_ptr,
     partials_table, flags_table, error_ptr,
     rank, epoch_ptr, capacity, n_chunks, max_spins,
-    # expert_gemm.gemm_args of GEMM2
+    # GemmProblem.kernel_args() of GEMM2
     a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
     bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
-    sorted_rows_ptr, row_weights_ptr, hist_ptr, N, K, alpha, limit, lead_experts,
-    NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, TOP_K: tl.constexpr,
+    sorted_rows_ptr, row_weights_ptr, hist_ptr, N, K, alpha, limit, TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr, A_DESC: tl.constexpr,
-    WEIGHT_EXPERTS: tl.constexpr,  # < NUM_EXPERTS: the tile map has arrival bins (routing.arrival_bin)
-    COMM_PROGRAMS, COLUMN_CHUNKS, WORLD: tl.constexpr, CHUNK: tl.constexpr, WAIT_KIND: tl.constexpr,
+    pre_act_ptr, stride_pm, SAVE_PRE_ACT: tl.constexpr,
+    # ep_tiles.ArrivalTiles.kernel_args(): the tile map
+    lead_experts, EXPERTS: tl.constexpr, BINS: tl.constexpr, NUM_BINS: tl.constexpr,
+    NUM_PROGRAMS, COMM_PROGRAMS, COLUMN_CHUNKS, WORLD: tl.constexpr, CHUNK: tl.constexpr, WAIT_KIND: tl.constexpr,
 ):
     epoch = tl.load(epoch_ptr)
     # The first NUM_PROGRAMS programs run GEMM2 column chunk by column chunk (every M tile of chunk
@@ -193,26 +194,27 @@ def _down_combine_kernel(
     # programs out of tiles take what is left of the chunks already finished, so the pushes of
     # a chunk finished late are shared by every program free by then.
     pid = tl.program_id(0)
-    row_start, counts, tile_start, tile_end, num_tiles = expert_segments(hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK_M)
+    row_start, counts, tile_start, tile_end, num_tiles = expert_segments(hist_ptr, BINS, NUM_BINS, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     chunk_n = tl.cdiv(num_n, COLUMN_CHUNKS)  # N blocks per column chunk (the last may have fewer)
     chunk_items = num_tiles * chunk_n
     if pid < NUM_PROGRAMS:
         for item in range(pid, chunk_items * COLUMN_CHUNKS, NUM_PROGRAMS):
             column_chunk = item // chunk_items
-            expert, first_row, end_row, n_in_chunk = locate_item(
+            bin, first_row, end_row, n_in_chunk = locate_item(
                 item % chunk_items, row_start, counts, tile_start, tile_end, num_tiles, chunk_n, NUM_BINS, BLOCK_M,
                 GROUP_M)
             n_block = column_chunk * chunk_n + n_in_chunk
             if n_block < num_n:
-                weights, _ = bin_expert(expert, lead_experts, WEIGHT_EXPERTS, NUM_EXPERTS)
+                expert, _ = bin_expert(bin, lead_experts, EXPERTS, BINS)
                 expert_gemm_tile(
-                    weights, first_row, end_row, n_block,
+                    expert, first_row, end_row, n_block,
                     a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
                     bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
                     sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
                     TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, INTERLEAVED, ACTIVATION, HAS_BIAS,
-                    ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC, A_DESC)
+                    ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC, A_DESC,
+                    pre_act_ptr, stride_pm, SAVE_PRE_ACT)
             tl.debug_barrier()  # every thread's stores before the count
             tl.atomic_add(column_done_ptr + column_chunk, 1, sem="release", scope="gpu")
         # Out of tiles: take the units of finished chunks that no one has taken yet, without
@@ -221,14 +223,14 @@ def _down_combine_kernel(
             if tl.atomic_add(column_done_ptr + column_chunk, 0, sem="acquire", scope="gpu") >= chunk_items:
                 _claim_units(column_chunk, claims_ptr, chunk_n, num_n, recv_ids_ptr, recv_counts_ptr, chunk_done_ptr,
                              partials_table, flags_table, out_ptr, stride_om, rank, epoch, capacity, n_chunks, N,
-                             COLUMN_CHUNKS, NUM_EXPERTS, TOP_K, BLOCK_N, WORLD, CHUNK)
+                             COLUMN_CHUNKS, BINS, TOP_K, BLOCK_N, WORLD, CHUNK)
     else:
         for column_chunk in range(COLUMN_CHUNKS):
             wait_flag_ge(column_done_ptr + column_chunk, chunk_items, max_spins, error_ptr, WAIT_KIND, rank,
                          column_chunk)
             _claim_units(column_chunk, claims_ptr, chunk_n, num_n, recv_ids_ptr, recv_counts_ptr, chunk_done_ptr,
                          partials_table, flags_table, out_ptr, stride_om, rank, epoch, capacity, n_chunks, N,
-                         COLUMN_CHUNKS, NUM_EXPERTS, TOP_K, BLOCK_N, WORLD, CHUNK)
+                         COLUMN_CHUNKS, BINS, TOP_K, BLOCK_N, WORLD, CHUNK)
 
 
 @triton.jit(do_not_specialize=["rank", "num_tokens", "max_spins"])
@@ -310,38 +312,29 @@ def slot_sum_push(ws: CommWorkspace, bufs: CombineBuffers, epoch: torch.Tensor, 
     )
 
 
-def down_combine(ws: CommWorkspace, bufs: CombineBuffers, epoch: torch.Tensor, gemm: tuple[dict, int],
-                 recv_ids: torch.Tensor, recv_counts: torch.Tensor, n_comm: int, column_chunks: int):
-    """GEMM2 fused with the combine's push: `gemm` (`ep_dispatch.over_arrival_bins(
-    expert_gemm.down_gemm_args(...))` over the received tokens: its output holds the weighted slot
-    rows) runs in the first programs, in `column_chunks` column chunks (at most one per N block)
-    one after another; the last `n_comm` programs sum each received token's slots of a
-    finished column chunk (recv_ids [W*C, K], the first recv_counts[s] tokens of each source s)
-    and push the sums to the sources' combine buffers, as `combine_push` does; computing programs
-    out of tiles help with finished chunks."""
-    args, max_items = gemm
-    if n_comm < 1:
-        raise ValueError(f"n_comm: expected >= 1 pushing programs, got {n_comm}")
-    device = args["a_ptr"].device
-    if device.type == "cuda":
-        # Pushing programs wait on the computing ones: every program must be resident at once.
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        if n_comm >= sms:
-            raise ValueError(f"n_comm: expected fewer than the {sms} SMs, got {n_comm}")
-        compute = max(1, min(sms - n_comm, max_items))
-    else:
-        compute = max(1, min(4, max_items))
+def down_combine(ws: CommWorkspace, bufs: CombineBuffers, epoch: torch.Tensor, gemm: GemmProblem,
+                 tiles: ArrivalTiles, recv_ids: torch.Tensor, recv_counts: torch.Tensor, n_comm: int,
+                 column_chunks: int):
+    """GEMM2 fused with the combine's push: `gemm` (`GemmProblem.down` over the received tokens,
+    its routing plan over `tiles.bins` arrival bins: its output holds the weighted slot rows) runs
+    in the first programs, in `column_chunks` column chunks (at most one per N block) one after
+    another; the last `n_comm` programs sum each received token's slots of a finished column
+    chunk (recv_ids [W*C, K], the first recv_counts[s] tokens of each source s) and push the sums
+    to the sources' combine buffers, as `combine_push` does; computing programs out of tiles help
+    with finished chunks. Local (its waits are on its own programs); no host sync."""
+    device = gemm.a.device
+    compute = fused_programs(device, n_comm, gemm.max_items(tiles.bins))
     if column_chunks < 1:
         raise ValueError(f"column_chunks: expected >= 1, got {column_chunks}")
-    column_chunks = min(column_chunks, triton.cdiv(args["N"], args["BLOCK_N"]))  # at most one per N block
+    column_chunks = min(column_chunks, triton.cdiv(gemm.n, gemm.cfg.block_n))  # at most one per N block
     n_chunks = bufs.n_chunks
     counters = torch.zeros(2 * column_chunks + ws.world_size * n_chunks, dtype=torch.int64, device=device)
     _down_combine_kernel[(compute + n_comm,)](
         recv_ids, recv_counts, counters, counters[column_chunks:], counters[2 * column_chunks:],
         ws.ptr_table(bufs.partials), ws.ptr_table(bufs.flags), ws.errors,
         ws.rank, epoch, bufs.capacity, n_chunks, ws.max_spins,
-        **args, NUM_PROGRAMS=compute, COMM_PROGRAMS=n_comm, COLUMN_CHUNKS=column_chunks, WORLD=ws.world_size,
-        CHUNK=bufs.chunk, WAIT_KIND=int(WaitKind.COMBINE_CHUNK),
+        **gemm.kernel_args(), **tiles.kernel_args(), NUM_PROGRAMS=compute, COMM_PROGRAMS=n_comm,
+        COLUMN_CHUNKS=column_chunks, WORLD=ws.world_size, CHUNK=bufs.chunk, WAIT_KIND=int(WaitKind.COMBINE_CHUNK),
     )
 
 

@@ -36,8 +36,9 @@ import triton
 import triton.language as tl
 
 from comet.comm import CommWorkspace, WaitKind
-from comet.kernels.expert_gemm import expert_gemm_tile, locate_item
-from comet.kernels.routing import arrival_bin, bin_expert, expert_segments, histogram_bins
+from comet.kernels.ep_tiles import ArrivalTiles, arrival_bin, bin_expert, fused_programs
+from comet.kernels.expert_gemm import GemmProblem, expert_gemm_tile, locate_item
+from comet.kernels.routing import expert_segments
 from comet.kernels.signals import peer_ptr, signal_set, wait_flag_ge, wait_flags_ge
 
 
@@ -213,7 +214,7 @@ def _dispatch_receive_kernel(
     arrived = in_buffer & (slots < count)[:, None]
     # Slots past the count hold older calls' data: mark them unused.
     ids = tl.load(recv_ids + off, mask=arrived, other=-1)
-    if ARRIVAL_EXPERTS > 0:  # the tile-map bin of (expert, the source's place in arrival order)
+    if ARRIVAL_EXPERTS > 0:  # the tile-map bin of (expert, the source's place in arrival order): ep_tiles
         ids = tl.where(ids >= 0, arrival_bin(ids, (rank - src + WORLD) % WORLD, lead_experts, ARRIVAL_EXPERTS, WORLD),
                        -1)
     tl.store(ids_out_ptr + out_base + off, ids, mask=in_buffer)
@@ -242,18 +243,18 @@ def _dispatch_gate_up_kernel(
     x_ptr, stride_x, send_tokens_ptr, send_counts_ptr, recv_x_table, chunk_table,
     error_ptr,
     rank, epoch_ptr, num_tokens, capacity, hidden, n_chunks, max_spins,
-    # expert_gemm.gemm_args of GEMM1, with this rank's receive buffer as A
+    # GemmProblem.kernel_args(a_address=False) of GEMM1 (A: this rank's receive buffer, through recv_x_table)
     stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
     bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
-    sorted_rows_ptr, row_weights_ptr, hist_ptr, N, K, alpha, limit, lead_experts,
-    NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, TOP_K: tl.constexpr,
+    sorted_rows_ptr, row_weights_ptr, hist_ptr, N, K, alpha, limit, TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr, A_DESC: tl.constexpr,
-    WEIGHT_EXPERTS: tl.constexpr,  # the local experts; the tile map has arrival bins (routing.arrival_bin)
-    COMM_PROGRAMS, WORLD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
+    pre_act_ptr, stride_pm, SAVE_PRE_ACT: tl.constexpr,
+    # ep_tiles.ArrivalTiles.kernel_args(): the tile map
+    lead_experts, EXPERTS: tl.constexpr, BINS: tl.constexpr, NUM_BINS: tl.constexpr,
+    NUM_PROGRAMS, COMM_PROGRAMS, WORLD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
     WAIT_KIND: tl.constexpr, WAIT_BLOCK: tl.constexpr, SOURCES_P2: tl.constexpr,  # next power of 2 >= WORLD
 ):
     epoch = tl.load(epoch_ptr)
@@ -275,12 +276,12 @@ def _dispatch_gate_up_kernel(
         # polls per source and program, not a few per tile (each a system-scope atomic).
         positions = tl.arange(0, SOURCES_P2)
         seen = tl.zeros([SOURCES_P2], dtype=tl.int32)
-        row_start, counts, tile_start, tile_end, num_tiles = expert_segments(hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK_M)
+        row_start, counts, tile_start, tile_end, num_tiles = expert_segments(hist_ptr, BINS, NUM_BINS, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
         for item in range(pid - COMM_PROGRAMS, num_tiles * num_n, NUM_PROGRAMS):
-            expert, first_row, end_row, n_block = locate_item(
+            bin, first_row, end_row, n_block = locate_item(
                 item, row_start, counts, tile_start, tile_end, num_tiles, num_n, NUM_BINS, BLOCK_M, GROUP_M)
-            weights, position = bin_expert(expert, lead_experts, WEIGHT_EXPERTS, NUM_EXPERTS)
+            expert, position = bin_expert(bin, lead_experts, EXPERTS, BINS)
             if position == 0:
                 a_ptr = own
                 a_stride = stride_x
@@ -296,12 +297,13 @@ def _dispatch_gate_up_kernel(
                 a_ptr = received
                 a_stride = stride_am
             expert_gemm_tile(
-                weights, first_row, end_row, n_block,
+                expert, first_row, end_row, n_block,
                 a_ptr, a_stride, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
                 bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
                 sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
                 TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, INTERLEAVED, ACTIVATION, HAS_BIAS,
-                ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC, A_DESC)
+                ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC, A_DESC,
+                pre_act_ptr, stride_pm, SAVE_PRE_ACT)
 
 
 # Warps of the push-only launches. A pushing program is bound by the latency of its loads (one
@@ -336,17 +338,17 @@ def dispatch_push(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tensor,
 
 
 def dispatch_receive(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tensor, top_k: int, wait_rows: bool = True,
-                     arrival_experts: int = 0, lead_experts: int = 0):
+                     tiles: ArrivalTiles | None = None):
     """Wait for every source's tokens of call `epoch` (without `wait_rows`, only for their
     routing); return the received routing as local tensors: ids int32 [W, C, K] (local expert
     ids, -1 for unused slots and other ranks' experts), weights fp32 [W, C, K], counts int32 [W]
-    (tokens from each source).
+    (tokens from each source). Local (waits only on the flags); no host sync.
 
-    With `arrival_experts` = E/W, ids become tile-map bins `routing.arrival_bin(local id, (rank - s)
-    mod W, lead_experts)` for source s (its place in the order the sources push to this rank):
-    sorted by them, the own rows of the first `lead_experts` experts come first, then each later
-    expert's rows of every source, then the first experts' rows from the other sources
-    (`over_arrival_bins`)."""
+    With `tiles` (the fused kernels' tile map, `tiles.sources` = W), ids become its bins
+    `ep_tiles.arrival_bin(local id, (rank - s) mod W, tiles.lead_experts)` for source s (its place
+    in the order the sources push to this rank): sorted by them, the own rows of the first
+    `lead_experts` experts come first, then each later expert's rows of every source, then the
+    first experts' rows from the other sources."""
     w, c = ws.world_size, bufs.capacity
     ids = torch.empty(w, c, top_k, dtype=torch.int32, device=ws.device)
     weights = torch.empty(w, c, top_k, dtype=torch.float32, device=ws.device)
@@ -355,52 +357,33 @@ def dispatch_receive(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tens
         ws.ptr_table(bufs.ids), ws.ptr_table(bufs.weights), ws.ptr_table(bufs.count),
         ws.ptr_table(bufs.meta_flags), ws.ptr_table(bufs.chunk_flags), ws.errors,
         ids, weights, counts,
-        ws.rank, epoch, c, bufs.n_chunks, bufs.n_meta, ws.max_spins, lead_experts,
+        ws.rank, epoch, c, bufs.n_chunks, bufs.n_meta, ws.max_spins, 0 if tiles is None else tiles.lead_experts,
         WORLD=w, TOP_K=top_k, CHUNK=bufs.chunk, BLOCK_K=triton.next_power_of_2(top_k), META_BLOCK=bufs.meta_block,
         META_KIND=int(WaitKind.DISPATCH_METADATA), CHUNK_KIND=int(WaitKind.DISPATCH_CHUNK), WAIT_ROWS=wait_rows,
-        ARRIVAL_EXPERTS=arrival_experts, num_warps=4,
+        ARRIVAL_EXPERTS=0 if tiles is None else tiles.experts, num_warps=4,
     )
     return ids, weights, counts
 
 
-def over_arrival_bins(gemm: tuple[dict, int], bins: int, lead_experts: int) -> tuple[dict, int]:
-    """`gemm` (`expert_gemm.*_gemm_args`) with its tile map over `bins` arrival bins
-    (`dispatch_receive(arrival_experts=..., lead_experts=...)`'s), each bin using its expert's
-    weights: for the fused kernels."""
-    args, _ = gemm
-    rows = args["sorted_rows_ptr"].numel()
-    max_items = (triton.cdiv(rows, args["BLOCK_M"]) + bins) * triton.cdiv(args["N"], args["BLOCK_N"])
-    # WEIGHT_EXPERTS stays the weights' expert count (`gemm_args` set it).
-    return {**args, "NUM_EXPERTS": bins, "NUM_BINS": histogram_bins(bins), "lead_experts": lead_experts}, max_items
-
-
 def dispatch_gate_up(ws: CommWorkspace, bufs: DispatchBuffers, epoch: torch.Tensor, x: torch.Tensor,
-                     send_tokens: torch.Tensor, send_counts: torch.Tensor,
-                     gemm: tuple[dict, int], n_comm: int):
-    """Dispatch fused with GEMM1: the first `n_comm` programs push this rank's x rows to the other
-    ranks (after
-    `dispatch_push(push_rows=False)` and `dispatch_receive(wait_rows=False)` moved the routing),
-    the others run the tiles of `gemm` (`over_arrival_bins(expert_gemm.gate_up_gemm_args(...))`
-    over the receive buffer viewed [W*C, H], this rank's own rows read from x), each first waiting
-    for the chunks of rows it reads."""
-    args, max_items = gemm
-    args = {k: v for k, v in args.items() if k != "a_ptr"}  # A is reached through the pointer table
-    if n_comm < 1:
-        raise ValueError(f"n_comm: expected >= 1 pushing programs, got {n_comm}")
-    if x.is_cuda:
-        # Compute programs wait on the pushing ones: every program must be resident at once.
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        if n_comm >= sms:
-            raise ValueError(f"n_comm: expected fewer than the {sms} SMs, got {n_comm}")
-        compute = max(1, min(sms - n_comm, max_items))
-    else:
-        compute = max(1, min(4, max_items))
+                     send_tokens: torch.Tensor, send_counts: torch.Tensor, gemm: GemmProblem, tiles: ArrivalTiles,
+                     n_comm: int):
+    """Dispatch fused with GEMM1: the first `n_comm` programs push this rank's x rows [T, H] to the
+    other ranks (after `dispatch_push(push_rows=False)` and `dispatch_receive(wait_rows=False,
+    tiles=tiles)` moved the routing), the others run the tiles of `gemm`
+    (`GemmProblem.gate_up` over the receive buffer viewed [W*C, H], its routing plan over
+    `tiles.bins` bins; this rank's own rows are read from x), each first waiting for the chunks
+    of rows it reads. Every rank makes this call in the same epoch (its peers wait on its
+    pushes); no host sync."""
+    compute = fused_programs(x.device, n_comm, gemm.max_items(tiles.bins))
     hidden = x.shape[1]
     _dispatch_gate_up_kernel[(n_comm + compute,)](
         x, x.stride(0), send_tokens, send_counts, ws.ptr_table(bufs.x), ws.ptr_table(bufs.chunk_flags),
         ws.errors,
         ws.rank, epoch, x.shape[0], bufs.capacity, hidden, bufs.n_chunks, ws.max_spins,
-        **args, NUM_PROGRAMS=compute, COMM_PROGRAMS=n_comm, WORLD=ws.world_size, CHUNK=bufs.chunk,
-        BLOCK_H=hidden_block(bufs.chunk, hidden, args["num_warps"]), WAIT_KIND=int(WaitKind.DISPATCH_CHUNK),
+        # A is reached through the pointer table: a tensor argument would be written back by the interpreter
+        **gemm.kernel_args(a_address=False), **tiles.kernel_args(),
+        NUM_PROGRAMS=compute, COMM_PROGRAMS=n_comm, WORLD=ws.world_size, CHUNK=bufs.chunk,
+        BLOCK_H=hidden_block(bufs.chunk, hidden, gemm.cfg.num_warps), WAIT_KIND=int(WaitKind.DISPATCH_CHUNK),
         WAIT_BLOCK=WAIT_BLOCK[x.device.type], SOURCES_P2=triton.next_power_of_2(ws.world_size),
     )

@@ -1,9 +1,17 @@
 """Persistent grouped GEMM over expert-sorted rows: GEMM1 (gather + gate/up + activation) and
 GEMM2 (down projection, routing weight in fp32, rows scattered back to token-slot order).
 
-One kernel serves both; constexpr switches pick the operand source and the epilogue. Work items are
-(M tile, N block) pairs; M tiles are numbered expert by expert, and items are walked in groups of
-GROUP_M tiles x all N blocks, so tiles of one expert running together share its weight slab in L2.
+`GemmProblem` is the one description of such a GEMM (operands, epilogue, tile shape) that every
+launcher builds: `GemmProblem.gate_up` / `GemmProblem.down` here, the expert-parallel kernels of
+`comet.kernels.ep_dispatch` / `ep_combine` / `ep_tiles` from the same object. Its `kernel_args()`
+are the arguments of the per-tile body `expert_gemm_tile`, which every grouped-GEMM kernel calls;
+a kernel adds only its tile map (here: one histogram bin per expert, `_expert_gemm_kernel`; the
+expert-parallel arrival bins live in `comet.kernels.ep_tiles`).
+
+One kernel serves both GEMMs; constexpr switches pick the operand source and the epilogue. Work
+items are (M tile, N block) pairs; M tiles are numbered expert by expert, and items are walked in
+groups of GROUP_M tiles x all N blocks, so tiles of one expert running together share its weight
+slab in L2. No launcher syncs the host.
 """
 import functools
 from dataclasses import dataclass
@@ -13,7 +21,7 @@ import triton
 import triton.language as tl
 
 from comet.device_info import num_sms
-from comet.kernels.routing import bin_expert, expert_segments, histogram_bins, locate_tile
+from comet.kernels.routing import expert_segments, histogram_bins, locate_tile
 
 ACTIVATION_IDS = {"swiglu": 0, "geglu": 1, "clamped_swiglu": 2}
 # How the routing weight of a row enters: not at all, on the accumulator before the bias (the
@@ -59,32 +67,31 @@ def locate_item(item, row_start, counts, tile_start, tile_end, num_tiles, num_n,
     return expert, first_row, end_row, n_block
 
 
-@triton.jit(do_not_specialize=["lead_experts"])
+@triton.jit
 def _expert_gemm_kernel(
     a_ptr, stride_am, stride_ak,
     b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
     bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n,
     out_ptr, stride_om,
     sorted_rows_ptr, row_weights_ptr, hist_ptr,
-    N, K, alpha, limit, lead_experts,
+    N, K, alpha, limit,
     NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr, A_DESC: tl.constexpr,
-    WEIGHT_EXPERTS: tl.constexpr,  # < NUM_EXPERTS: the tile map has arrival bins (routing.arrival_bin)
-    pre_act_ptr=None, stride_pm=0, SAVE_PRE_ACT: tl.constexpr = False,
+    pre_act_ptr, stride_pm, SAVE_PRE_ACT: tl.constexpr,
 ):
+    # The tile map: one histogram bin per expert (`expert_tile_map`), tiles walked persistently.
     row_start, counts, tile_start, tile_end, num_tiles = expert_segments(
         hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     for item in range(tl.program_id(0), num_tiles * num_n, NUM_PROGRAMS):
         expert, first_row, end_row, n_block = locate_item(
             item, row_start, counts, tile_start, tile_end, num_tiles, num_n, NUM_BINS, BLOCK_M, GROUP_M)
-        weights, _ = bin_expert(expert, lead_experts, WEIGHT_EXPERTS, NUM_EXPERTS)
         expert_gemm_tile(
-            weights, first_row, end_row, n_block,
+            expert, first_row, end_row, n_block,
             a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
             bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
             sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
@@ -209,7 +216,7 @@ def expert_gemm_tile(
     GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr, A_DESC: tl.constexpr,
-    pre_act_ptr=None, stride_pm=0, SAVE_PRE_ACT: tl.constexpr = False,
+    pre_act_ptr, stride_pm, SAVE_PRE_ACT: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] output tile: rows [first_row, end_row) of `expert` (sorted order).
     With SAVE_PRE_ACT (GATED only) the pre-activation (after bias and input weight) is also stored
@@ -322,100 +329,172 @@ def persistent_programs(device: torch.device, upper_bound: int) -> int:
     return max(1, min(num_sms(device), upper_bound))
 
 
-def gemm_args(a, a_rows_gathered, b, b2, bias, bias2, out, sorted_rows, row_weights, hist, *, top_k,
-              num_experts, n, k, gated, interleaved, activation, alpha, limit, row_weight, scatter_out,
-              cfg: GemmConfig) -> tuple[dict, int]:
-    """(the arguments of `_expert_gemm_kernel` but NUM_PROGRAMS, by name, with the launch options;
-    an upper bound on its work items)."""
-    max_tiles = triton.cdiv(sorted_rows.numel(), cfg.block_m) + num_experts
-    for name, t in (("out", out), ("row_weights", row_weights)):  # the kernel steps through their last dim by 1
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name}: expected unit stride along its last dimension, got strides {t.stride()}")
-    if a.is_cuda:
-        set_descriptor_allocator()
-    has_bias = bias is not None
-    args = dict(
-        a_ptr=a, stride_am=a.stride(0), stride_ak=a.stride(1),
-        b_ptr=b, b2_ptr=b2, stride_be=b.stride(0), stride_bn=b.stride(1), stride_bk=b.stride(2),
-        bias_ptr=bias if has_bias else b, bias2_ptr=bias2 if has_bias else b,
-        stride_bias_e=bias.stride(0) if has_bias else 0, stride_bias_n=bias.stride(1) if has_bias else 0,
-        out_ptr=out, stride_om=out.stride(0),
-        sorted_rows_ptr=sorted_rows, row_weights_ptr=row_weights, hist_ptr=hist,
-        N=n, K=k, alpha=alpha, limit=limit, lead_experts=0,
-        NUM_EXPERTS=num_experts, NUM_BINS=histogram_bins(num_experts), TOP_K=top_k,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        GATHER_A=a_rows_gathered, GATED=gated, INTERLEAVED=interleaved, ACTIVATION=ACTIVATION_IDS[activation],
-        HAS_BIAS=has_bias, ROW_WEIGHT=row_weight, SCATTER_OUT=scatter_out, EVEN_K=k % cfg.block_k == 0,
-        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        # The interpreter's dot mishandles 16-bit floats (it multiplies their bit patterns).
-        UPCAST_DOT=a.device.type != "cuda",
-        B_DESC=weight_descriptor_mode(b, b2, cfg.block_m) if cfg.weight_descriptors else 0,
-        A_DESC=input_descriptor_mode(a, a_rows_gathered, cfg.block_m), WEIGHT_EXPERTS=num_experts,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return args, max_tiles * triton.cdiv(n, cfg.block_n)
+@dataclass(frozen=True, eq=False)
+class GemmProblem:
+    """One grouped GEMM over expert-sorted rows, as every grouped-GEMM kernel runs it:
+    for each sorted position p of expert e's rows,
+
+        out[p'] = epilogue(A[p_a] @ B_e^T),   p_a = sorted_rows[p] // top_k if gather_a else p,
+                                              p'  = sorted_rows[p] if scatter_out else p.
+
+    Operands (device tensors, any dtype the kernels take; nothing is copied):
+      a [rows_a, K], its last dim contiguous unless read through pointers anyway;
+      b [E, N, K] (any strides), or with `interleaved` the one [E, 2N, K] matrix of gate (even rows)
+      and up (odd rows); b2 the up weights [E, N, K] of a gated, non-interleaved GEMM, else b;
+      bias, bias2 [E, N] (or [E, 2N] interleaved) or None (both or neither);
+      out [rows, N], unit stride along N; sorted_rows int64 [rows] (row ids token * top_k + slot
+      by expert); row_weights fp32 [rows] (unit stride, indexed by row id); hist int32, the
+      histogram of the tile map's bins (`comet.kernels.routing.expert_histogram`, or the
+      expert-parallel arrival bins of `comet.kernels.ep_tiles`).
+    Epilogue: `row_weight` (ROW_WEIGHT_*: how the routing weight enters), bias, with `gated` the
+    activation (`activation`, `alpha`, `limit`: clamped SwiGLU's) of (gate, up); `pre_act`
+    [rows, 2N] (gated only; columns contiguous) or None also gets the activation's input in
+    sorted order, columns in the weights' gate/up order.
+
+    Build it with `GemmProblem.gate_up` (GEMM1) or `GemmProblem.down` (GEMM2); a kernel gets its
+    arguments from `kernel_args()` and its tile map from its own launcher.
+    """
+
+    a: torch.Tensor
+    gather_a: bool
+    b: torch.Tensor
+    b2: torch.Tensor
+    bias: torch.Tensor | None
+    bias2: torch.Tensor | None
+    out: torch.Tensor
+    sorted_rows: torch.Tensor
+    row_weights: torch.Tensor
+    hist: torch.Tensor
+    top_k: int
+    cfg: GemmConfig
+    gated: bool = False
+    interleaved: bool = False
+    activation: str = "swiglu"
+    alpha: float = 0.0
+    limit: float = 0.0
+    row_weight: int = ROW_WEIGHT_NONE
+    scatter_out: bool = False
+    pre_act: torch.Tensor | None = None
+
+    def __post_init__(self):
+        for name, t in (("out", self.out), ("row_weights", self.row_weights)):  # stepped through by 1
+            if t.stride(-1) != 1:
+                raise ValueError(f"{name}: expected unit stride along its last dimension, got strides {t.stride()}")
+        if self.pre_act is not None and not self.gated:
+            raise ValueError("pre_act: only a gated GEMM (GEMM1) has a pre-activation")
+
+    @classmethod
+    def gate_up(cls, x, gate_up, gate_up_bias, interleaved, sorted_rows, row_weights, hist, out, *, top_k,
+                activation, alpha, limit, weight_on_input, cfg: GemmConfig, pre_act=None) -> "GemmProblem":
+        """GEMM1: out[p] = act(x[row_p // top_k] @ gate_e.T (+b), x[..] @ up_e.T (+b)).
+
+        x [T, H]; gate_up [E, 2F, H] (any strides; gate rows first, or interleaved); gate_up_bias
+        [E, 2F] or None; out [T*top_k, F] in expert-sorted order; pre_act [T*top_k, 2F] or None.
+        With `weight_on_input` (Llama4) the routing weight scales the input."""
+        two_f = gate_up.shape[1]
+        if interleaved:
+            b, b2, bias, bias2 = gate_up, gate_up, gate_up_bias, gate_up_bias
+        else:
+            b, b2 = gate_up[:, : two_f // 2], gate_up[:, two_f // 2:]
+            bias, bias2 = (None, None) if gate_up_bias is None else (
+                gate_up_bias[:, : two_f // 2], gate_up_bias[:, two_f // 2:])
+        return cls(x, True, b, b2, bias, bias2, out, sorted_rows, row_weights, hist, top_k, cfg, gated=True,
+                   interleaved=interleaved, activation=activation, alpha=alpha, limit=limit,
+                   row_weight=ROW_WEIGHT_INPUT if weight_on_input else ROW_WEIGHT_NONE, pre_act=pre_act)
+
+    @classmethod
+    def down(cls, act, down, down_bias, sorted_rows, row_weights, hist, out, *, top_k, weight_on_input,
+             cfg: GemmConfig) -> "GemmProblem":
+        """GEMM2: out[row_p] = (act[p] @ down_e.T (+b)) * weight[row_p], expert-sorted in, token-slot
+        order out (no weight with `weight_on_input`). act [T*top_k, F]; down [E, H, F]; down_bias
+        [E, H] or None; out [T*top_k, H]."""
+        return cls(act, False, down, down, down_bias, down_bias, out, sorted_rows, row_weights, hist, top_k, cfg,
+                   row_weight=ROW_WEIGHT_NONE if weight_on_input else ROW_WEIGHT_OUTPUT, scatter_out=True)
+
+    @property
+    def num_experts(self) -> int:
+        """E: the experts of the weights."""
+        return self.b.shape[0]
+
+    @property
+    def n(self) -> int:
+        return self.b.shape[1] // 2 if self.interleaved else self.b.shape[1]
+
+    @property
+    def k(self) -> int:
+        return self.b.shape[2]
+
+    def max_items(self, bins: int | None = None) -> int:
+        """An upper bound on the work items of a tile map over `bins` histogram bins (None: one
+        per expert): M tiles (each bin's last one partial) times N blocks."""
+        bins = self.num_experts if bins is None else bins
+        return (triton.cdiv(self.sorted_rows.numel(), self.cfg.block_m) + bins) * triton.cdiv(self.n, self.cfg.block_n)
+
+    def kernel_args(self, *, a_address: bool = True) -> dict:
+        """The arguments of `expert_gemm_tile` (all but the tile's coordinates), by name, with the
+        launch options num_warps and num_stages: what every grouped-GEMM kernel takes besides
+        its tile map and program count. `a_address=False` leaves out A's address (`a_ptr`) for a
+        kernel that reaches A another way (a workspace pointer table) and takes only its strides.
+        Sets the descriptor allocator of this thread (CUDA tensors)."""
+        a, b, b2, cfg = self.a, self.b, self.b2, self.cfg
+        if a.is_cuda:
+            set_descriptor_allocator()
+        has_bias = self.bias is not None
+        pre_act = self.pre_act
+        args = dict(
+            a_ptr=a, stride_am=a.stride(0), stride_ak=a.stride(1),
+            b_ptr=b, b2_ptr=b2, stride_be=b.stride(0), stride_bn=b.stride(1), stride_bk=b.stride(2),
+            bias_ptr=self.bias if has_bias else b, bias2_ptr=self.bias2 if has_bias else b,
+            stride_bias_e=self.bias.stride(0) if has_bias else 0, stride_bias_n=self.bias.stride(1) if has_bias else 0,
+            out_ptr=self.out, stride_om=self.out.stride(0),
+            sorted_rows_ptr=self.sorted_rows, row_weights_ptr=self.row_weights, hist_ptr=self.hist,
+            N=self.n, K=self.k, alpha=self.alpha, limit=self.limit, TOP_K=self.top_k,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            GATHER_A=self.gather_a, GATED=self.gated, INTERLEAVED=self.interleaved,
+            ACTIVATION=ACTIVATION_IDS[self.activation], HAS_BIAS=has_bias, ROW_WEIGHT=self.row_weight,
+            SCATTER_OUT=self.scatter_out, EVEN_K=self.k % cfg.block_k == 0,
+            DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+            # The interpreter's dot mishandles 16-bit floats (it multiplies their bit patterns).
+            UPCAST_DOT=a.device.type != "cuda",
+            B_DESC=weight_descriptor_mode(b, b2, cfg.block_m) if cfg.weight_descriptors else 0,
+            A_DESC=input_descriptor_mode(a, self.gather_a, cfg.block_m),
+            pre_act_ptr=pre_act, stride_pm=0 if pre_act is None else pre_act.stride(0), SAVE_PRE_ACT=pre_act is not None,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        if not a_address:
+            del args["a_ptr"]
+        return args
 
 
-def launch_gemm(args: dict, max_items: int, max_programs: int | None = None, pre_act: torch.Tensor | None = None):
-    """Launch `_expert_gemm_kernel` on `gemm_args` (or `*_gemm_args`) output: one persistent
+def expert_tile_map(num_experts: int) -> dict:
+    """The tile-map arguments of `_expert_gemm_kernel`: one histogram bin per expert."""
+    return dict(NUM_EXPERTS=num_experts, NUM_BINS=histogram_bins(num_experts))
+
+
+def launch_gemm(problem: GemmProblem, max_programs: int | None = None):
+    """Run `problem` with `_expert_gemm_kernel` (one histogram bin per expert): one persistent
     program per SM, or at most `max_programs` (leaving SMs to a kernel on another stream).
-    `pre_act` [rows, 2N] (a gated GEMM only) also gets the pre-activation in sorted order."""
-    num_programs = persistent_programs(args["a_ptr"].device, max_items)
+    Asynchronous; no host sync."""
+    max_items = problem.max_items()
+    num_programs = persistent_programs(problem.a.device, max_items)
     if max_programs is not None:
         if max_programs < 1:
             raise ValueError(f"max_programs: expected >= 1, got {max_programs}")
         num_programs = min(num_programs, max_programs)
-    if pre_act is not None:
-        if not args["GATED"]:
-            raise ValueError("pre_act: only a gated GEMM (GEMM1) has a pre-activation")
-        args = dict(args, pre_act_ptr=pre_act, stride_pm=pre_act.stride(0), SAVE_PRE_ACT=True)
-    _expert_gemm_kernel[(num_programs,)](**args, NUM_PROGRAMS=num_programs)
+    _expert_gemm_kernel[(num_programs,)](**problem.kernel_args(), **expert_tile_map(problem.num_experts),
+                                         NUM_PROGRAMS=num_programs)
 
 
 def gate_up_gemm(x, gate_up, gate_up_bias, interleaved, sorted_rows, row_weights, hist, out, *, top_k,
                  activation, alpha, limit, weight_on_input, cfg: GemmConfig, pre_act=None):
-    """out[p] = act(x[row_p // top_k] @ gate_e.T (+b), x[..] @ up_e.T (+b)) for sorted position p.
-
-    x [T, H]; gate_up [E, 2F, H] (any strides; gate rows first, or interleaved); gate_up_bias
-    [E, 2F] or None; out [T*top_k, F] in expert-sorted order; `pre_act` [T*top_k, 2F] (row
-    stride any, columns contiguous) or None also gets the activation's input, columns in
-    gate_up's row order."""
-    launch_gemm(*gate_up_gemm_args(x, gate_up, gate_up_bias, interleaved, sorted_rows, row_weights, hist, out,
-                               top_k=top_k, activation=activation, alpha=alpha, limit=limit,
-                               weight_on_input=weight_on_input, cfg=cfg), pre_act=pre_act)
-
-
-def gate_up_gemm_args(x, gate_up, gate_up_bias, interleaved, sorted_rows, row_weights, hist, out, *, top_k,
-                      activation, alpha, limit, weight_on_input, cfg: GemmConfig) -> tuple[dict, int]:
-    """`gemm_args` of `gate_up_gemm`, for kernels that run its tiles among other work."""
-    num_experts, two_f, hidden = gate_up.shape
-    if interleaved:
-        b, b2, bias, bias2 = gate_up, gate_up, gate_up_bias, gate_up_bias
-    else:
-        b, b2 = gate_up[:, : two_f // 2], gate_up[:, two_f // 2:]
-        bias, bias2 = (None, None) if gate_up_bias is None else (
-            gate_up_bias[:, : two_f // 2], gate_up_bias[:, two_f // 2:])
-    return gemm_args(x, True, b, b2, bias, bias2, out, sorted_rows, row_weights, hist, top_k=top_k,
-                     num_experts=num_experts, n=two_f // 2, k=hidden, gated=True, interleaved=interleaved,
-                     activation=activation, alpha=alpha, limit=limit,
-                     row_weight=ROW_WEIGHT_INPUT if weight_on_input else ROW_WEIGHT_NONE, scatter_out=False,
-                     cfg=cfg)
+    """GEMM1 (`GemmProblem.gate_up`, which says what each argument is), launched."""
+    launch_gemm(GemmProblem.gate_up(x, gate_up, gate_up_bias, interleaved, sorted_rows, row_weights, hist, out,
+                                    top_k=top_k, activation=activation, alpha=alpha, limit=limit,
+                                    weight_on_input=weight_on_input, cfg=cfg, pre_act=pre_act))
 
 
 def down_gemm(act, down, down_bias, sorted_rows, row_weights, hist, out, *, top_k, weight_on_input,
               cfg: GemmConfig):
-    """out[row_p] = (act[p] @ down_e.T (+b)) * weight[row_p]: expert-sorted in, token-slot order out.
-
-    act [T*top_k, F]; down [E, H, F]; out [T*top_k, H]."""
-    launch_gemm(*down_gemm_args(act, down, down_bias, sorted_rows, row_weights, hist, out, top_k=top_k,
-                            weight_on_input=weight_on_input, cfg=cfg))
-
-
-def down_gemm_args(act, down, down_bias, sorted_rows, row_weights, hist, out, *, top_k, weight_on_input,
-                   cfg: GemmConfig) -> tuple[dict, int]:
-    """`gemm_args` of `down_gemm`, for kernels that run its tiles among other work."""
-    return gemm_args(act, False, down, down, down_bias, down_bias, out, sorted_rows, row_weights, hist,
-                     top_k=top_k, num_experts=down.shape[0], n=down.shape[1], k=down.shape[2], gated=False,
-                     interleaved=False, activation="swiglu", alpha=0.0, limit=0.0,
-                     row_weight=ROW_WEIGHT_NONE if weight_on_input else ROW_WEIGHT_OUTPUT, scatter_out=True,
-                     cfg=cfg)
+    """GEMM2 (`GemmProblem.down`, which says what each argument is), launched."""
+    launch_gemm(GemmProblem.down(act, down, down_bias, sorted_rows, row_weights, hist, out, top_k=top_k,
+                                 weight_on_input=weight_on_input, cfg=cfg))

@@ -5,7 +5,8 @@ The histogram has one bin per expert plus two guard bins: bin 0 counts ids < 0 a
 (Hugging Face's expert-parallel convention marks off-rank experts that way; they are skipped). Sorted
 by id, expert e's rows are then the contiguous range [start[e], start[e] + count[e]), so the tile map
 (which expert a tile belongs to, which rows it covers) is derived inside each kernel from the
-histogram alone: no host sync, no per-call tile arrays.
+histogram alone: no host sync, no per-call tile arrays. (The fused expert-parallel kernels bin
+their rows by arrival instead: `comet.kernels.ep_tiles`.)
 """
 import torch
 import triton
@@ -115,33 +116,3 @@ def locate_tile(tile, row_start, counts, tile_start, tile_end, NUM_BINS: tl.cons
     first = _pick(row_start, expert, NUM_BINS) + (tile - _pick(tile_start, expert, NUM_BINS)) * BLOCK_M
     end = _pick(row_start, expert, NUM_BINS) + _pick(counts, expert, NUM_BINS)
     return expert, first, end
-
-
-# Tile-map bins of the fused expert-parallel kernels. Rows of local expert e from the source at
-# arrival position p (0: this rank's own tokens, read in place; p: the p-th rank pushing to this one)
-# get their own bin, ordered so that GEMM1 can start before anything has arrived and still read
-# each expert's weights about once: the own rows of the first `lead` experts (computed while the
-# dispatch runs), then for every later expert its W bins together (own, then each source: the
-# weights stay in L2 across them), then the other sources' rows of the first `lead` experts.
-# With lead = E every source's rows follow all own rows; the kernels' bin -> expert map inverts it.
-@triton.jit
-def arrival_bin(expert, position, lead, EXPERTS: tl.constexpr, SOURCES: tl.constexpr):
-    """The bin of local expert `expert`'s rows from the source at arrival position `position`."""
-    interleaved_end = lead + (EXPERTS - lead) * SOURCES
-    late = interleaved_end + expert * (SOURCES - 1) + position - 1
-    return tl.where(expert >= lead, lead + (expert - lead) * SOURCES + position, tl.where(position == 0, expert, late))
-
-
-@triton.jit
-def bin_expert(bin, lead, EXPERTS: tl.constexpr, BINS: tl.constexpr):
-    """(local expert, source's arrival position) of a tile-map bin: `arrival_bin` inverted where
-    the map has BINS = EXPERTS * W bins; (bin, 0) where it has one per expert."""
-    if BINS == EXPERTS:
-        return bin, bin * 0
-    else:
-        SOURCES: tl.constexpr = BINS // EXPERTS
-        interleaved_end = lead + (EXPERTS - lead) * SOURCES
-        late = bin - interleaved_end
-        expert = tl.where(bin < lead, bin, tl.where(late < 0, lead + (bin - lead) // SOURCES, late // (SOURCES - 1)))
-        position = tl.where(bin < lead, 0, tl.where(late < 0, (bin - lead) % SOURCES, late % (SOURCES - 1) + 1))
-        return expert, position

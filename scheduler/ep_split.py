@@ -222,7 +222,7 @@ def fused_seconds(shape: EpShape, n_comm: int, column_chunks: int, rates: Machin
 
 
 def lead_experts(shape: EpShape, n_comm: int, rates: MachineRates = H200_RATES) -> int:
-    """How many local experts' own rows the fused GEMM1 runs first (`comet.kernels.routing.arrival_bin`):
+    """How many local experts' own rows the fused GEMM1 runs first (`comet.kernels.ep_tiles.arrival_bin`):
     enough that their GEMM1 time on the computing programs covers the push to the other ranks
     (own rows are 1/W of a balanced rank's), with LEAD_MARGIN to spare, so that the later experts'
     rows from every source have arrived when their tiles come. Each of them has its weights read

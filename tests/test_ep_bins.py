@@ -1,9 +1,9 @@
-"""The fused GEMM1's arrival bins: `routing.bin_expert` inverts `routing.arrival_bin`."""
+"""The fused GEMM1's arrival bins: `ep_tiles.bin_expert` inverts `ep_tiles.arrival_bin`."""
 import torch
 import triton
 import triton.language as tl
 
-from comet.kernels.routing import arrival_bin, bin_expert
+from comet.kernels.ep_tiles import arrival_bin, bin_expert
 from conftest import DEVICE
 from rank_helpers import spelled_arrival_bin as _arrival_bin
 
@@ -21,7 +21,7 @@ def _bins_round_trip(out_ptr, lead, EXPERTS: tl.constexpr, SOURCES: tl.constexpr
 
 
 def test_arrival_bins_invert():
-    """routing.bin_expert inverts routing.arrival_bin: every bin once, for each lead."""
+    """ep_tiles.bin_expert inverts ep_tiles.arrival_bin: every bin once, for each lead."""
     for experts, world in [(4, 2), (3, 4), (5, 1)]:
         for lead in range(experts + 1):
             out = torch.full((experts * world, 3), -7, dtype=torch.int32, device=DEVICE)

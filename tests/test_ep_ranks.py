@@ -172,6 +172,7 @@ def _dispatch_rounds(seed: int, token_counts: list) -> int:
     overwriting them: without one, each round ends with a barrier."""
     from comet.comm import CommWorkspace
     from comet.kernels.ep_dispatch import dispatch_buffers, dispatch_push, dispatch_receive
+    from comet.kernels.ep_tiles import ArrivalTiles
 
     rank, world, device = dist.get_rank(), dist.get_world_size(), _device()
     ws, capacity, top_k, per_rank = CommWorkspace.create(), 9, 3, E // world
@@ -190,9 +191,8 @@ def _dispatch_rounds(seed: int, token_counts: list) -> int:
         epoch = ws.next_epoch()
         dispatch_push(ws, bufs, epoch, x, ids, weights, plan.send_tokens, plan.counts, per_rank, num_programs=2)
         arrival, lead = call % 2 == 1, call % (per_rank + 1)
-        got_ids, got_weights, got_counts = dispatch_receive(ws, bufs, epoch, top_k,
-                                                            arrival_experts=per_rank if arrival else 0,
-                                                            lead_experts=lead)
+        got_ids, got_weights, got_counts = dispatch_receive(
+            ws, bufs, epoch, top_k, tiles=ArrivalTiles(per_rank, world, lead) if arrival else None)
         ws.check_errors()
         recv_x = bufs.received_x(ws, torch.float32).view(world, capacity, H)
         for src in range(world):

@@ -12,7 +12,8 @@ over the unfused GEMMs is the price of their structure alone.
 `--leads` times the fused splits with other lead experts (the fused GEMM1's own rows run first,
 `comet.ep.ep_experts(lead_experts=...)`): "model" (the cost model's) or a share of a rank's experts
 (1.0: every source's rows after all own rows). The unfused path's two GEMM launches (one kernel
-name) are listed apart: `_expert_gemm_kernel (GEMM1)` and `(GEMM2)`.
+name) are listed apart: `_expert_gemm_kernel (GEMM1)` and `(GEMM2)`; with only the dispatch fused,
+GEMM2 runs over the arrival bins as `_arrival_gemm_kernel` (`comet.kernels.ep_tiles`).
 
 Prints a table per shape (kernels x splits, us per call, rank 0); appends bench/results/ep_kernels.csv
 (GPU, torch, Triton, commit in every row; copied to $OUT when set).
@@ -84,14 +85,15 @@ def kernel_times(call, calls: int) -> tuple[dict[str, float], float]:
         torch.cuda.synchronize()
     per_kernel: dict[str, float] = {}
     kernels = [(e.name[:60], e.device_time_total) for e in prof.events() if e.device_type.name == "CUDA" and e.name]
-    # The expert GEMM kernel runs twice per call unfused (GEMM1 and GEMM2 take turns), once (GEMM2)
-    # with only the dispatch fused.
-    per_call = sum(name.startswith("_expert_gemm_kernel") for name, _ in kernels) // calls
+    # The single-GPU GEMM kernel runs twice per call, unfused only: GEMM1 and GEMM2 take turns. With
+    # only the dispatch fused, GEMM2 is the arrival-bin kernel.
     gemms = 0
     for name, us in kernels:
         if name.startswith("_expert_gemm_kernel"):
-            name = f"_expert_gemm_kernel (GEMM{2 - (per_call == 2 and gemms % 2 == 0)})"
+            name = f"_expert_gemm_kernel (GEMM{1 + gemms % 2})"
             gemms += 1
+        elif name.startswith("_arrival_gemm_kernel"):
+            name = "_arrival_gemm_kernel (GEMM2)"
         per_kernel[name] = per_kernel.get(name, 0.0) + us / calls
     return per_kernel, start.elapsed_time(end) * 1e3 / calls
 

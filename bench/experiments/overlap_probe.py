@@ -65,7 +65,7 @@ def parse_args(argv=None):
 
 def gemm1(cfg, tokens: int, world: int, dtype: torch.dtype, device: torch.device):
     """GEMM1 of one balanced rank: a function of the most programs it may use."""
-    from comet.kernels.expert_gemm import gate_up_gemm_args, launch_gemm
+    from comet.kernels.expert_gemm import GemmProblem, launch_gemm
     from comet.scheduler.configs import select_configs
     from comet.scheduler.routing import analyze_routing
 
@@ -78,10 +78,10 @@ def gemm1(cfg, tokens: int, world: int, dtype: torch.dtype, device: torch.device
     routing = analyze_routing(ids, experts)
     cfg1, _ = select_configs(ids.numel(), experts, hidden, ffn, dtype, device)
     act = torch.empty(ids.numel(), ffn, dtype=dtype, device=device)
-    args = gate_up_gemm_args(x, gate_up, None, False, routing.sorted_rows, torch.ones(ids.numel(), device=device),
-                             routing.hist, act, top_k=top_k, activation=cfg.activation, alpha=cfg.swiglu_alpha,
-                             limit=cfg.swiglu_limit, weight_on_input=False, cfg=cfg1)
-    return lambda max_programs: launch_gemm(*args, max_programs=max_programs)
+    problem = GemmProblem.gate_up(x, gate_up, None, False, routing.sorted_rows, torch.ones(ids.numel(), device=device),
+                                  routing.hist, act, top_k=top_k, activation=cfg.activation, alpha=cfg.swiglu_alpha,
+                                  limit=cfg.swiglu_limit, weight_on_input=False, cfg=cfg1)
+    return lambda max_programs: launch_gemm(problem, max_programs=max_programs)
 
 
 def rank_data(rank: int, n: int, dtype, device) -> torch.Tensor:
