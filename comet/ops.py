@@ -19,7 +19,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from comet.backend_registry import BACKENDS, register_backend
 from comet.config import MoEConfig
 from comet.kernels import combine
-from comet.kernels.expert_backward import down_dgrad, dw_partial_blocks, expert_wgrad, gate_up_dgrad
+from comet.kernels.expert_backward import down_dgrad, down_wgrad, dw_partial_blocks, gate_up_dgrad, gate_up_wgrad
 from comet.kernels.expert_gemm import down_gemm, gate_up_gemm
 from comet.kernels.routing import histogram_bins
 from comet.scheduler.configs import backward_configs, select_configs
@@ -178,20 +178,19 @@ def experts_backward(grad_out, x, topk_ids, topk_weights, w: ExpertWeights, plan
                dw_partial, top_k=top_k, interleaved=w.interleaved, activation=activation, alpha=alpha, limit=limit,
                weight_on_input=weight_on_input, cfg=cfgs.down_dgrad)
 
-    # dW2_e = sum_p (w_r a_p)^T g_t (act holds w_r a_p), written through the transposed view [E, F, H];
-    # db2_e = sum_p w_r g_t
+    # dW2_e = sum_p g_t^T (w_r a_p) [E, H, F] (act holds w_r a_p); db2_e = sum_p w_r g_t
     d_down = torch.empty(w.down.shape, dtype=dtype, device=device)
     d_down_bias = torch.empty(w.down_bias.shape if w.down_bias is not None else (0,), dtype=dtype, device=device)
-    expert_wgrad(act, False, grad_out, True, d_down.transpose(1, 2), d_down_bias if w.down_bias is not None else None,
-                 plan.sorted_rows, row_weights, plan.hist, top_k=top_k, weighted_bias=not weight_on_input,
-                 cfg=cfgs.down_wgrad)
-    # dW1_e = sum_p x_t^T dh_p (x_t w_r with the weight on the input): [E, H, 2F]
+    down_wgrad(grad_out, act, plan.sorted_rows, row_weights, plan.hist, d_down,
+               d_down_bias if w.down_bias is not None else None, top_k=top_k, weight_on_input=weight_on_input,
+               cfg=cfgs.down_wgrad)
+    # dW1_e = sum_p dh_p^T x_t [E, 2F, H] (x_t w_r with the weight on the input); db1_e = sum_p dh_p
     d_gate_up = torch.empty(w.gate_up.shape, dtype=dtype, device=device)
     d_gate_up_bias = torch.empty(w.gate_up_bias.shape if w.gate_up_bias is not None else (0,), dtype=dtype,
                                  device=device)
-    expert_wgrad(x, True, d_pre_act, False, d_gate_up.transpose(1, 2),
-                 d_gate_up_bias if w.gate_up_bias is not None else None, plan.sorted_rows, row_weights, plan.hist,
-                 top_k=top_k, scale_a=weight_on_input, cfg=cfgs.gate_up_wgrad)
+    gate_up_wgrad(d_pre_act, x, plan.sorted_rows, row_weights, plan.hist, d_gate_up,
+                  d_gate_up_bias if w.gate_up_bias is not None else None, top_k=top_k,
+                  weight_on_input=weight_on_input, cfg=cfgs.gate_up_wgrad)
 
     dx = x.new_empty(0, hidden)
     if need_x_grad or weight_on_input:

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from comet.kernels.expert_gemm import (
-    ACTIVATION_IDS, DESCRIPTOR_MIN_BLOCK_M, GemmConfig, _activation, input_descriptor_mode, locate_item, persistent_programs,
-    set_descriptor_allocator, tile_mainloop, tile_rows, weight_descriptor_mode,
+    ACTIVATION_IDS, DESCRIPTOR_MIN_BLOCK_M, GemmConfig, _activation, descriptors_allowed, input_descriptor_mode,
+    locate_item, persistent_programs, set_descriptor_allocator, tile_mainloop, tile_rows, weight_descriptor_mode,
 )
 from comet.kernels.routing import expert_segments, histogram_bins
 
@@ -265,12 +265,13 @@ def gate_up_dgrad(d_pre_act, gate_up, x, sorted_rows, row_weights, hist, slots, 
 
 
 @triton.jit
-def _wgrad_operand(ptr, desc, tokens, positions, r0, r_mask, first, cols, col0, col_in, stride_r, stride_c,
+def _wgrad_operand(ptr, desc, tokens, positions, r0, r_mask, cols, col0, col_in, stride_r, stride_c,
                    GATHER: tl.constexpr, DESC: tl.constexpr):
-    """A [BLOCK_K rows, columns] tile of a weight-gradient operand: rows gathered by token, or the
-    expert's sorted rows through a descriptor (zero-filled past them) or pointers."""
+    """A [BLOCK_K rows, columns] tile of a weight-gradient operand: rows gathered by token, or
+    sorted rows through a descriptor over the whole operand (rows past the expert's end are the
+    next expert's; the gathered operand's zeros there cancel them) or masked pointers."""
     if DESC:
-        return desc.load([r0 - first, col0])
+        return desc.load([r0, col0])
     else:
         r = tokens if GATHER else positions.to(tl.int64)
         return tl.load(ptr + r[:, None] * stride_r + cols[None, :] * stride_c, mask=r_mask[:, None] & col_in[None, :],
@@ -285,83 +286,148 @@ def _expert_wgrad_kernel(
     NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, A_DESC: tl.constexpr, B_DESC: tl.constexpr,
-    SCALE_A: tl.constexpr, BIAS_GRAD: tl.constexpr, WEIGHTED_BIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    OUT_DESC: tl.constexpr, SCALE_A: tl.constexpr, SCALE_B: tl.constexpr,
+    BIAS_OPERAND: tl.constexpr,  # 0: no bias gradient; 1: column sums of A ([E, M]); 2: of B ([E, N])
+    WEIGHTED_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
+    # One flat loop over this program's (tile, k-step) pairs, tiles pid, pid + P, ... in expert
+    # order: the pipeline runs on across tiles instead of draining at each tile's few k-steps.
+    # The tile's indices are updated at the top of an iteration only, from loop-carried scalars,
+    # so the loads of later iterations can be issued before this one's epilogue.
     row_start, counts, _, _, _ = expert_segments(hist_ptr, NUM_EXPERTS, NUM_BINS, 1)
     idx = tl.arange(0, NUM_BINS)
+    pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_expert = num_m * num_n
+    expert_steps = tl.maximum(tl.cdiv(counts, BLOCK_K), 1)  # an expert without rows: one step, zero tiles
+    first_item = idx * per_expert
+    my_items = ((first_item + per_expert - 1 - pid + NUM_PROGRAMS) // NUM_PROGRAMS
+                - (first_item - 1 - pid + NUM_PROGRAMS) // NUM_PROGRAMS)
+    total_steps = tl.sum(tl.where(idx < NUM_EXPERTS, my_items * expert_steps, 0), axis=0)
+    # A sorted operand's descriptor ends with the last expert's rows: rows past it (skipped ids)
+    # were never written, and a tile reading past its expert's end reads zeros there.
+    sorted_end = tl.load(hist_ptr) + tl.sum(counts, axis=0)
+    a_desc = None
+    b_desc = None
+    out_desc = None
+    if A_DESC:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[sorted_end, M], strides=[stride_ar, 1],
+                                           block_shape=[BLOCK_K, BLOCK_M])
+    if B_DESC:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[sorted_end, N], strides=[stride_br, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
+    if OUT_DESC:
+        out_desc = tl.make_tensor_descriptor(out_ptr, shape=[NUM_EXPERTS, M, N], strides=[stride_oe, stride_om, 1],
+                                             block_shape=[1, BLOCK_M, BLOCK_N])
     offs_r = tl.arange(0, BLOCK_K)
-    for item in range(tl.program_id(0), NUM_EXPERTS * per_expert, NUM_PROGRAMS):
-        expert = item // per_expert
-        m_block = (item % per_expert) // num_n
-        n_block = item % num_n
-        start = tl.sum(tl.where(idx == expert, row_start, 0), axis=0)
-        end = start + tl.sum(tl.where(idx == expert, counts, 0), axis=0)
+    item = pid - NUM_PROGRAMS
+    step = 0
+    tile_steps = 1
+    expert = 0
+    m_block = 0
+    n_block = 0
+    start = 0
+    end = 0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    col_sum = tl.zeros((BLOCK_M if BIAS_OPERAND == 1 else BLOCK_N,), dtype=tl.float32)
+    for _ in range(0, total_steps):
+        step = tl.where(step == tile_steps - 1, 0, step + 1)
+        if step == 0:  # the next tile
+            item += NUM_PROGRAMS
+            expert = item // per_expert
+            m_block = (item % per_expert) // num_n
+            n_block = item % num_n
+            start = tl.sum(tl.where(idx == expert, row_start, 0), axis=0)
+            end = start + tl.sum(tl.where(idx == expert, counts, 0), axis=0)
+            tile_steps = tl.maximum(tl.cdiv(end - start, BLOCK_K), 1)
         offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
         m_in = offs_m < M
         n_in = offs_n < N
-        a_desc = None
-        b_desc = None
-        if A_DESC:  # over this expert's rows: the copy engine zero-fills past them
-            a_desc = tl.make_tensor_descriptor(a_ptr + start.to(tl.int64) * stride_ar, shape=[end - start, M],
-                                               strides=[stride_ar, 1], block_shape=[BLOCK_K, BLOCK_M])
-        if B_DESC:
-            b_desc = tl.make_tensor_descriptor(b_ptr + start.to(tl.int64) * stride_br, shape=[end - start, N],
-                                               strides=[stride_br, 1], block_shape=[BLOCK_K, BLOCK_N])
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        col_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for r0 in range(start, end, BLOCK_K):
-            positions = r0 + offs_r
-            r_mask = positions < end
-            rows = tl.load(sorted_rows_ptr + positions, mask=r_mask, other=0).to(tl.int64)
-            tokens = rows // TOP_K
-            a = _wgrad_operand(a_ptr, a_desc, tokens, positions, r0, r_mask, start, offs_m, m_block * BLOCK_M, m_in,
-                               stride_ar, stride_am, GATHER_A, A_DESC)
-            b = _wgrad_operand(b_ptr, b_desc, tokens, positions, r0, r_mask, start, offs_n, n_block * BLOCK_N, n_in,
-                               stride_br, stride_bn, GATHER_B, B_DESC)
-            if SCALE_A or WEIGHTED_BIAS:
-                w = tl.load(row_weights_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)[:, None]
-            if SCALE_A:
-                a = (a.to(tl.float32) * w).to(a_ptr.dtype.element_ty)
-            if BIAS_GRAD:
-                if m_block == 0:
-                    if WEIGHTED_BIAS:
-                        col_sum += tl.sum(b.to(tl.float32) * w, axis=0)
-                    else:
-                        col_sum += tl.sum(b.to(tl.float32), axis=0)
-            if UPCAST_DOT:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PRECISION)
-        e64 = expert.to(tl.int64)
-        tl.store(out_ptr + e64 * stride_oe + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-                 acc.to(out_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
-        if BIAS_GRAD:
+        r0 = start + step * BLOCK_K
+        positions = r0 + offs_r
+        r_mask = positions < end
+        rows = tl.load(sorted_rows_ptr + positions, mask=r_mask, other=0).to(tl.int64)
+        tokens = rows // TOP_K
+        a = _wgrad_operand(a_ptr, a_desc, tokens, positions, r0, r_mask, offs_m, m_block * BLOCK_M, m_in,
+                           stride_ar, stride_am, GATHER_A, A_DESC)
+        b = _wgrad_operand(b_ptr, b_desc, tokens, positions, r0, r_mask, offs_n, n_block * BLOCK_N, n_in,
+                           stride_br, stride_bn, GATHER_B, B_DESC)
+        if SCALE_A or SCALE_B or WEIGHTED_BIAS:
+            w = tl.load(row_weights_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)[:, None]
+        if SCALE_A:
+            a = (a.to(tl.float32) * w).to(a_ptr.dtype.element_ty)
+        if SCALE_B:
+            b = (b.to(tl.float32) * w).to(b_ptr.dtype.element_ty)
+        if BIAS_OPERAND == 1:  # masked: a descriptor tile's rows past the expert's end are the next expert's
+            if n_block == 0:
+                summed = tl.where(r_mask[:, None], a.to(tl.float32), 0.0)
+                col_sum += tl.sum(summed * w if WEIGHTED_BIAS else summed, axis=0)
+        if BIAS_OPERAND == 2:
             if m_block == 0:
-                tl.store(bias_grad_ptr + e64 * stride_ge + offs_n * stride_gn,
-                         col_sum.to(bias_grad_ptr.dtype.element_ty), mask=n_in)
+                summed = tl.where(r_mask[:, None], b.to(tl.float32), 0.0)
+                col_sum += tl.sum(summed * w if WEIGHTED_BIAS else summed, axis=0)
+        if UPCAST_DOT:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PRECISION)
+        if step == tile_steps - 1:  # the tile's epilogue
+            e64 = expert.to(tl.int64)
+            if OUT_DESC:
+                out_desc.store([expert, m_block * BLOCK_M, n_block * BLOCK_N],
+                               tl.reshape(acc.to(out_ptr.dtype.element_ty), (1, BLOCK_M, BLOCK_N)))
+            else:
+                tl.store(out_ptr + e64 * stride_oe + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+                         acc.to(out_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
+            if BIAS_OPERAND == 1:
+                if n_block == 0:
+                    tl.store(bias_grad_ptr + e64 * stride_ge + offs_m * stride_gn,
+                             col_sum.to(bias_grad_ptr.dtype.element_ty), mask=m_in)
+            if BIAS_OPERAND == 2:
+                if m_block == 0:
+                    tl.store(bias_grad_ptr + e64 * stride_ge + offs_n * stride_gn,
+                             col_sum.to(bias_grad_ptr.dtype.element_ty), mask=n_in)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            col_sum = tl.zeros_like(col_sum)
+
+
+def _sorted_descriptor(t: torch.Tensor, gathered: bool, other_gathered: bool) -> bool:
+    """A weight-gradient operand goes through one descriptor over all its rows where it is
+    sorted, its layout allows, and the other operand is gathered (whose masked zeros cancel the
+    rows a tile reads past its expert's end)."""
+    return other_gathered and input_descriptor_mode(t, gathered, DESCRIPTOR_MIN_BLOCK_M)
+
+
+def _output_descriptor(out: torch.Tensor) -> bool:
+    """Whether the weight gradient [E, M, N] is written through a descriptor: N contiguous, the
+    other strides and the base 16-byte aligned."""
+    return (out.stride(2) == 1 and (out.stride(1) * out.element_size()) % 16 == 0
+            and descriptors_allowed(out, DESCRIPTOR_MIN_BLOCK_M))
 
 
 def expert_wgrad(a, gather_a, b, gather_b, out, bias_grad, sorted_rows, row_weights, hist, *, top_k,
-                 scale_a=False, weighted_bias=False, cfg: GemmConfig):
+                 scale="none", bias_of="b", weighted_bias=False, cfg: GemmConfig):
     """out[e] = sum over expert e's rows r (sorted position p) of A_r^T B_r, for every expert (zeros
     for one with no rows): the weight gradient of a grouped GEMM.
 
     a [rows_a, M], b [rows_b, N]: row r of an operand is its row token (r // top_k) if gathered,
-    else its row p (expert-sorted; read through a descriptor where `cfg.weight_descriptors` and
-    the layout allow); `scale_a` multiplies A's row by row_weights[r]. out [E, M, N] (any
-    strides); bias_grad [E, N] or None gets sum_r B_r (times row_weights[r] if `weighted_bias`).
-    No host sync; deterministic (each output element is one program's)."""
+    else its row p (expert-sorted). `scale` ("none", "a" or "b") multiplies that operand's row by
+    row_weights[r]. out [E, M, N] (any strides; written through a descriptor where N is
+    contiguous); bias_grad None, or the column sums of `bias_of` ("a": [E, M], "b": [E, N]) over
+    the expert's rows, times row_weights[r] if `weighted_bias`. Non-finite values in a sorted
+    operand's rows can reach the neighbouring expert's gradient where that operand is read
+    through a descriptor. No host sync; deterministic (each output element is one program's)."""
     num_experts, m, n = out.shape
+    if scale not in ("none", "a", "b") or bias_of not in ("a", "b"):
+        raise ValueError(f"expert_wgrad: scale must be 'none', 'a' or 'b' and bias_of 'a' or 'b', "
+                         f"got {scale!r}, {bias_of!r}")
     if a.is_cuda:
         set_descriptor_allocator()
     items = num_experts * triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     programs = persistent_programs(a.device, items)
     has_bias = bias_grad is not None
+    use_desc = cfg.weight_descriptors
     _expert_wgrad_kernel[(programs,)](
         a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1),
         out, out.stride(0), out.stride(1), out.stride(2),
@@ -370,9 +436,29 @@ def expert_wgrad(a, gather_a, b, gather_b, out, bias_grad, sorted_rows, row_weig
         NUM_EXPERTS=num_experts, NUM_BINS=histogram_bins(num_experts), TOP_K=top_k,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_PROGRAMS=programs,
         GATHER_A=gather_a, GATHER_B=gather_b,
-        A_DESC=cfg.weight_descriptors and input_descriptor_mode(a, gather_a, DESCRIPTOR_MIN_BLOCK_M),
-        B_DESC=cfg.weight_descriptors and input_descriptor_mode(b, gather_b, DESCRIPTOR_MIN_BLOCK_M),
-        SCALE_A=scale_a, BIAS_GRAD=has_bias, WEIGHTED_BIAS=weighted_bias,
+        A_DESC=use_desc and _sorted_descriptor(a, gather_a, gather_b),
+        B_DESC=use_desc and _sorted_descriptor(b, gather_b, gather_a),
+        OUT_DESC=use_desc and _output_descriptor(out),
+        SCALE_A=scale == "a", SCALE_B=scale == "b", BIAS_OPERAND=(1 if bias_of == "a" else 2) if has_bias else 0,
+        WEIGHTED_BIAS=weighted_bias,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", UPCAST_DOT=a.device.type != "cuda",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+
+
+def down_wgrad(grad_out, act, sorted_rows, row_weights, hist, d_down, d_down_bias, *, top_k, weight_on_input,
+               cfg: GemmConfig):
+    """Weight gradient of GEMM2: d_down[e] = sum over e's rows of g_t^T a'_p [E, H, F], where
+    act [T*K, F] sorted holds a'_p (`down_dgrad` wrote it: w_r a_p unless `weight_on_input`);
+    d_down_bias [E, H] or None gets sum w_r g_t (sum g_t with `weight_on_input`). No host sync."""
+    expert_wgrad(grad_out, True, act, False, d_down, d_down_bias, sorted_rows, row_weights, hist, top_k=top_k,
+                 bias_of="a", weighted_bias=not weight_on_input, cfg=cfg)
+
+
+def gate_up_wgrad(d_pre_act, x, sorted_rows, row_weights, hist, d_gate_up, d_gate_up_bias, *, top_k,
+                  weight_on_input, cfg: GemmConfig):
+    """Weight gradient of GEMM1: d_gate_up[e] = sum over e's rows of dh_p^T x_t [E, 2F, H] (x_t
+    times w_r with `weight_on_input`), d_pre_act [T*K, 2F] sorted; d_gate_up_bias [E, 2F] or None
+    gets sum dh_p. No host sync."""
+    expert_wgrad(d_pre_act, False, x, True, d_gate_up, d_gate_up_bias, sorted_rows, row_weights, hist, top_k=top_k,
+                 scale="b" if weight_on_input else "none", bias_of="a", cfg=cfg)

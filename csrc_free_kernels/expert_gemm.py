@@ -279,7 +279,7 @@ USE_INPUT_DESCRIPTORS = True
 DESCRIPTOR_MIN_BLOCK_M = 64
 
 
-def _descriptors_allowed(t: torch.Tensor, block_m: int) -> bool:
+def descriptors_allowed(t: torch.Tensor, block_m: int) -> bool:
     """Descriptors need compute capability 9.0 or newer (on a GPU), tiles at least
     DESCRIPTOR_MIN_BLOCK_M tall, and a 16-byte aligned base and leading stride."""
     if block_m < DESCRIPTOR_MIN_BLOCK_M:
@@ -297,7 +297,7 @@ def _has_tensor_memory_accelerator(device: torch.device) -> bool:
 def weight_descriptor_mode(b: torch.Tensor, b2: torch.Tensor, block_m: int = DESCRIPTOR_MIN_BLOCK_M) -> int:
     """0: pointer loads; 1: descriptors over K-contiguous weights; 2: over N-contiguous weights
     (the other of the two strides 16-byte aligned too)."""
-    if not USE_WEIGHT_DESCRIPTORS or not all(_descriptors_allowed(t, block_m) for t in (b, b2)):
+    if not USE_WEIGHT_DESCRIPTORS or not all(descriptors_allowed(t, block_m) for t in (b, b2)):
         return 0
     size = b.element_size()
     if b.stride(2) == 1 and (b.stride(1) * size) % 16 == 0:
@@ -310,7 +310,7 @@ def weight_descriptor_mode(b: torch.Tensor, b2: torch.Tensor, block_m: int = DES
 def input_descriptor_mode(a: torch.Tensor, gathered: bool, block_m: int) -> bool:
     """Whether the kernel reads A [rows, K] through descriptors: only where its rows are not
     gathered (a tile's rows are then contiguous) and K is contiguous."""
-    return USE_INPUT_DESCRIPTORS and not gathered and a.stride(1) == 1 and _descriptors_allowed(a, block_m)
+    return USE_INPUT_DESCRIPTORS and not gathered and a.stride(1) == 1 and descriptors_allowed(a, block_m)
 
 
 def set_descriptor_allocator():

@@ -144,6 +144,49 @@ def test_strided_and_transposed_inputs():
     check((cfg, x_col, ids, weights, w_t))
 
 
+@pytest.mark.parametrize("sorted_operand", ["a", "b"])
+def test_weight_gradient_reads_no_unwritten_rows(sorted_operand):
+    """`expert_wgrad` straight: ragged experts (one without rows), skipped ids whose sorted rows were
+    never written (NaN here), the gathered operand and the bias on either side; poisoned outputs."""
+    from comet.kernels.expert_backward import expert_wgrad
+    from comet.kernels.expert_gemm import GemmConfig
+    from comet.kernels.routing import sorted_routing_plan
+
+    T, K, E, cols_sorted, cols_gathered = 19, 2, 4, 40, 24
+    ids = torch.randint(0, E, (T, K), device=DEVICE)
+    ids[ids == 2] = 1  # expert 2 gets no rows
+    ids[0::5, 0] = -1
+    ids[1::4, 1] = E
+    sorted_rows, hist = sorted_routing_plan(ids.flatten(), E)
+    sorted_ids = ids.flatten()[sorted_rows]
+    s = torch.randn(T * K, cols_sorted, device=DEVICE)
+    s[(sorted_ids < 0) | (sorted_ids >= E)] = float("nan")
+    g = torch.randn(T, cols_gathered, device=DEVICE)
+    w = torch.rand(T * K, device=DEVICE) + 0.1
+    want = torch.zeros(E, cols_sorted, cols_gathered, dtype=torch.float64, device=DEVICE)
+    want_bias = torch.zeros(E, cols_sorted, dtype=torch.float64, device=DEVICE)
+    for p, row in enumerate(sorted_rows.tolist()):
+        e = int(sorted_ids[p])
+        if 0 <= e < E:
+            want[e] += s[p].double()[:, None] * g[row // K].double()[None, :]
+            want_bias[e] += w[row].double() * s[p].double()
+    cfg = GemmConfig(16, 32, 16, group_m=1) if DEVICE == "cpu" else GemmConfig(64, 64, 32, group_m=1)
+    if sorted_operand == "a":
+        out = torch.full((E, cols_sorted, cols_gathered), float("nan"), device=DEVICE)
+        operands, bias_of = (s, False, g, True), "a"
+    else:
+        out = torch.full((E, cols_gathered, cols_sorted), float("nan"), device=DEVICE)
+        operands, bias_of = (g, True, s, False), "b"
+        want = want.transpose(1, 2)
+    bias = torch.full((E, cols_sorted), float("nan"), device=DEVICE)
+    expert_wgrad(*operands, out, bias, sorted_rows, w, hist, top_k=K, bias_of=bias_of, weighted_bias=True, cfg=cfg)
+    assert (out[2] == 0).all() and (bias[2] == 0).all()
+    for got, ref in ((out, want), (bias, want_bias)):
+        assert torch.isfinite(got).all()
+        err = ((got.double() - ref).norm() / ref.norm()).item()
+        assert err <= TOL[torch.float32], err
+
+
 @pytest.mark.parametrize("descriptors", [True, False], ids=["descriptor_loads", "pointer_loads"])
 def test_descriptor_and_pointer_loads(monkeypatch, descriptors):
     """Weights and the contiguous sorted operands through tensor descriptors, or plain pointers."""

@@ -37,7 +37,7 @@ DGRAD_CONFIGS = ("128x128x64-g8w8s3", "128x128x64-g8w8s4", "128x256x64-g8w8s3", 
 
 def problems(shape_name: str, tokens: int, device):
     """(shape config, {BackwardConfigs field: (call of a GemmConfig, FLOPs, "dgrad" or "wgrad")})."""
-    from comet.kernels.expert_backward import down_dgrad, dw_partial_blocks, expert_wgrad, gate_up_dgrad
+    from comet.kernels.expert_backward import down_dgrad, down_wgrad, dw_partial_blocks, gate_up_dgrad, gate_up_wgrad
     from comet.ops import routed_experts_train
 
     shape = model_shape(shape_name)
@@ -77,13 +77,13 @@ def problems(shape_name: str, tokens: int, device):
     d_gate_up_bias = torch.empty(e, 2 * f, dtype=s.x.dtype, device=device) if w.gate_up_bias is not None else None
 
     def down_wgrad_call(c):
-        expert_wgrad(act, False, g, True, d_down.transpose(1, 2), d_down_bias, sorted_rows, rw, hist, top_k=k,
-                     weighted_bias=not cfg.weight_on_input, cfg=c)
+        down_wgrad(g, act, sorted_rows, rw, hist, d_down, d_down_bias, top_k=k, weight_on_input=cfg.weight_on_input,
+                   cfg=c)
         return d_down
 
     def gate_up_wgrad_call(c):
-        expert_wgrad(s.x, True, d_pre, False, d_gate_up.transpose(1, 2), d_gate_up_bias, sorted_rows, rw, hist,
-                     top_k=k, scale_a=cfg.weight_on_input, cfg=c)
+        gate_up_wgrad(d_pre, s.x, sorted_rows, rw, hist, d_gate_up, d_gate_up_bias, top_k=k,
+                      weight_on_input=cfg.weight_on_input, cfg=c)
         return d_gate_up
 
     return cfg, {"down_dgrad": (down_dgrad_call, gemm1_flops / 2, "dgrad"),

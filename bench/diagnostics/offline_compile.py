@@ -99,7 +99,7 @@ def kernel_calls(shape_name: str, rows_per_expert: int = 64, experts: int | None
     activation, bias, layout and dtypes (so with its expert count the compiled kernel is the one a
     GPU run of the shape compiles); weights are one expert's, broadcast to `experts` (default: the
     shape's)."""
-    from comet.kernels.expert_backward import down_dgrad, dw_partial_blocks, expert_wgrad, gate_up_dgrad
+    from comet.kernels.expert_backward import down_dgrad, down_wgrad, dw_partial_blocks, gate_up_dgrad, gate_up_wgrad
     from comet.kernels.expert_gemm import down_gemm, gate_up_gemm
     from comet.kernels.routing import histogram_bins
 
@@ -137,10 +137,10 @@ def kernel_calls(shape_name: str, rows_per_expert: int = 64, experts: int | None
         "gate_up_dgrad": lambda c: gate_up_dgrad(d_pre_act, gate_up, x, sorted_rows, row_weights, hist, slots,
                                                  torch.empty(dw_partial_blocks(h, c), rows), top_k=k,
                                                  weight_on_input=woi, cfg=c),
-        "down_wgrad": lambda c: expert_wgrad(act, False, g, True, d_down.transpose(1, 2), down_bias, sorted_rows,
-                                             row_weights, hist, top_k=k, weighted_bias=not woi, cfg=c),
-        "gate_up_wgrad": lambda c: expert_wgrad(x, True, d_pre_act, False, d_gate_up.transpose(1, 2), gate_up_bias,
-                                                sorted_rows, row_weights, hist, top_k=k, scale_a=woi, cfg=c),
+        "down_wgrad": lambda c: down_wgrad(g, act, sorted_rows, row_weights, hist, d_down, down_bias, top_k=k,
+                                           weight_on_input=woi, cfg=c),
+        "gate_up_wgrad": lambda c: gate_up_wgrad(d_pre_act, x, sorted_rows, row_weights, hist, d_gate_up,
+                                                 gate_up_bias, top_k=k, weight_on_input=woi, cfg=c),
     }
 
 
