@@ -400,9 +400,11 @@ def _sorted_descriptor(t: torch.Tensor, gathered: bool, other_gathered: bool) ->
 
 
 def _output_descriptor(out: torch.Tensor) -> bool:
-    """Whether the weight gradient [E, M, N] is written through a descriptor: N contiguous, the
-    other strides and the base 16-byte aligned."""
-    return (out.stride(2) == 1 and (out.stride(1) * out.element_size()) % 16 == 0
+    """Whether the weight gradient [E, M, N] is written through a descriptor (its tile staged in
+    shared memory for the copy engine): 16-bit (an fp32 tile would not fit beside the pipeline),
+    N contiguous, the other strides and the base 16-byte aligned."""
+    size = out.element_size()
+    return (size == 2 and out.stride(2) == 1 and all((s * size) % 16 == 0 for s in out.stride()[:2])
             and descriptors_allowed(out, DESCRIPTOR_MIN_BLOCK_M))
 
 

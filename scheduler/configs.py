@@ -116,8 +116,8 @@ class BackwardConfigs(NamedTuple):
 
     down_dgrad: GemmConfig  # rows x F tiles over H: GEMM1's shape, with the activation's backward
     gate_up_dgrad: GemmConfig  # rows x H tiles over 2F: GEMM2's shape
-    down_wgrad: GemmConfig  # F x H tiles of dW2 over each expert's rows (block_k rows per step)
-    gate_up_wgrad: GemmConfig  # H x 2F tiles of dW1
+    down_wgrad: GemmConfig  # H x F tiles of dW2 over each expert's rows (block_k rows per step)
+    gate_up_wgrad: GemmConfig  # 2F x H tiles of dW1
 
 
 def backward_table_name(gpu: str) -> str:
@@ -126,11 +126,14 @@ def backward_table_name(gpu: str) -> str:
     return f"backward_{gpu}"
 
 
-def heuristic_wgrad_config(device: torch.device) -> GemmConfig:
-    """128 x 256 output tiles, 5 stages (3 data tiles in flight; measured: docs/performance.md)."""
+def heuristic_wgrad_configs(device: torch.device) -> tuple[GemmConfig, GemmConfig]:
+    """(down_wgrad, gate_up_wgrad): 128 rows of the gathered operand's columns by 256 of the sorted
+    one's per tile (down_wgrad gathers its A, gate_up_wgrad its B), 5 stages (3 data tiles in
+    flight; measured: docs/performance.md)."""
     if device.type != "cuda":
-        return GemmConfig(16, 32, 16, group_m=1)
-    return GemmConfig(128, 256, 64, group_m=1, num_warps=8, num_stages=5)
+        return GemmConfig(16, 32, 16, group_m=1), GemmConfig(32, 16, 16, group_m=1)
+    return (GemmConfig(128, 256, 64, group_m=1, num_warps=8, num_stages=5),
+            GemmConfig(256, 128, 64, group_m=1, num_warps=8, num_stages=5))
 
 
 def backward_configs(num_rows: int, num_experts: int, hidden: int, ffn: int, dtype: torch.dtype,
@@ -145,8 +148,7 @@ def backward_configs(num_rows: int, num_experts: int, hidden: int, ffn: int, dty
 def _backward_bucket_configs(bucket: int, num_experts: int, hidden: int, ffn: int, dtype: torch.dtype,
                              device: torch.device) -> BackwardConfigs:
     gemm1, gemm2 = _bucket_configs(bucket, num_experts, hidden, ffn, dtype, device)
-    wgrad = heuristic_wgrad_config(device)
-    configs = BackwardConfigs(gemm1, gemm2, wgrad, wgrad)
+    configs = BackwardConfigs(gemm1, gemm2, *heuristic_wgrad_configs(device))
     entries = shape_entries(load_table(backward_table_name(gpu_key(device))), num_experts, hidden, ffn, dtype)
     if entries:
         best = min(entries, key=lambda b: abs(int(b).bit_length() - bucket.bit_length()))

@@ -9,6 +9,8 @@
 #   kernel_tests  forward_tests (the single-GPU kernels, bf16 Hugging Face checks), then backward_tests
 #   training_8192  bench/training.py at 8192 tokens, Qwen3 and OLMoE, against Liger-Kernel (autotuned) and _grouped_mm
 #   backward_rest  the backward tests after the size and tile sweeps, the CUDA-graph training step first
+#   wgrad_tune     the weight-gradient configs only (bench/diagnostics/backward_gemms.py), every shape, --write-table
+#   training_ours_all  bench/training.py, ours only: every shape at 8192 tokens, then Mixtral and DeepSeek-V3 at 16384
 #   training_liger bench/training.py at 8192 tokens against Liger-Kernel (autotuned), shapes $COMET_TRAINING_SHAPES
 #                  (default OLMoE-1B-7B DeepSeek-V3)
 #   training_16384 bench/training.py at 16384 tokens, Mixtral and DeepSeek-V3, ours only (the TFLOP/s targets)
@@ -76,8 +78,22 @@ for p in "$@"; do
       phase backward_rest 200 tests python3 -m pytest -q -p no:cacheprovider \
         tests/test_backward.py::test_cuda_graph_training_step_replays_without_host_sync tests/test_backward.py \
         -k "not test_gradients_of_every_variant and not test_token_and_expert_counts and not test_wide_down_dgrad_tiles" ;;
-    backward_tests)
-      phase backward_tests 300 tests python3 -m pytest -q -p no:cacheprovider tests/test_backward.py ;;
+    backward_tests)  # four processes side by side: compiling the many variants dominates
+      local i=0
+      for part in "every_variant" "token_and_expert_counts" "wide_down_dgrad or cuda_graph or compiled" \
+          "not every_variant and not token_and_expert_counts and not wide_down_dgrad and not cuda_graph and not compiled"; do
+        i=$((i + 1))
+        phase backward_tests_$i 280 tests python3 -m pytest -q -p no:cacheprovider tests/test_backward.py -k "$part" &
+      done
+      wait ;;
+    wgrad_tune)
+      phase wgrad_tune 240 training python3 -m bench.diagnostics.backward_gemms --write-table --descriptors on \
+        --dgrad-configs --shapes Qwen3-30B-A3B OLMoE-1B-7B Mixtral-8x7B DeepSeek-V3 GPT-OSS-20B --tokens 8192
+      cp scheduler/tables/backward_*.json "$RES/training/" 2>/dev/null ;;
+    training_ours_all)
+      phase training_ours_all 200 training python3 -m bench.training --quick --profile --tokens 8192 --impls ours
+      phase training_16384 150 training python3 -m bench.training --quick --tokens 16384 \
+        --shapes Mixtral-8x7B DeepSeek-V3 --impls ours ;;
     backward_tune)
       phase backward_gemms 330 training python3 -m bench.diagnostics.backward_gemms --write-table \
         --shapes Qwen3-30B-A3B OLMoE-1B-7B Mixtral-8x7B DeepSeek-V3 GPT-OSS-20B --tokens 8192

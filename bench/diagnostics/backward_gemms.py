@@ -27,11 +27,12 @@ from bench.common import (
 from bench.diagnostics.expert_gemms import config_label, parse_config
 from bench.shapes import model_shape
 
-# The weight gradients' row-index load takes a pipeline stage: num_stages s keeps s - 2 data
-# tiles in flight (s = 5: 3). 128 x 256 down_dgrad tiles spill registers
+# The weight gradients' row-index load takes pipeline stages: num_stages 4 keeps 2 data tiles in
+# flight, 5 and 6 keep 3, 8 keeps 4. The gathered operand's columns want the tile's 128 side
+# (down_wgrad gathers A, gate_up_wgrad B). 128 x 256 down_dgrad tiles spill registers
 # (`python -m bench.diagnostics.kernel_resources`); gate_up_dgrad's do not.
-WGRAD_CONFIGS = ("128x256x64-g1w8s3", "128x256x64-g1w8s5", "128x256x64-g1w8s6", "256x128x64-g1w8s5",
-                 "128x128x64-g1w8s6")
+WGRAD_CONFIGS = ("128x256x64-g1w8s5", "256x128x64-g1w8s5", "128x256x64-g1w8s4", "256x128x64-g1w8s4",
+                 "128x256x32-g1w8s6", "256x128x32-g1w8s6")
 DGRAD_CONFIGS = ("128x128x64-g8w8s3", "128x128x64-g8w8s4", "128x256x64-g8w8s3", "64x128x64-g8w4s4")
 
 
@@ -98,8 +99,9 @@ def write_table(best: dict, device):
 
     name = backward_table_name(gpu_key(device))
     table = {key: dict(value) for key, value in load_table(name).items()}
-    for (key, bucket), kernels in best.items():
-        table.setdefault(key, {})[str(bucket)] = {k: dataclasses.asdict(c) for k, c in kernels.items()}
+    for (key, bucket), kernels in best.items():  # kernels not swept keep their entries
+        table.setdefault(key, {}).setdefault(str(bucket), {}).update(
+            {k: dataclasses.asdict(c) for k, c in kernels.items()})
     path = TABLE_DIR / f"{name}.json"
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     clear_table_cache()
