@@ -13,6 +13,7 @@ import os
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -99,6 +100,45 @@ def run_on_cpu(run: Callable[[torch.device], int]) -> int:
         return run(torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
+
+
+def run_on_device(script: str, args, run: Callable[[object, torch.device], int]) -> int:
+    """A benchmark's main: `run(args, cpu)` through `run_on_cpu` with `args.smoke`, else
+    `run(args, cuda)`; 2 (with a message naming `script`) where there is no CUDA device."""
+    if args.smoke:
+        return run_on_cpu(lambda device: run(args, device))
+    if not torch.cuda.is_available():
+        print(f"{script}: no CUDA device; use --smoke to test this script on CPU", file=sys.stderr)
+        return 2
+    return run(args, torch.device("cuda"))
+
+
+def finish_shape_args(p, args, default_tokens: Iterable[int]):
+    """The shape and run arguments every shape benchmark shares, checked and completed in place
+    (`p` the parser, whose `error` exits): `shape_names`, `tokens` (default `default_tokens`,
+    the smoke ones with --smoke), `timing`, `results_dir` (a temp dir with --smoke)."""
+    from bench.shapes import SMOKE_TOKEN_COUNTS, shape_names
+
+    try:
+        args.shape_names = shape_names(args.shapes, args.smoke)
+    except ValueError as err:
+        p.error(str(err))
+    args.tokens = args.tokens or list(SMOKE_TOKEN_COUNTS if args.smoke else default_tokens)
+    if min(args.tokens) < 1 or args.input_sets < 1:
+        p.error("--tokens and --input-sets must be positive")
+    args.timing = TIMINGS["smoke" if args.smoke else "quick" if args.quick else "default"]
+    if args.results_dir is None:
+        args.results_dir = Path(tempfile.mkdtemp(prefix="comet-bench-smoke-")) if args.smoke else RESULTS_DIR
+    return args
+
+
+def record_error(row: dict, log, what: str, exc: Exception, device: torch.device):
+    """A measurement that raised: logged with its traceback, the row marked "error" with the
+    exception's text, the GPU's cached memory released, so the run goes on with the others."""
+    log.exception(f"!!! ERROR: {what}")
+    row.update(status="error", note=f"{type(exc).__name__}: {exc}"[:300])
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def run_probe(module: str, run: Callable, report: Callable, args) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS_DIR, append_csv, environment, plot_panels, progress, publish, run_on_cpu
+from bench.common import RESULTS_DIR, append_csv, environment, plot_panels, progress, publish, run_on_device
 from comet.tiny_models import build_tiny_model
 
 # A small Qwen3-MoE: 4 layers, hidden 512, 32 experts of width 256, top-4.
@@ -88,12 +88,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.batch, args.seq = args.steps or 3, 2, 8
-        return run_on_cpu(lambda device: run(args, device))
-    args.steps = args.steps or 50
-    if not torch.cuda.is_available():
-        print("hf_training.py: no CUDA device; use --smoke to test this script on CPU", file=sys.stderr)
-        return 2
-    return run(args, torch.device("cuda"))
+    else:
+        args.steps = args.steps or 50
+    return run_on_device("hf_training.py", args, run)
 
 
 if __name__ == "__main__":

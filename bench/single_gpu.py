@@ -21,7 +21,6 @@ import argparse
 import math
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,11 +31,11 @@ import torch
 import comet
 from bench.baselines import grouped_mm_experts, grouped_mm_missing, hf_experts_module
 from bench.common import (
-    DTYPES, RESULTS_DIR, ROUTER_SKEW_STD, TIMINGS, TOLERANCE, Inputs, RunLog, append_csv, environment,
-    expert_flops, graph_replays, make_inputs, make_weights, plot_panels, progress, publish, reference_output,
-    relative_error, routing_stats, run_on_cpu, time_calls, within_tolerance,
+    DTYPES, ROUTER_SKEW_STD, TOLERANCE, Inputs, RunLog, append_csv, environment, expert_flops, finish_shape_args,
+    graph_replays, make_inputs, make_weights, plot_panels, progress, publish, record_error, reference_output,
+    relative_error, routing_stats, run_on_device, time_calls, within_tolerance,
 )
-from bench.shapes import MODELS, SMOKE_TOKEN_COUNTS, TOKEN_COUNTS, ModelShape, model_shape, shape_names
+from bench.shapes import MODELS, TOKEN_COUNTS, ModelShape, model_shape
 from comet.backends import backend_status
 
 IMPLS = ("grouped_mm", "hf", "ours", "ours_graph")
@@ -127,17 +126,10 @@ def parse_args(argv):
     p.add_argument("--results-dir", type=Path, help="where the CSV and PNG go (default bench/results)")
     args = p.parse_args(argv)
 
-    try:
-        args.shape_names = shape_names(args.shapes, args.smoke)
-    except ValueError as err:
-        p.error(str(err))
-    args.tokens = args.tokens or list(SMOKE_TOKEN_COUNTS if args.smoke else TOKEN_COUNTS)
-    if min(args.tokens) < 1 or args.input_sets < 1 or args.check_rows < 1:
-        p.error("--tokens, --input-sets and --check-rows must be positive")
+    finish_shape_args(p, args, TOKEN_COUNTS)
+    if args.check_rows < 1:
+        p.error("--check-rows must be positive")
     args.backend = args.backend or ("reference" if args.smoke else "triton")
-    args.timing = TIMINGS["smoke" if args.smoke else "quick" if args.quick else "default"]
-    if args.results_dir is None:
-        args.results_dir = Path(tempfile.mkdtemp(prefix="comet-bench-smoke-")) if args.smoke else RESULTS_DIR
     return args
 
 
@@ -205,10 +197,7 @@ def run_shape(session: Session, shape: ModelShape, dtype_name: str) -> list[dict
                                pct_h200_peak_bw=100 * bytes_per_s / H200_PEAK_BYTES_PER_S,
                                pct_copy_bw=100 * bytes_per_s / session.copy_bw)
                 except Exception as exc:  # report and go on: one broken path must not lose the others
-                    log.exception(f"!!! ERROR: {what}")
-                    row.update(status="error", note=f"{type(exc).__name__}: {exc}"[:300])
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                    record_error(row, log, what, exc, device)
             results.append(row)
             session.bar.update()
         add_speedups(results[-len(IMPLS):])
@@ -262,13 +251,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if not args.smoke:
-        if not torch.cuda.is_available():
-            print("single_gpu.py: no CUDA device; use --smoke to test this script on CPU", file=sys.stderr)
-            return 2
-        return run(args, torch.device("cuda"))
-    return run_on_cpu(lambda device: run(args, device))
+    return run_on_device("single_gpu.py", parse_args(argv), run)
 
 
 def run(args, device: torch.device) -> int:

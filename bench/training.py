@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -35,11 +34,11 @@ import torch
 import comet
 from bench.baselines import grouped_mm_experts, grouped_mm_missing, hf_experts_module
 from bench.common import (
-    DTYPES, RESULTS_DIR, ROUTER_SKEW_STD, TIMINGS, TOLERANCE, RunLog, append_csv, environment, expert_flops,
-    make_inputs, make_weights, plot_panels, progress, publish, relative_error, run_on_cpu, time_calls,
-    within_tolerance,
+    DTYPES, ROUTER_SKEW_STD, TOLERANCE, RunLog, append_csv, environment, expert_flops, finish_shape_args,
+    make_inputs, make_weights, plot_panels, progress, publish, record_error, relative_error, run_on_device,
+    time_calls, within_tolerance,
 )
-from bench.shapes import MODELS, SMOKE_TOKEN_COUNTS, model_shape, shape_names
+from bench.shapes import MODELS, model_shape
 from comet.reference import experts_reference
 
 IMPLS = ("ours", "ours_recompute", "liger", "grouped_mm", "hf")
@@ -175,16 +174,7 @@ def parse_args(argv):
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (interpreter), results in a temp dir")
     p.add_argument("--results-dir", type=Path, help="where the CSV and PNG go (default bench/results)")
     args = p.parse_args(argv)
-    try:
-        args.shape_names = shape_names(args.shapes, args.smoke)
-    except ValueError as err:
-        p.error(str(err))
-    args.tokens = args.tokens or list(SMOKE_TOKEN_COUNTS if args.smoke else TOKEN_COUNTS)
-    if min(args.tokens) < 1 or args.input_sets < 1:
-        p.error("--tokens and --input-sets must be positive")
-    args.timing = TIMINGS["smoke" if args.smoke else "quick" if args.quick else "default"]
-    if args.results_dir is None:
-        args.results_dir = Path(tempfile.mkdtemp(prefix="comet-bench-smoke-")) if args.smoke else RESULTS_DIR
+    finish_shape_args(p, args, TOKEN_COUNTS)
     return args
 
 
@@ -234,10 +224,7 @@ def run_shape(args, device, env, name, log, bar) -> list[dict]:
                     row["tflops"] = flops / (row["ms_fwd_bwd"] * 1e-3) / 1e12
                     row["saved_gb"] = saved_bytes(call, sets[0], w, device) / 1e9
                 except Exception as exc:  # report and go on: one broken path must not lose the others
-                    log.exception(f"!!! ERROR: {impl} on {name} T={tokens}")
-                    row.update(status="error", note=f"{type(exc).__name__}: {exc}"[:300])
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                    record_error(row, log, f"{impl} on {name} T={tokens}", exc, device)
             rows.append(row)
             bar.update()
         ms = {r["impl"]: r.get("ms_fwd_bwd") for r in rows[-len(args.impls):] if r["status"] in ("ok", "mismatch")}
@@ -298,13 +285,7 @@ def run(args, device: torch.device) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.smoke:
-        return run_on_cpu(lambda device: run(args, device))
-    if not torch.cuda.is_available():
-        print("training.py: no CUDA device; use --smoke to test this script on CPU", file=sys.stderr)
-        return 2
-    return run(args, torch.device("cuda"))
+    return run_on_device("training.py", parse_args(argv), run)
 
 
 if __name__ == "__main__":

@@ -8,27 +8,15 @@ import comet
 import comet.reference
 from comet.reference import experts_reference
 from conftest import DEVICE
+import expert_cases
+from expert_cases import assert_close, capture_without_host_sync
 
 # Relative Frobenius error per gradient. fp32 allows for TF32 dot products on a GPU.
 TOL = {torch.float32: 1e-5 if DEVICE == "cpu" else 5e-3, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
-def make_case(T, E, K, H=32, F=24, dtype=torch.float32, activation="swiglu", bias=False, interleaved=False,
-              weight_on_input=False, ids=None, scale=1.0):
-    cfg = comet.MoEConfig(hidden_size=H, ffn_size=F, num_experts=E, top_k=K, activation=activation,
-                          expert_bias=bias, weight_on_input=weight_on_input, swiglu_limit=1.5)
-    x = (torch.randn(T, H, device=DEVICE) * scale).to(dtype)
-    if ids is None:
-        ids = torch.rand(T, E, device=DEVICE).argsort(dim=1)[:, :K]  # distinct experts per token
-    weights = torch.rand(T, K, device=DEVICE) + 0.1
-    w = comet.ExpertWeights(
-        (torch.randn(E, 2 * F, H, device=DEVICE) * H**-0.5).to(dtype),
-        (torch.randn(E, H, F, device=DEVICE) * F**-0.5).to(dtype),
-        (torch.randn(E, 2 * F, device=DEVICE) * 0.5).to(dtype) if bias else None,
-        (torch.randn(E, H, device=DEVICE) * 0.5).to(dtype) if bias else None,
-        interleaved,
-    )
-    return cfg, x, ids, weights, w
+def make_case(T, E, K, H=32, F=24, **kw):
+    return expert_cases.make_case(T, E, K, H, F, bias_scale=0.5, swiglu_limit=1.5, **kw)
 
 
 def leaves_of(x, weights, w):
@@ -64,22 +52,11 @@ def check(case, grad_out=None, **kw):
                          if t is not None]
     for name, g, r in zip(names, got, want):
         assert g.shape == r.shape and g.dtype == (weights.dtype if name == "topk_weights" else x.dtype), name
-        assert torch.isfinite(g).all(), f"{name}: non-finite values"
-        err = ((g.double() - r).norm() / r.norm().clamp_min(1e-30)).item()
-        assert err <= TOL[x.dtype], f"{name}: relative error {err:.3g} > {TOL[x.dtype]}"
+        assert_close(g, r, TOL[x.dtype], name)
     return got
 
 
-@pytest.mark.parametrize("activation,bias,interleaved,weight_on_input", [
-    ("swiglu", False, False, False),
-    ("swiglu", True, False, False),
-    ("geglu", False, False, False),
-    ("geglu", True, True, False),
-    ("clamped_swiglu", True, True, False),
-    ("clamped_swiglu", False, False, False),
-    ("swiglu", False, False, True),
-    ("swiglu", True, False, True),
-])
+@pytest.mark.parametrize("activation,bias,interleaved,weight_on_input", expert_cases.VARIANTS)
 def test_gradients_of_every_variant(activation, bias, interleaved, weight_on_input):
     # scale 3: pre-activations cross the clamped SwiGLU's limits, so its masked gradients are covered
     check(make_case(29, 6, 2, activation=activation, bias=bias, interleaved=interleaved,
@@ -181,10 +158,8 @@ def test_weight_gradient_reads_no_unwritten_rows(sorted_operand):
     bias = torch.full((E, cols_sorted), float("nan"), device=DEVICE)
     expert_wgrad(*operands, out, bias, sorted_rows, w, hist, top_k=K, bias_of=bias_of, weighted_bias=True, cfg=cfg)
     assert (out[2] == 0).all() and (bias[2] == 0).all()
-    for got, ref in ((out, want), (bias, want_bias)):
-        assert torch.isfinite(got).all()
-        err = ((got.double() - ref).norm() / ref.norm()).item()
-        assert err <= TOL[torch.float32], err
+    assert_close(out, want, TOL[torch.float32], "weight gradient")
+    assert_close(bias, want_bias, TOL[torch.float32], "bias gradient")
 
 
 @pytest.mark.parametrize("descriptors", [True, False], ids=["descriptor_loads", "pointer_loads"])
@@ -295,20 +270,7 @@ def test_cuda_graph_training_step_replays_without_host_sync():
         out = comet.moe_experts(leaves[0], ids, leaves[1], experts, cfg, backend="triton", check_values=False)
         return torch.autograd.grad(out, leaves, g)
 
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        grads = step()
+    graph, grads = capture_without_host_sync(step)
     for _ in range(3):
         ids.copy_(torch.rand(512, 16, device=DEVICE).argsort(dim=1)[:, :4])
         for t in leaves[:2]:
