@@ -34,7 +34,8 @@
 #   ep4      with 4 GPUs: bench/ep.py on 4 ranks, every shape, --write-table
 #   ep4_stress  with 4 GPUs: 300 stress calls on 4 ranks
 #   ep4_tests  with 4 GPUs: the 4-rank nccl tests
-# A Megatron-Core wheel in .whl/ (see bench/README.md) is installed first when present.
+# A Megatron-Core wheel in .whl/ (see bench/README.md) is installed first when present. Carry
+# .whl (the wheels) and .device_cache (Liger-Kernel's autotuned configs) with the call.
 # Several instances can share one machine, each on its own GPUs (CUDA_VISIBLE_DEVICES): give each
 # its own COMET_TORCHRUN_PORT and OUT, install once first and set COMET_SKIP_INSTALL=1 for them.
 set -u
@@ -44,7 +45,17 @@ PHASES=${*:-tests single host gemms kernels ep ep_graphs stress profile ep4 ep4_
 export COMET_GIT_COMMIT=$COMMIT NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 RES=/tmp/comet-results
 mkdir -p "$RES"
-trap 'tar czf "${OUT:-/tmp}/results.tgz" -C /tmp comet-results' EXIT
+# Autotuned kernels (Liger-Kernel's) keep their choice in Triton's cache: a carried
+# .device_cache/liger_autotune.tgz from an earlier run spares the minutes of timing every candidate
+# per shape; the run's choices come back as $OUT/liger_autotune.tgz (copy it there for the next run).
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache} TRITON_CACHE_AUTOTUNING=1
+mkdir -p "$TRITON_CACHE_DIR"
+[ -f .device_cache/liger_autotune.tgz ] && tar xzf .device_cache/liger_autotune.tgz -C "$TRITON_CACHE_DIR"
+pack() {
+  tar czf "${OUT:-/tmp}/results.tgz" -C /tmp comet-results
+  (cd "$TRITON_CACHE_DIR" && find . -name "*.autotune.json" | tar czf "${OUT:-/tmp}/liger_autotune.tgz" -T -)
+}
+trap pack EXIT
 if [ -z "${COMET_SKIP_INSTALL:-}" ]; then
   if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
