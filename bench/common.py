@@ -313,12 +313,13 @@ def graph_replays(call: Callable[[object], torch.Tensor], sets: list, device: to
 # ----------------------------------------------------------------------------------------------
 def relative_error(out: torch.Tensor, ref: torch.Tensor, chunk: int = 1 << 26) -> float:
     """||out - ref|| / ||ref||, summed in fp64 over chunks of `chunk` elements, so that a weight
-    gradient of many GB fits beside its reference (nan if `out` has non-finite values)."""
+    gradient of many GB fits beside its reference, which may be on the host (nan if `out` has
+    non-finite values)."""
     out, ref = out.reshape(-1), ref.reshape(-1)
     diff2 = torch.zeros((), dtype=torch.float64, device=out.device)
     ref2 = torch.zeros((), dtype=torch.float64, device=out.device)
     for start in range(0, out.numel(), chunk):
-        o, r = out[start:start + chunk].double(), ref[start:start + chunk].double()
+        o, r = out[start:start + chunk].double(), ref[start:start + chunk].to(out.device, torch.float64)
         if not bool(torch.isfinite(o).all()):
             return math.nan
         diff2 += (o - r).square().sum()

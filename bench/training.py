@@ -107,13 +107,35 @@ def leaves_of(s, w: comet.ExpertWeights) -> list[torch.Tensor]:
     return [s.x, s.topk_weights] + params
 
 
-def reference_grads(s, w, cfg, grad_out):
-    leaves = [t.detach().float().requires_grad_() for t in leaves_of(s, w)]
-    params = leaves[2:] + [None] * (6 - len(leaves))
-    out = experts_reference(leaves[0], s.topk_ids, leaves[1], *params, activation=cfg.activation,
-                            swiglu_alpha=cfg.swiglu_alpha, swiglu_limit=cfg.swiglu_limit,
-                            interleaved=w.interleaved, weight_on_input=cfg.weight_on_input)
-    return [out.detach()] + list(torch.autograd.grad(out, leaves, grad_out.float()))
+# fp32 copies of this many bytes of expert weights (and their gradients) at a time in the reference
+REFERENCE_CHUNK_BYTES = 4 << 30
+
+
+def reference_grads(s, w, cfg, grad_out, chunk_bytes: int = REFERENCE_CHUNK_BYTES):
+    """[output, then the gradients of leaves_of(s, w)] by autograd through the fp32 reference,
+    experts a chunk at a time (a chunk's fp32 weights and gradients at once: DeepSeek-V3's all
+    together would not fit beside the run); the weight and bias gradients are kept on the host."""
+    x = s.x.detach().float().requires_grad_()
+    weights = s.topk_weights.detach().float().requires_grad_()
+    params = leaves_of(s, w)[2:]
+    num_experts = w.gate_up.shape[0]
+    per_expert = 8 * (w.gate_up[0].numel() + w.down[0].numel())  # fp32 copy + its gradient
+    chunk = max(1, min(num_experts, chunk_bytes // per_expert))
+    out, dx, d_weights, param_grads = 0, 0, 0, [[] for _ in params]
+    for e0 in range(0, num_experts, chunk):
+        e1 = min(num_experts, e0 + chunk)
+        ids = torch.where((s.topk_ids >= e0) & (s.topk_ids < e1), s.topk_ids - e0, -1)  # -1: skipped
+        part = [p[e0:e1].detach().float().requires_grad_() for p in params]
+        o = experts_reference(x, ids, weights, *(part + [None] * (4 - len(part))), activation=cfg.activation,
+                              swiglu_alpha=cfg.swiglu_alpha, swiglu_limit=cfg.swiglu_limit,
+                              interleaved=w.interleaved, weight_on_input=cfg.weight_on_input)
+        leaves = [x, weights] + part
+        grads = (torch.autograd.grad(o, leaves, grad_out.float(), allow_unused=True, materialize_grads=True)
+                 if o.requires_grad else [torch.zeros_like(t) for t in leaves])  # no token on these experts
+        out, dx, d_weights = out + o.detach(), dx + grads[0], d_weights + grads[1]
+        for acc, g in zip(param_grads, grads[2:]):
+            acc.append(g.cpu())
+    return [out, dx, d_weights] + [torch.cat(g) for g in param_grads]
 
 
 def run_step(call, s, w, grad_out, backward: bool):
