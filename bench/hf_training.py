@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Loss curves of a small Hugging Face MoE model trained from one init, unpatched and patched by
 `comet.integrations.hf.apply` (our kernels), same data, same optimizer: the curves should agree
-within the dtype's noise. Writes bench/results/hf_training.csv (one row per step and variant) and
-hf_training.png; with $OUT set, copies there.
+within the dtype's noise, which a third curve shows: unpatched with transformers' "eager" experts
+(a loop over experts) instead of its default. Writes bench/results/hf_training.csv (one row per
+step and variant) and hf_training.png; with $OUT set, copies there.
 
     python -m bench.hf_training                       # Qwen3-MoE, 4 layers, hidden 512, 50 steps, bf16 (GPU)
     python -m bench.hf_training --smoke               # the tiny model, 3 steps, fp32, on CPU (interpreter)
@@ -34,7 +35,7 @@ def train(model, batches, steps: int, lr: float, bar) -> list[float]:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
         bar.update()
     return losses
 
@@ -48,19 +49,26 @@ def run(args, device) -> int:
     torch.manual_seed(args.seed)
     vocab = build_tiny_model("qwen3_moe", seed=args.seed, **overrides).config.vocab_size
     batches = [torch.randint(3, vocab, (args.batch, args.seq), device=device) for _ in range(8)]
-    bar = progress(2 * args.steps, "hf_training")
+    bar = progress(3 * args.steps, "hf_training")
     curves = {}
-    for variant in ("transformers", "comet"):
+    for variant in ("transformers", "transformers_eager", "comet"):
         model = build_tiny_model("qwen3_moe", seed=args.seed, **overrides).to(device, dtype)
         if variant == "comet":
             comet_hf.apply(model, backend="triton")
+        elif variant == "transformers_eager":
+            if not hasattr(model, "set_experts_implementation"):  # a transformers without the choice
+                bar.update(args.steps)
+                continue
+            model.set_experts_implementation("eager")
         curves[variant] = train(model, batches, args.steps, args.lr, bar)
         del model
     bar.close()
     rows = [{**env, "model": "qwen3_moe" + ("-tiny" if args.smoke else "-small"), "dtype": str(dtype)[6:],
              "step": step, "variant": variant, "loss": loss}
             for variant, losses in curves.items() for step, loss in enumerate(losses)]
-    gap = max(abs(a - b) for a, b in zip(curves["transformers"], curves["comet"]))
+    def gap(variant):
+        return max(abs(a - b) for a, b in zip(curves["transformers"], curves[variant]))
+
     results = args.results_dir
     append_csv(results / "hf_training.csv", rows)
     import pandas as pd
@@ -69,10 +77,11 @@ def run(args, device) -> int:
     plot_panels(pd.DataFrame(rows).assign(panel="loss"), png, panel="panel", x="step", y="loss", series="variant",
                 ylabel="training loss", title=f"Qwen3-MoE trained from one init ({str(dtype)[6:]})", log_x=False)
     publish([png])
-    print(f"{'step':>5}{'transformers':>14}{'comet':>10}")
+    print(f"{'step':>5}" + "".join(f"{v:>20}" for v in curves))
     for step in range(0, args.steps, max(1, args.steps // 10)):
-        print(f"{step:>5}{curves['transformers'][step]:>14.4f}{curves['comet'][step]:>10.4f}")
-    print(f"largest difference of the two curves: {gap:.4f} (first loss {curves['transformers'][0]:.4f})")
+        print(f"{step:>5}" + "".join(f"{c[step]:>20.4f}" for c in curves.values()))
+    print(f"largest difference from the transformers curve (first loss {curves['transformers'][0]:.4f}): "
+          + ", ".join(f"{v} {gap(v):.4f}" for v in curves if v != "transformers"))
     return 0
 
 

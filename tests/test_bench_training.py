@@ -26,6 +26,7 @@ def test_hf_training_curves_agree(tmp_path, capsys):
     df = pd.read_csv(tmp_path / "hf_training.csv")
     curves = df.pivot(index="step", columns="variant", values="loss")
     assert len(curves) == 2 and (curves["comet"] - curves["transformers"]).abs().max() < 1e-4
+    assert "transformers_eager" in curves  # the noise curve
     assert (tmp_path / "hf_training.png").stat().st_size > 0
 
 
