@@ -172,15 +172,7 @@ def _down_combine_kernel(
     column_done_ptr, claims_ptr, chunk_done_ptr,
     partials_table, flags_table, error_ptr,
     rank, epoch_ptr, capacity, n_chunks, max_spins,
-    # GemmProblem.kernel_args() of GEMM2
-    a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
-    bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
-    sorted_rows_ptr, row_weights_ptr, hist_ptr, N, K, alpha, limit, TOP_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr, A_DESC: tl.constexpr,
-    pre_act_ptr, stride_pm, SAVE_PRE_ACT: tl.constexpr,
+    gemm,  # GemmProblem.kernel_args() of GEMM2
     # ep_tiles.ArrivalTiles.kernel_args(): the tile map
     lead_experts, EXPERTS: tl.constexpr, BINS: tl.constexpr, NUM_BINS: tl.constexpr,
     NUM_PROGRAMS, COMM_PROGRAMS, COLUMN_CHUNKS, WORLD: tl.constexpr, CHUNK: tl.constexpr, WAIT_KIND: tl.constexpr,
@@ -194,8 +186,9 @@ def _down_combine_kernel(
     # programs out of tiles take what is left of the chunks already finished, so the pushes of
     # a chunk finished late are shared by every program free by then.
     pid = tl.program_id(0)
-    row_start, counts, tile_start, tile_end, num_tiles = expert_segments(hist_ptr, BINS, NUM_BINS, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+    BLOCK_M: tl.constexpr = gemm.BLOCK_M
+    row_start, counts, tile_start, tile_end, num_tiles = expert_segments(gemm.hist_ptr, BINS, NUM_BINS, BLOCK_M)
+    num_n = tl.cdiv(gemm.N, gemm.BLOCK_N)
     chunk_n = tl.cdiv(num_n, COLUMN_CHUNKS)  # N blocks per column chunk (the last may have fewer)
     chunk_items = num_tiles * chunk_n
     if pid < NUM_PROGRAMS:
@@ -203,18 +196,11 @@ def _down_combine_kernel(
             column_chunk = item // chunk_items
             bin, first_row, end_row, n_in_chunk = locate_item(
                 item % chunk_items, row_start, counts, tile_start, tile_end, num_tiles, chunk_n, NUM_BINS, BLOCK_M,
-                GROUP_M)
+                gemm.GROUP_M)
             n_block = column_chunk * chunk_n + n_in_chunk
             if n_block < num_n:
                 expert, _ = bin_expert(bin, lead_experts, EXPERTS, BINS)
-                expert_gemm_tile(
-                    expert, first_row, end_row, n_block,
-                    a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
-                    bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
-                    sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
-                    TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, INTERLEAVED, ACTIVATION, HAS_BIAS,
-                    ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC, A_DESC,
-                    pre_act_ptr, stride_pm, SAVE_PRE_ACT)
+                expert_gemm_tile(expert, first_row, end_row, n_block, gemm)
             tl.debug_barrier()  # every thread's stores before the count
             tl.atomic_add(column_done_ptr + column_chunk, 1, sem="release", scope="gpu")
         # Out of tiles: take the units of finished chunks that no one has taken yet, without
@@ -222,15 +208,15 @@ def _down_combine_kernel(
         for column_chunk in range(COLUMN_CHUNKS):
             if tl.atomic_add(column_done_ptr + column_chunk, 0, sem="acquire", scope="gpu") >= chunk_items:
                 _claim_units(column_chunk, claims_ptr, chunk_n, num_n, recv_ids_ptr, recv_counts_ptr, chunk_done_ptr,
-                             partials_table, flags_table, out_ptr, stride_om, rank, epoch, capacity, n_chunks, N,
-                             COLUMN_CHUNKS, BINS, TOP_K, BLOCK_N, WORLD, CHUNK)
+                             partials_table, flags_table, gemm.out_ptr, gemm.stride_om, rank, epoch, capacity,
+                             n_chunks, gemm.N, COLUMN_CHUNKS, BINS, gemm.TOP_K, gemm.BLOCK_N, WORLD, CHUNK)
     else:
         for column_chunk in range(COLUMN_CHUNKS):
             wait_flag_ge(column_done_ptr + column_chunk, chunk_items, max_spins, error_ptr, WAIT_KIND, rank,
                          column_chunk)
             _claim_units(column_chunk, claims_ptr, chunk_n, num_n, recv_ids_ptr, recv_counts_ptr, chunk_done_ptr,
-                         partials_table, flags_table, out_ptr, stride_om, rank, epoch, capacity, n_chunks, N,
-                         COLUMN_CHUNKS, BINS, TOP_K, BLOCK_N, WORLD, CHUNK)
+                         partials_table, flags_table, gemm.out_ptr, gemm.stride_om, rank, epoch, capacity, n_chunks,
+                         gemm.N, COLUMN_CHUNKS, BINS, gemm.TOP_K, gemm.BLOCK_N, WORLD, CHUNK)
 
 
 @triton.jit(do_not_specialize=["rank", "num_tokens", "max_spins"])

@@ -243,15 +243,7 @@ def _dispatch_gate_up_kernel(
     x_ptr, stride_x, send_tokens_ptr, send_counts_ptr, recv_x_table, chunk_table,
     error_ptr,
     rank, epoch_ptr, num_tokens, capacity, hidden, n_chunks, max_spins,
-    # GemmProblem.kernel_args(a_address=False) of GEMM1 (A: this rank's receive buffer, through recv_x_table)
-    stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
-    bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
-    sorted_rows_ptr, row_weights_ptr, hist_ptr, N, K, alpha, limit, TOP_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr, A_DESC: tl.constexpr,
-    pre_act_ptr, stride_pm, SAVE_PRE_ACT: tl.constexpr,
+    gemm,  # GemmProblem.kernel_args(a_address=False) of GEMM1 (A: this rank's receive buffer, through recv_x_table)
     # ep_tiles.ArrivalTiles.kernel_args(): the tile map
     lead_experts, EXPERTS: tl.constexpr, BINS: tl.constexpr, NUM_BINS: tl.constexpr,
     NUM_PROGRAMS, COMM_PROGRAMS, WORLD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -267,7 +259,7 @@ def _dispatch_gate_up_kernel(
         push_rows(pid, COMM_PROGRAMS, x_ptr, stride_x, send_tokens_ptr, send_counts_ptr, recv_x_table, chunk_table,
                   rank, epoch, num_tokens, capacity, hidden, n_chunks, WORLD, CHUNK, BLOCK_H, 1)
     else:
-        received = peer_ptr(recv_x_table, rank, b_ptr)
+        received = peer_ptr(recv_x_table, rank, gemm.b_ptr)
         own = x_ptr - tl.cast(rank * capacity, tl.int64) * stride_x  # virtual token rank*C + t -> x row t
         flags = peer_ptr(chunk_table, rank, chunk_table) + (epoch % 2) * WORLD * n_chunks
         # A remote tile's rows come from one source, in slot order, so it reads chunks up to its
@@ -276,18 +268,20 @@ def _dispatch_gate_up_kernel(
         # polls per source and program, not a few per tile (each a system-scope atomic).
         positions = tl.arange(0, SOURCES_P2)
         seen = tl.zeros([SOURCES_P2], dtype=tl.int32)
-        row_start, counts, tile_start, tile_end, num_tiles = expert_segments(hist_ptr, BINS, NUM_BINS, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
+        BLOCK_M: tl.constexpr = gemm.BLOCK_M
+        TOP_K: tl.constexpr = gemm.TOP_K
+        row_start, counts, tile_start, tile_end, num_tiles = expert_segments(gemm.hist_ptr, BINS, NUM_BINS, BLOCK_M)
+        num_n = tl.cdiv(gemm.N, gemm.BLOCK_N)
         for item in range(pid - COMM_PROGRAMS, num_tiles * num_n, NUM_PROGRAMS):
             bin, first_row, end_row, n_block = locate_item(
-                item, row_start, counts, tile_start, tile_end, num_tiles, num_n, NUM_BINS, BLOCK_M, GROUP_M)
+                item, row_start, counts, tile_start, tile_end, num_tiles, num_n, NUM_BINS, BLOCK_M, gemm.GROUP_M)
             expert, position = bin_expert(bin, lead_experts, EXPERTS, BINS)
             if position == 0:
                 a_ptr = own
                 a_stride = stride_x
             else:
                 src = (rank - position + WORLD) % WORLD
-                last_token = tl.load(sorted_rows_ptr + tl.minimum(first_row + BLOCK_M, end_row) - 1) // TOP_K
+                last_token = tl.load(gemm.sorted_rows_ptr + tl.minimum(first_row + BLOCK_M, end_row) - 1) // TOP_K
                 needed = ((last_token % capacity) // CHUNK + 1).to(tl.int32)
                 arrived = tl.sum(tl.where(positions == position, seen, 0), axis=0)
                 if arrived < needed:
@@ -295,15 +289,8 @@ def _dispatch_gate_up_kernel(
                                         WAIT_KIND, WAIT_BLOCK)
                     seen = tl.where(positions == position, needed, seen)
                 a_ptr = received
-                a_stride = stride_am
-            expert_gemm_tile(
-                expert, first_row, end_row, n_block,
-                a_ptr, a_stride, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
-                bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
-                sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
-                TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, INTERLEAVED, ACTIVATION, HAS_BIAS,
-                ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC, A_DESC,
-                pre_act_ptr, stride_pm, SAVE_PRE_ACT)
+                a_stride = gemm.stride_am
+            expert_gemm_tile(expert, first_row, end_row, n_block, gemm, a_ptr, a_stride)
 
 
 # Warps of the push-only launches. A pushing program is bound by the latency of its loads (one

@@ -98,35 +98,17 @@ def fused_programs(device: torch.device, n_comm: int, max_items: int) -> int:
 
 @triton.jit(do_not_specialize=["lead_experts"])
 def _arrival_gemm_kernel(
-    a_ptr, stride_am, stride_ak,
-    b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
-    bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n,
-    out_ptr, stride_om,
-    sorted_rows_ptr, row_weights_ptr, hist_ptr,
-    N, K, alpha, limit, TOP_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr, A_DESC: tl.constexpr,
-    pre_act_ptr, stride_pm, SAVE_PRE_ACT: tl.constexpr,
-    # ArrivalTiles.kernel_args()
-    lead_experts, EXPERTS: tl.constexpr, BINS: tl.constexpr, NUM_BINS: tl.constexpr,
+    gemm,  # GemmProblem.kernel_args()
+    lead_experts, EXPERTS: tl.constexpr, BINS: tl.constexpr, NUM_BINS: tl.constexpr,  # ArrivalTiles.kernel_args()
     NUM_PROGRAMS: tl.constexpr,
 ):
-    row_start, counts, tile_start, tile_end, num_tiles = expert_segments(hist_ptr, BINS, NUM_BINS, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+    row_start, counts, tile_start, tile_end, num_tiles = expert_segments(gemm.hist_ptr, BINS, NUM_BINS, gemm.BLOCK_M)
+    num_n = tl.cdiv(gemm.N, gemm.BLOCK_N)
     for item in range(tl.program_id(0), num_tiles * num_n, NUM_PROGRAMS):
         bin, first_row, end_row, n_block = locate_item(
-            item, row_start, counts, tile_start, tile_end, num_tiles, num_n, NUM_BINS, BLOCK_M, GROUP_M)
+            item, row_start, counts, tile_start, tile_end, num_tiles, num_n, NUM_BINS, gemm.BLOCK_M, gemm.GROUP_M)
         expert, _ = bin_expert(bin, lead_experts, EXPERTS, BINS)
-        expert_gemm_tile(
-            expert, first_row, end_row, n_block,
-            a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
-            bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
-            sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
-            TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, INTERLEAVED, ACTIVATION, HAS_BIAS,
-            ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC, A_DESC,
-            pre_act_ptr, stride_pm, SAVE_PRE_ACT)
+        expert_gemm_tile(expert, first_row, end_row, n_block, gemm)
 
 
 def arrival_gemm(problem: GemmProblem, tiles: ArrivalTiles):

@@ -204,7 +204,7 @@ def _dgrad_args(a, a_gathered, b, out, sorted_rows, row_weights, hist, dw_partia
         EVEN_K=k % cfg.block_k == 0, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         UPCAST_DOT=a.device.type != "cuda",  # the interpreter's dot mishandles 16-bit floats
         B_DESC=weight_descriptor_mode(b, b, cfg.block_m) if cfg.weight_descriptors else 0,
-        A_DESC=input_descriptor_mode(a, a_gathered, cfg.block_m),
+        A_DESC=cfg.input_descriptors and input_descriptor_mode(a, a_gathered, cfg.block_m),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), (triton.cdiv(sorted_rows.numel(), cfg.block_m) + num_experts) * triton.cdiv(n, cfg.block_n)
 

@@ -4,9 +4,11 @@ GEMM2 (down projection, routing weight in fp32, rows scattered back to token-slo
 `GemmProblem` is the one description of such a GEMM (operands, epilogue, tile shape) that every
 launcher builds: `GemmProblem.gate_up` / `GemmProblem.down` here, the expert-parallel kernels of
 `comet.kernels.ep_dispatch` / `ep_combine` / `ep_tiles` from the same object. Its `kernel_args()`
-are the arguments of the per-tile body `expert_gemm_tile`, which every grouped-GEMM kernel calls;
-a kernel adds only its tile map (here: one histogram bin per expert, `_expert_gemm_kernel`; the
-expert-parallel arrival bins live in `comet.kernels.ep_tiles`).
+hands a kernel the whole GEMM as one argument, `gemm` (a `GemmArgs` tuple), which the kernel passes
+on to the per-tile body `expert_gemm_tile`; a kernel adds only its tile map (here: one histogram
+bin per expert, `_expert_gemm_kernel`; the expert-parallel arrival bins live in
+`comet.kernels.ep_tiles`). A new GEMM option is a `GemmArgs` field, its value in `kernel_args()`
+and its use in `expert_gemm_tile`: no kernel's signature changes.
 
 One kernel serves both GEMMs; constexpr switches pick the operand source and the epilogue. Work
 items are (M tile, N block) pairs; M tiles are numbered expert by expert, and items are walked in
@@ -15,6 +17,7 @@ slab in L2. No launcher syncs the host.
 """
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -40,6 +43,83 @@ class GemmConfig:
     # Weights (and, in the weight gradients, the sorted operand) through tensor descriptors where
     # the layout allows; per GEMM, as the tuned table says (why: docs/performance.md).
     weight_descriptors: bool = True
+    # A contiguous (expert-sorted, not gathered) A operand through a tensor descriptor where its
+    # layout allows: GEMM2's input, the dgrad of GEMM1's. False: pointer loads, as GPUs without
+    # TMA and unaligned layouts take.
+    input_descriptors: bool = True
+
+
+class GemmArgs(NamedTuple):
+    """A `GemmProblem` as its kernels take it: the one argument `gemm` of every grouped-GEMM
+    kernel, which reads its fields (`gemm.BLOCK_M`) for its tile map and passes it whole to
+    `expert_gemm_tile`. Fields annotated tl.constexpr are compile-time constants (their values
+    wrapped in tl.constexpr: `GemmArgs.make`); the others are tensors (device pointers) and
+    scalars. Built by `GemmProblem.kernel_args()` (`GemmProblem` says what each operand is).
+    In a kernel, read a constexpr field as `gemm.X` or into an annotated local
+    (`X: tl.constexpr = gemm.X`): a plain assignment or unpacking makes a tensor of it."""
+
+    a_ptr: torch.Tensor | None  # None: the kernel reaches A another way (`expert_gemm_tile`'s a_ptr)
+    stride_am: int
+    stride_ak: int
+    b_ptr: torch.Tensor
+    b2_ptr: torch.Tensor
+    stride_be: int
+    stride_bn: int
+    stride_bk: int
+    bias_ptr: torch.Tensor  # b when there is no bias (not read)
+    bias2_ptr: torch.Tensor
+    stride_bias_e: int
+    stride_bias_n: int
+    out_ptr: torch.Tensor
+    stride_om: int
+    sorted_rows_ptr: torch.Tensor
+    row_weights_ptr: torch.Tensor
+    hist_ptr: torch.Tensor  # the tile map's histogram
+    N: int
+    K: int
+    alpha: float
+    limit: float
+    TOP_K: tl.constexpr
+    BLOCK_M: tl.constexpr
+    BLOCK_N: tl.constexpr
+    BLOCK_K: tl.constexpr
+    GROUP_M: tl.constexpr
+    GATHER_A: tl.constexpr
+    GATED: tl.constexpr
+    INTERLEAVED: tl.constexpr
+    ACTIVATION: tl.constexpr  # ACTIVATION_IDS
+    HAS_BIAS: tl.constexpr
+    ROW_WEIGHT: tl.constexpr  # ROW_WEIGHT_*
+    SCATTER_OUT: tl.constexpr
+    EVEN_K: tl.constexpr
+    DOT_PRECISION: tl.constexpr
+    UPCAST_DOT: tl.constexpr  # the interpreter's dot mishandles 16-bit floats
+    B_DESC: tl.constexpr  # weight_descriptor_mode
+    A_DESC: tl.constexpr  # input_descriptor_mode
+    pre_act_ptr: torch.Tensor | None
+    stride_pm: int
+    SAVE_PRE_ACT: tl.constexpr
+
+    @classmethod
+    def make(cls, **fields) -> "GemmArgs":
+        """GemmArgs of plain values by field name (every field), the constexpr fields' wrapped in
+        tl.constexpr."""
+        args = cls._make([_constexpr(fields[name]) if name in GEMM_CONSTEXPRS else fields[name]
+                          for name in cls._fields])
+        if len(fields) != len(args):
+            raise TypeError(f"GemmArgs: no fields {sorted(fields.keys() - set(cls._fields))}")
+        return args
+
+
+# The GemmArgs fields that are compile-time constants (annotated tl.constexpr).
+GEMM_CONSTEXPRS = frozenset(name for name, kind in GemmArgs.__annotations__.items()
+                            if kind is tl.constexpr or kind == "tl.constexpr")
+
+
+@functools.lru_cache(maxsize=None, typed=True)
+def _constexpr(value) -> tl.constexpr:
+    """tl.constexpr(value), made once per value (a launch wraps some twenty)."""
+    return tl.constexpr(value)
 
 
 @triton.jit
@@ -68,36 +148,15 @@ def locate_item(item, row_start, counts, tile_start, tile_end, num_tiles, num_n,
 
 
 @triton.jit
-def _expert_gemm_kernel(
-    a_ptr, stride_am, stride_ak,
-    b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
-    bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n,
-    out_ptr, stride_om,
-    sorted_rows_ptr, row_weights_ptr, hist_ptr,
-    N, K, alpha, limit,
-    NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, TOP_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr,
-    GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr, A_DESC: tl.constexpr,
-    pre_act_ptr, stride_pm, SAVE_PRE_ACT: tl.constexpr,
-):
+def _expert_gemm_kernel(gemm, NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
     # The tile map: one histogram bin per expert (`expert_tile_map`), tiles walked persistently.
     row_start, counts, tile_start, tile_end, num_tiles = expert_segments(
-        hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+        gemm.hist_ptr, NUM_EXPERTS, NUM_BINS, gemm.BLOCK_M)
+    num_n = tl.cdiv(gemm.N, gemm.BLOCK_N)
     for item in range(tl.program_id(0), num_tiles * num_n, NUM_PROGRAMS):
         expert, first_row, end_row, n_block = locate_item(
-            item, row_start, counts, tile_start, tile_end, num_tiles, num_n, NUM_BINS, BLOCK_M, GROUP_M)
-        expert_gemm_tile(
-            expert, first_row, end_row, n_block,
-            a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
-            bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
-            sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
-            TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, GATED, INTERLEAVED, ACTIVATION, HAS_BIAS,
-            ROW_WEIGHT, SCATTER_OUT, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC, A_DESC,
-            pre_act_ptr, stride_pm, SAVE_PRE_ACT)
+            item, row_start, counts, tile_start, tile_end, num_tiles, num_n, NUM_BINS, gemm.BLOCK_M, gemm.GROUP_M)
+        expert_gemm_tile(expert, first_row, end_row, n_block, gemm)
 
 
 @triton.jit
@@ -207,71 +266,66 @@ def tile_mainloop(
 
 
 @triton.jit
-def expert_gemm_tile(
-    expert, first_row, end_row, n_block,
-    a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
-    bias_ptr, bias2_ptr, stride_bias_e, stride_bias_n, out_ptr, stride_om,
-    sorted_rows_ptr, row_weights_ptr, N, K, alpha, limit,
-    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GATHER_A: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ROW_WEIGHT: tl.constexpr, SCATTER_OUT: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, B_DESC: tl.constexpr, A_DESC: tl.constexpr,
-    pre_act_ptr, stride_pm, SAVE_PRE_ACT: tl.constexpr,
-):
-    """One [BLOCK_M, BLOCK_N] output tile: rows [first_row, end_row) of `expert` (sorted order).
+def expert_gemm_tile(expert, first_row, end_row, n_block, gemm, a_ptr=None, stride_am=None):
+    """One [BLOCK_M, BLOCK_N] output tile of `gemm` (GemmArgs): rows [first_row, end_row) of
+    `expert` (sorted order), N block `n_block`. `a_ptr`, `stride_am`: A's address and row stride,
+    for a kernel that reads A from elsewhere than `gemm.a_ptr` (None: gemm's).
     With SAVE_PRE_ACT (GATED only) the pre-activation (after bias and input weight) is also stored
     at the tile's sorted positions of `pre_act_ptr` [rows, 2N], in the weights' gate/up order."""
-    offs_m, m_mask, rows, a_rows = tile_rows(first_row, end_row, sorted_rows_ptr, TOP_K, BLOCK_M, GATHER_A)
+    BLOCK_M: tl.constexpr = gemm.BLOCK_M
+    BLOCK_N: tl.constexpr = gemm.BLOCK_N
+    GATED: tl.constexpr = gemm.GATED
+    INTERLEAVED: tl.constexpr = gemm.INTERLEAVED
+    ROW_WEIGHT: tl.constexpr = gemm.ROW_WEIGHT
+    pre_act_ptr = gemm.pre_act_ptr
+    offs_m, m_mask, rows, a_rows = tile_rows(first_row, end_row, gemm.sorted_rows_ptr, gemm.TOP_K, BLOCK_M,
+                                             gemm.GATHER_A)
     acc, acc2 = tile_mainloop(
         expert, first_row, end_row, n_block, a_rows,
-        a_ptr, stride_am, stride_ak, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk, N, K,
-        BLOCK_M, BLOCK_N, BLOCK_K, GATED, INTERLEAVED, EVEN_K, DOT_PRECISION, UPCAST_DOT, B_DESC, A_DESC)
+        gemm.a_ptr if a_ptr is None else a_ptr, gemm.stride_am if a_ptr is None else stride_am, gemm.stride_ak,
+        gemm.b_ptr, gemm.b2_ptr, gemm.stride_be, gemm.stride_bn, gemm.stride_bk, gemm.N, gemm.K,
+        BLOCK_M, BLOCK_N, gemm.BLOCK_K, GATED, INTERLEAVED, gemm.EVEN_K, gemm.DOT_PRECISION, gemm.UPCAST_DOT,
+        gemm.B_DESC, gemm.A_DESC)
     SECOND_B: tl.constexpr = GATED and not INTERLEAVED
     offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     if INTERLEAVED:
-        offs_bn = (2 * n_block * BLOCK_N + tl.arange(0, 2 * BLOCK_N)) % (2 * N)
+        offs_bn = (2 * n_block * BLOCK_N + tl.arange(0, 2 * BLOCK_N)) % (2 * gemm.N)
     else:
-        offs_bn = offs_n % N
+        offs_bn = offs_n % gemm.N
     if ROW_WEIGHT != 0:
-        w = tl.load(row_weights_ptr + rows, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+        w = tl.load(gemm.row_weights_ptr + rows, mask=m_mask, other=0.0).to(tl.float32)[:, None]
     if ROW_WEIGHT == 1:
         acc = acc * w
         if SECOND_B:
             acc2 = acc2 * w
-    if HAS_BIAS:
-        bias_off = expert.to(tl.int64) * stride_bias_e + offs_bn * stride_bias_n
-        acc += tl.load(bias_ptr + bias_off).to(tl.float32)[None, :]
+    if gemm.HAS_BIAS:
+        bias_off = expert.to(tl.int64) * gemm.stride_bias_e + offs_bn * gemm.stride_bias_n
+        acc += tl.load(gemm.bias_ptr + bias_off).to(tl.float32)[None, :]
         if SECOND_B:
-            acc2 += tl.load(bias2_ptr + bias_off).to(tl.float32)[None, :]
-    if SAVE_PRE_ACT:
-        pre_rows = pre_act_ptr + offs_m.to(tl.int64)[:, None] * stride_pm
+            acc2 += tl.load(gemm.bias2_ptr + bias_off).to(tl.float32)[None, :]
+    if gemm.SAVE_PRE_ACT:
+        pre_rows = pre_act_ptr + offs_m.to(tl.int64)[:, None] * gemm.stride_pm
         if INTERLEAVED:
             offs_pn = 2 * n_block * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
             tl.store(pre_rows + offs_pn[None, :], acc.to(pre_act_ptr.dtype.element_ty),
-                     mask=m_mask[:, None] & (offs_pn < 2 * N)[None, :])
+                     mask=m_mask[:, None] & (offs_pn < 2 * gemm.N)[None, :])
         else:
-            pre_mask = m_mask[:, None] & (offs_n < N)[None, :]
+            pre_mask = m_mask[:, None] & (offs_n < gemm.N)[None, :]
             tl.store(pre_rows + offs_n[None, :], acc.to(pre_act_ptr.dtype.element_ty), mask=pre_mask)
-            tl.store(pre_rows + N + offs_n[None, :], acc2.to(pre_act_ptr.dtype.element_ty), mask=pre_mask)
+            tl.store(pre_rows + gemm.N + offs_n[None, :], acc2.to(pre_act_ptr.dtype.element_ty), mask=pre_mask)
     if GATED:
         if INTERLEAVED:
             gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
-            acc = _activation(gate, up, alpha, limit, ACTIVATION)
+            acc = _activation(gate, up, gemm.alpha, gemm.limit, gemm.ACTIVATION)
         else:
-            acc = _activation(acc, acc2, alpha, limit, ACTIVATION)
+            acc = _activation(acc, acc2, gemm.alpha, gemm.limit, gemm.ACTIVATION)
     if ROW_WEIGHT == 2:
         acc = acc * w
 
-    out_rows = rows if SCATTER_OUT else offs_m.to(tl.int64)
-    out_ptrs = out_ptr + out_rows[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n < N)[None, :])
-
-
-# Operands are read through tensor descriptors (TMA on Hopper) where their layout allows: the
-# weights, and GEMM2's contiguous expert-sorted input. Tests turn these off to cover the pointer
-# path, which GPUs without TMA and unaligned layouts take.
-USE_WEIGHT_DESCRIPTORS = True
-USE_INPUT_DESCRIPTORS = True
+    out_ptr = gemm.out_ptr
+    out_rows = rows if gemm.SCATTER_OUT else offs_m.to(tl.int64)
+    out_ptrs = out_ptr + out_rows[:, None] * gemm.stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n < gemm.N)[None, :])
 
 
 # Below this tile height (decode-sized batches, few rows per expert) pointer loads stream the
@@ -295,9 +349,11 @@ def _has_tensor_memory_accelerator(device: torch.device) -> bool:
 
 
 def weight_descriptor_mode(b: torch.Tensor, b2: torch.Tensor, block_m: int = DESCRIPTOR_MIN_BLOCK_M) -> int:
-    """0: pointer loads; 1: descriptors over K-contiguous weights; 2: over N-contiguous weights
-    (the other of the two strides 16-byte aligned too)."""
-    if not USE_WEIGHT_DESCRIPTORS or not all(descriptors_allowed(t, block_m) for t in (b, b2)):
+    """How weights b, b2 [E, N, K] can be read, as their layout and the tile height allow (whether
+    they are is the config's: `GemmConfig.weight_descriptors`): 0: pointer loads; 1: descriptors
+    over K-contiguous weights; 2: over N-contiguous weights (the other of the two strides 16-byte
+    aligned too)."""
+    if not all(descriptors_allowed(t, block_m) for t in (b, b2)):
         return 0
     size = b.element_size()
     if b.stride(2) == 1 and (b.stride(1) * size) % 16 == 0:
@@ -308,9 +364,10 @@ def weight_descriptor_mode(b: torch.Tensor, b2: torch.Tensor, block_m: int = DES
 
 
 def input_descriptor_mode(a: torch.Tensor, gathered: bool, block_m: int) -> bool:
-    """Whether the kernel reads A [rows, K] through descriptors: only where its rows are not
-    gathered (a tile's rows are then contiguous) and K is contiguous."""
-    return USE_INPUT_DESCRIPTORS and not gathered and a.stride(1) == 1 and descriptors_allowed(a, block_m)
+    """Whether A [rows, K] can be read through descriptors (whether it is is the config's:
+    `GemmConfig.input_descriptors`): only where its rows are not gathered (a tile's rows are then
+    contiguous) and K is contiguous."""
+    return not gathered and a.stride(1) == 1 and descriptors_allowed(a, block_m)
 
 
 def set_descriptor_allocator():
@@ -351,8 +408,9 @@ class GemmProblem:
     [rows, 2N] (gated only; columns contiguous) or None also gets the activation's input in
     sorted order, columns in the weights' gate/up order.
 
-    Build it with `GemmProblem.gate_up` (GEMM1) or `GemmProblem.down` (GEMM2); a kernel gets its
-    arguments from `kernel_args()` and its tile map from its own launcher.
+    Build it with `GemmProblem.gate_up` (GEMM1) or `GemmProblem.down` (GEMM2); a kernel gets it
+    as one argument from `kernel_args()` and its tile map from its own launcher. Whether the
+    operands go through tensor descriptors is the config's (`b_desc`, `a_desc`).
     """
 
     a: torch.Tensor
@@ -430,19 +488,34 @@ class GemmProblem:
         bins = self.num_experts if bins is None else bins
         return (triton.cdiv(self.sorted_rows.numel(), self.cfg.block_m) + bins) * triton.cdiv(self.n, self.cfg.block_n)
 
+    @property
+    def b_desc(self) -> int:
+        """How the kernel reads the weights: `weight_descriptor_mode` where the config asks for
+        descriptors (`GemmConfig.weight_descriptors`), else 0 (pointer loads)."""
+        cfg = self.cfg
+        return weight_descriptor_mode(self.b, self.b2, cfg.block_m) if cfg.weight_descriptors else 0
+
+    @property
+    def a_desc(self) -> bool:
+        """Whether the kernel reads A through a descriptor: `input_descriptor_mode` where the config
+        asks for it (`GemmConfig.input_descriptors`)."""
+        cfg = self.cfg
+        return cfg.input_descriptors and input_descriptor_mode(self.a, self.gather_a, cfg.block_m)
+
     def kernel_args(self, *, a_address: bool = True) -> dict:
-        """The arguments of `expert_gemm_tile` (all but the tile's coordinates), by name, with the
-        launch options num_warps and num_stages: what every grouped-GEMM kernel takes besides
-        its tile map and program count. `a_address=False` leaves out A's address (`a_ptr`) for a
-        kernel that reaches A another way (a workspace pointer table) and takes only its strides.
-        Sets the descriptor allocator of this thread (CUDA tensors)."""
+        """Every grouped-GEMM kernel's arguments of this GEMM, by name: `gemm` (its `GemmArgs`,
+        which the kernel passes to `expert_gemm_tile`) and the launch options num_warps and
+        num_stages; a kernel adds its tile map and program count. `a_address=False` leaves out A's
+        address (`gemm.a_ptr` is None) for a kernel that reaches A another way (a workspace pointer
+        table) and takes only its strides. Sets the descriptor allocator of this thread (CUDA
+        tensors)."""
         a, b, b2, cfg = self.a, self.b, self.b2, self.cfg
         if a.is_cuda:
             set_descriptor_allocator()
         has_bias = self.bias is not None
         pre_act = self.pre_act
-        args = dict(
-            a_ptr=a, stride_am=a.stride(0), stride_ak=a.stride(1),
+        gemm = GemmArgs.make(
+            a_ptr=a if a_address else None, stride_am=a.stride(0), stride_ak=a.stride(1),
             b_ptr=b, b2_ptr=b2, stride_be=b.stride(0), stride_bn=b.stride(1), stride_bk=b.stride(2),
             bias_ptr=self.bias if has_bias else b, bias2_ptr=self.bias2 if has_bias else b,
             stride_bias_e=self.bias.stride(0) if has_bias else 0, stride_bias_n=self.bias.stride(1) if has_bias else 0,
@@ -456,14 +529,10 @@ class GemmProblem:
             DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
             # The interpreter's dot mishandles 16-bit floats (it multiplies their bit patterns).
             UPCAST_DOT=a.device.type != "cuda",
-            B_DESC=weight_descriptor_mode(b, b2, cfg.block_m) if cfg.weight_descriptors else 0,
-            A_DESC=input_descriptor_mode(a, self.gather_a, cfg.block_m),
+            B_DESC=self.b_desc, A_DESC=self.a_desc,
             pre_act_ptr=pre_act, stride_pm=0 if pre_act is None else pre_act.stride(0), SAVE_PRE_ACT=pre_act is not None,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        if not a_address:
-            del args["a_ptr"]
-        return args
+        return dict(gemm=gemm, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def expert_tile_map(num_experts: int) -> dict:

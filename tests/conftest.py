@@ -42,3 +42,33 @@ def pytest_runtest_makereport(item, call):
             if key == "seed":
                 report.sections.append(("torch seed", f"torch seed = {value}"))
     return report
+
+
+@pytest.fixture
+def load_paths(monkeypatch):
+    """load_paths(descriptors): how the routed experts' kernels (`comet.ops`, forward and backward)
+    read their operands from then on. True: through tensor descriptors wherever the picked configs
+    and the layouts allow, at any tile height (the interpreter's tiles are small). False: through
+    pointers only, every picked config with weight_descriptors = input_descriptors = False."""
+    import dataclasses
+
+    import comet.kernels.expert_gemm as expert_gemm
+    import comet.ops
+
+    def use(descriptors: bool):
+        monkeypatch.setattr(expert_gemm, "DESCRIPTOR_MIN_BLOCK_M", 0)
+        if descriptors:
+            return
+        select, backward = comet.ops.select_configs, comet.ops.backward_configs
+
+        def pointers(cfg):
+            return dataclasses.replace(cfg, weight_descriptors=False, input_descriptors=False)
+
+        def backward_pointers(*args):
+            cfgs = backward(*args)  # a NamedTuple of GemmConfig
+            return type(cfgs)(*map(pointers, cfgs))
+
+        monkeypatch.setattr(comet.ops, "select_configs", lambda *args: tuple(map(pointers, select(*args))))
+        monkeypatch.setattr(comet.ops, "backward_configs", backward_pointers)
+
+    return use

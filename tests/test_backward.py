@@ -163,13 +163,9 @@ def test_weight_gradient_reads_no_unwritten_rows(sorted_operand):
 
 
 @pytest.mark.parametrize("descriptors", [True, False], ids=["descriptor_loads", "pointer_loads"])
-def test_descriptor_and_pointer_loads(monkeypatch, descriptors):
+def test_descriptor_and_pointer_loads(load_paths, descriptors):
     """Weights and the contiguous sorted operands through tensor descriptors, or plain pointers."""
-    import comet.kernels.expert_gemm as expert_gemm
-
-    monkeypatch.setattr(expert_gemm, "USE_WEIGHT_DESCRIPTORS", descriptors)
-    monkeypatch.setattr(expert_gemm, "USE_INPUT_DESCRIPTORS", descriptors)
-    monkeypatch.setattr(expert_gemm, "DESCRIPTOR_MIN_BLOCK_M", 0)  # the interpreter's tiles are small
+    load_paths(descriptors)
     check(make_case(27, 4, 2, bias=True))
 
 

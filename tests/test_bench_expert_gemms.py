@@ -1,6 +1,6 @@
 """bench/diagnostics/expert_gemms.py's logic on tiny shapes (CPU: the Triton interpreter): every GEMM checked
 against its reference and timed, ratios to grouped_mm present, a config the compiler rejects for its
-resources skipped, the kernel module's switches restored, results written."""
+resources skipped, every descriptor variant run, results written."""
 import sys
 from pathlib import Path
 
@@ -21,11 +21,6 @@ def test_smoke_profile_checks_times_skips_and_writes(tmp_path, monkeypatch, caps
 
     import comet.kernels.expert_gemm as expert_gemm
 
-    def switches():
-        return {name: getattr(expert_gemm, name, None)
-                for name in (expert_gemms.WEIGHT_SWITCH, expert_gemms.INPUT_SWITCH)}
-
-    switches_before = switches()
     real_down_gemm = expert_gemm.down_gemm
 
     def down_gemm_too_big_at_64_rows(*args, cfg, **kwargs):  # as the compiler would reject it
@@ -47,8 +42,8 @@ def test_smoke_profile_checks_times_skips_and_writes(tmp_path, monkeypatch, caps
         assert column in df.columns, column
     for column in ("gpu", "torch", "triton", "commit"):
         assert df[column].notna().all(), column
-    variants = {"gemm1": 2, "gemm2": len(expert_gemms.switch_variants("gemm2", expert_gemm))}
-    # Per GEMM: grouped_mm, then (selected + one candidate) x its switch variants.
+    variants = {"gemm1": 2, "gemm2": len(expert_gemms.descriptor_variants("gemm2"))}
+    # Per GEMM: grouped_mm, then (selected + one candidate) x its descriptor variants.
     assert len(df) == sum(1 + 2 * n for n in variants.values())
     skipped = df[df["status"] == "skipped"]
     assert len(skipped) == variants["gemm2"] and set(skipped["gemm"]) == {"gemm2"}
@@ -59,11 +54,11 @@ def test_smoke_profile_checks_times_skips_and_writes(tmp_path, monkeypatch, caps
     assert (checked["ms"] > 0).all() and (checked["tflops"] > 0).all()
     ours = checked[checked["impl"] == "ours"]
     assert ours["vs_grouped_mm"].notna().all() and (ours["vs_grouped_mm"] > 0).all()
-    assert ours["shipped"].sum() == 2  # one per GEMM: the selected config under the switches as found
-    # Both weight-load paths ran: pointer loads (16-row tiles) and descriptors (64-row tiles, switch on).
+    assert ours["shipped"].sum() == 2  # one per GEMM: the selected config as it is
+    # Both weight-load paths ran: pointer loads (16-row tiles) and descriptors (64-row tiles, variant on).
     assert set(ours["b_desc"]) >= {0, 1}
-
-    assert switches() == switches_before
+    # Both of GEMM2's input paths were set up (the 64-row tiles, whose launch is then rejected).
+    assert set(df[(df["impl"] == "ours") & (df["gemm"] == "gemm2")]["a_desc"]) == {0, 1}
     assert "ours shipped" in log and "ours best" in log
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"expert_gemms.csv", "expert_gemms.log"}
 

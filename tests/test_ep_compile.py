@@ -8,7 +8,8 @@ import pytest
 
 
 def _cases() -> tuple[dict, dict, dict]:
-    """(kernel argument types, GEMM constexprs, communication constexprs) of the EP kernels."""
+    """(kernel argument types, GEMM constexprs, communication constexprs) of the EP kernels; the
+    GEMM's by `GemmArgs` field (the kernels' `gemm` argument) and tile-map argument."""
     tables = {name: "*i64" for name in ("recv_x_table", "recv_ids_table", "recv_weights_table", "recv_count_table",
                                         "meta_table", "chunk_table", "partials_table", "flags_table", "error_ptr",
                                         "column_done_ptr", "claims_ptr", "chunk_done_ptr", "epoch_ptr",
@@ -36,11 +37,20 @@ def _compile(cases: list, pointers: dict) -> list:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from comet.kernels.expert_gemm import GEMM_CONSTEXPRS, GemmArgs
+
     compiled = []
     for fn, values in cases:
         declared = {fn.arg_names[i] for i in fn.constexprs}
         consts = {name: values[name] for name in fn.arg_names if name in declared}
         signature = {name: "constexpr" if name in consts else pointers.get(name, "i32") for name in fn.arg_names}
+        if "gemm" in fn.arg_names:  # the GemmArgs tuple: its constexpr fields (and any given, e.g. None) from values
+            index = fn.arg_names.index("gemm")
+            fields = {name: i for i, name in enumerate(GemmArgs._fields)}
+            given = {name for name in fields if name in GEMM_CONSTEXPRS or name in values}
+            consts.update({(index, fields[name]): values[name] for name in given})
+            signature["gemm"] = GemmArgs(*("constexpr" if name in given else pointers.get(name, "i32")
+                                          for name in GemmArgs._fields))
         kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
                                 target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3))
         compiled.append((fn.__name__, "cubin" in kernel.asm))
@@ -58,7 +68,7 @@ def _compile_ep_kernels() -> list:
         (ep_dispatch._dispatch_push_kernel, dict(comm, PUSH_ROWS=False)),
         (ep_dispatch._dispatch_receive_kernel, dict(comm, WAIT_ROWS=True, ARRIVAL_EXPERTS=0)),
         (ep_dispatch._dispatch_receive_kernel, dict(comm, WAIT_ROWS=False, ARRIVAL_EXPERTS=8)),
-        (ep_dispatch._dispatch_gate_up_kernel, dict(comm, **gemm)),
+        (ep_dispatch._dispatch_gate_up_kernel, dict(comm, **gemm, a_ptr=None)),  # A through recv_x_table
         (ep_combine._down_combine_kernel, {**comm, **gemm, "GATHER_A": False, "GATED": False, "ROW_WEIGHT": 2,
                                            "SCATTER_OUT": True, "A_DESC": True}),
         (ep_combine._combine_push_kernel, comm),

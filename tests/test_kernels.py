@@ -48,25 +48,37 @@ def test_gpt_oss_transposed_interleaved_layout():
 
 @pytest.mark.parametrize("descriptors", [True, False], ids=["descriptor_loads", "pointer_loads"])
 @pytest.mark.parametrize("layout", ["standard", "gpt_oss", "transposed"])
-def test_weight_load_paths(monkeypatch, descriptors, layout):
+def test_weight_load_paths(load_paths, descriptors, layout):
     """Weights and GEMM2's input through tensor descriptors (weights K- or N-contiguous) and
     through plain pointers agree."""
     import comet.kernels.expert_gemm as expert_gemm
+    import comet.ops
+    from comet.kernels.routing import histogram_bins
 
-    monkeypatch.setattr(expert_gemm, "USE_WEIGHT_DESCRIPTORS", descriptors)
-    monkeypatch.setattr(expert_gemm, "USE_INPUT_DESCRIPTORS", descriptors)
-    monkeypatch.setattr(expert_gemm, "DESCRIPTOR_MIN_BLOCK_M", 0)  # the interpreter's tiles are small
+    load_paths(descriptors)
     gpt_oss = layout == "gpt_oss"
     cfg, x, ids, weights, w = make_case(37, 8, 2, H=48, F=40, activation="clamped_swiglu" if gpt_oss else "swiglu",
                                         bias=gpt_oss, interleaved=gpt_oss)
     if layout != "standard":  # Hugging Face's [E, H, 2F] / [E, F, H] storage, passed as transposed views
         w = w._replace(gate_up=w.gate_up.transpose(1, 2).contiguous().transpose(1, 2),
                        down=w.down.transpose(1, 2).contiguous().transpose(1, 2))
-    expected_mode = 0 if not descriptors else (1 if layout == "standard" else 2)
-    assert expert_gemm.weight_descriptor_mode(w.down, w.down, 16) == expected_mode
-    act = torch.empty(8, 40, device=DEVICE)
-    assert expert_gemm.input_descriptor_mode(act, False, 16) == descriptors
+    layout_mode = 1 if layout == "standard" else 2
+    assert expert_gemm.weight_descriptor_mode(w.down, w.down, 16) == layout_mode
+    rows = x.shape[0] * 2
+    act = torch.empty(rows, 40, device=DEVICE)
+    assert expert_gemm.input_descriptor_mode(act, False, 16)
     assert not expert_gemm.input_descriptor_mode(act, True, 16)  # gathered rows: pointers
+    # What the kernels get under the configs the layer picks: GEMM2's weights and input, GEMM1's input.
+    gemm1_cfg, gemm2_cfg = comet.ops.select_configs(rows, 8, 48, 40, x.dtype, x.device)
+    out = torch.empty(rows, 48, device=DEVICE)
+    plan = (torch.arange(rows, device=DEVICE), torch.ones(rows, device=DEVICE),
+            torch.zeros(histogram_bins(8), dtype=torch.int32, device=DEVICE))
+    down = expert_gemm.GemmProblem.down(act, w.down, None, *plan, out, top_k=2, weight_on_input=False, cfg=gemm2_cfg)
+    assert down.b_desc == (layout_mode if descriptors else 0)
+    assert down.a_desc == descriptors
+    gate_up = expert_gemm.GemmProblem.gate_up(x, w.gate_up, None, gpt_oss, *plan, act, top_k=2, activation="swiglu",
+                                              alpha=0.0, limit=0.0, weight_on_input=False, cfg=gemm1_cfg)
+    assert not gate_up.a_desc  # gathered rows: pointers
     check(cfg, x, ids, weights, w)
 
 
@@ -79,6 +91,33 @@ def test_weight_descriptor_mode_falls_back_on_unaligned_strides_and_small_tiles(
     aligned = torch.randn(4, 8, 8, device=DEVICE)
     assert weight_descriptor_mode(aligned, aligned, 128) == 1
     assert weight_descriptor_mode(aligned, aligned, 16) == 0  # decode-sized tiles stream faster with pointers
+
+
+def test_kernel_args_are_one_gemm_tuple():
+    """A GEMM reaches its kernels as one `gemm` argument (GemmArgs): every field given, the
+    constexpr ones as tl.constexpr; without A's address (a_address=False) its a_ptr is None."""
+    import triton.language as tl
+
+    from comet.kernels.expert_gemm import GEMM_CONSTEXPRS, GemmArgs, GemmConfig, GemmProblem
+    from comet.kernels.routing import histogram_bins
+
+    rows, e, h, f = 12, 4, 32, 16
+    problem = GemmProblem.down(torch.randn(rows, f, device=DEVICE), torch.randn(e, h, f, device=DEVICE), None,
+                               torch.arange(rows, device=DEVICE), torch.ones(rows, device=DEVICE),
+                               torch.zeros(histogram_bins(e), dtype=torch.int32, device=DEVICE),
+                               torch.empty(rows, h, device=DEVICE), top_k=2, weight_on_input=False,
+                               cfg=GemmConfig(16, 32, 16, num_warps=2, num_stages=1))
+    args = problem.kernel_args()
+    assert args.keys() == {"gemm", "num_warps", "num_stages"} and (args["num_warps"], args["num_stages"]) == (2, 1)
+    gemm = args["gemm"]
+    assert isinstance(gemm, GemmArgs) and gemm.a_ptr is problem.a
+    for name, value in gemm._asdict().items():
+        assert isinstance(value, tl.constexpr) == (name in GEMM_CONSTEXPRS), name
+    assert "BLOCK_M" in GEMM_CONSTEXPRS and "N" not in GEMM_CONSTEXPRS
+    assert (gemm.BLOCK_M.value, gemm.SCATTER_OUT.value, gemm.N, gemm.K) == (16, True, h, f)
+    assert problem.kernel_args(a_address=False)["gemm"].a_ptr is None
+    with pytest.raises(TypeError, match="no_such_option"):
+        GemmArgs.make(**{name: 0 for name in GemmArgs._fields}, no_such_option=1)
 
 
 def test_expert_with_no_tokens():

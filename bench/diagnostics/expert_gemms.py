@@ -9,10 +9,9 @@ For each (shape, tokens), on one random routing (uneven, as bench/single_gpu.py'
          grouped_mm: `torch._grouped_mm` of the same act against down as [E, F, H]; no weight, no scatter
 
 Ours runs with the config `comet.scheduler.configs.select_configs` picks ("selected") and with each
-candidate config, each in every variant of the module switches of `comet.kernels.expert_gemm`:
-USE_WEIGHT_DESCRIPTORS (both GEMMs) and USE_INPUT_DESCRIPTORS (GEMM2's A operand; skipped with a
-note where the module has no such switch). Configs whose shared memory does not fit are skipped (the
-compiler's OutOfResources). The switches are restored afterwards.
+candidate config, each in every descriptor variant of the config (`GemmConfig` fields):
+weight_descriptors (both GEMMs) and input_descriptors (GEMM2's A operand). Configs whose shared
+memory does not fit are skipped (the compiler's OutOfResources).
 
 Every output of ours is NaN-filled, computed once and checked against an fp32 torch reference of that
 GEMM (relative Frobenius error, 2e-2 for bf16) before it is timed; the grouped_mm outputs are checked
@@ -31,7 +30,7 @@ of each variant) is printed last.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import math
 import re
 import statistics
@@ -66,12 +65,13 @@ DEFAULT_CONFIGS = (
 # Interpreted: a tile height with pointer weight loads and one with descriptors (>= 64 rows).
 SMOKE_CONFIGS = ("16x32x32-g2w4s1", "64x32x32-g4w4s1")
 GEMMS = ("gemm1", "gemm2")
-WEIGHT_SWITCH, INPUT_SWITCH = "USE_WEIGHT_DESCRIPTORS", "USE_INPUT_DESCRIPTORS"
+# The GemmConfig fields a variant sets.
+WEIGHT_FIELD, INPUT_FIELD = "weight_descriptors", "input_descriptors"
 _CONFIG_LABEL = re.compile(r"(\d+)x(\d+)x(\d+)-g(\d+)w(\d+)s(\d+)")
 
 
 # ----------------------------------------------------------------------------------------------
-# Configs and switch variants
+# Configs and descriptor variants
 # ----------------------------------------------------------------------------------------------
 def config_label(cfg) -> str:
     return (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}-g{cfg.group_m}w{cfg.num_warps}s{cfg.num_stages}")
@@ -87,33 +87,20 @@ def parse_config(label: str):
     return GemmConfig(*map(int, match.groups()))
 
 
-def switch_variants(gemm: str, module) -> list[dict[str, bool]]:
-    """The switch settings GEMM `gemm` is timed under: weight descriptors on/off and, for GEMM2 (the
-    only GEMM whose A operand is contiguous) where the module has the switch, input descriptors on/off."""
-    weight = [{WEIGHT_SWITCH: on} for on in (True, False)]
-    if gemm == "gemm1" or not hasattr(module, INPUT_SWITCH):
+def descriptor_variants(gemm: str) -> list[dict[str, bool]]:
+    """The descriptor settings (GemmConfig fields) GEMM `gemm` is timed under: weight descriptors
+    on/off and, for GEMM2 (the only GEMM whose A operand is contiguous), input descriptors on/off."""
+    weight = [{WEIGHT_FIELD: on} for on in (True, False)]
+    if gemm == "gemm1":
         return weight
-    return [{**w, INPUT_SWITCH: on} for w in weight for on in (True, False)]
+    return [{**w, INPUT_FIELD: on} for w in weight for on in (True, False)]
 
 
-def variant_label(switches: dict[str, bool]) -> str:
+def variant_label(variant: dict[str, bool]) -> str:
     """'w:desc a:ptr' and the like: how the weights (w) and GEMM2's input (a) are loaded."""
     kind = {True: "desc", False: "ptr"}
-    label = f"w:{kind[switches[WEIGHT_SWITCH]]}"
-    return label + (f" a:{kind[switches[INPUT_SWITCH]]}" if INPUT_SWITCH in switches else "")
-
-
-@contextlib.contextmanager
-def kernel_switches(module, switches: dict[str, bool]):
-    """Set module-level switches for the duration of the block, then restore them."""
-    saved = {name: getattr(module, name) for name in switches}
-    try:
-        for name, value in switches.items():
-            setattr(module, name, value)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
+    label = f"w:{kind[variant[WEIGHT_FIELD]]}"
+    return label + (f" a:{kind[variant[INPUT_FIELD]]}" if INPUT_FIELD in variant else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,6 +197,19 @@ class Impl:
     poison: torch.Tensor | None
 
 
+def gemm_problem(p: Problem, gemm: str, cfg):
+    """Our GEMM `gemm` on input set 0 with `cfg`, as `comet.kernels.expert_gemm.GemmProblem`."""
+    from comet.kernels.expert_gemm import GemmProblem
+
+    c, w, plan = p.shape.cfg, p.weights, p.plan
+    if gemm == "gemm1":
+        return GemmProblem.gate_up(p.xs[0], w.gate_up, None, False, plan.sorted_rows, p.row_weights, plan.hist,
+                                   p.out1, top_k=c.top_k, activation=c.activation, alpha=c.swiglu_alpha,
+                                   limit=c.swiglu_limit, weight_on_input=False, cfg=cfg)
+    return GemmProblem.down(p.acts[0], w.down, None, plan.sorted_rows, p.row_weights, plan.hist, p.out2,
+                            top_k=c.top_k, weight_on_input=False, cfg=cfg)
+
+
 def ours(p: Problem, gemm: str, cfg) -> Impl:
     from comet.kernels.expert_gemm import down_gemm, gate_up_gemm
 
@@ -229,18 +229,11 @@ def ours(p: Problem, gemm: str, cfg) -> Impl:
     return Impl(call, lambda out: out.index_select(0, p.plan.sorted_rows), p.out2)
 
 
-def descriptors_used(p: Problem, gemm: str, cfg, module) -> dict[str, int]:
-    """What the launch will actually do under the current switches (they also depend on the tile
-    height and the layout): b_desc = `weight_descriptor_mode`, a_desc = `input_descriptor_mode`."""
-    if gemm == "gemm1":
-        f = p.shape.cfg.ffn_size
-        a, gathered, b, b2 = p.xs[0], True, p.weights.gate_up[:, :f], p.weights.gate_up[:, f:]
-    else:
-        a, gathered, b, b2 = p.acts[0], False, p.weights.down, p.weights.down
-    used = {"b_desc": module.weight_descriptor_mode(b, b2, cfg.block_m)}
-    if hasattr(module, "input_descriptor_mode"):
-        used["a_desc"] = int(module.input_descriptor_mode(a, gathered, cfg.block_m))
-    return used
+def descriptors_used(p: Problem, gemm: str, cfg) -> dict[str, int]:
+    """What the launch will actually do with `cfg` (descriptors also depend on the tile height and
+    the layout): b_desc = `GemmProblem.b_desc`, a_desc = `GemmProblem.a_desc`."""
+    problem = gemm_problem(p, gemm, cfg)
+    return {"b_desc": problem.b_desc, "a_desc": int(problem.a_desc)}
 
 
 def grouped_mm(p: Problem, gemm: str) -> Impl:
@@ -296,12 +289,11 @@ def run_configs(configs: list, selected) -> list:
     return [selected] + [cfg for cfg in configs if cfg != selected]
 
 
-def profile_run(p: Problem, configs: list, selected: dict, shipped: dict[str, bool], timing, env: dict,
-                log: RunLog, bar, device: torch.device) -> list[dict]:
-    """Every row of one (shape, tokens): per GEMM, grouped_mm, then ours per config and switch variant.
-    `selected`: gemm -> select_configs' pick; `shipped`: the module's switch values as found."""
-    import comet.kernels.expert_gemm as expert_gemm
-
+def profile_run(p: Problem, configs: list, selected: dict, timing, env: dict, log: RunLog, bar,
+                device: torch.device) -> list[dict]:
+    """Every row of one (shape, tokens): per GEMM, grouped_mm, then ours per config and descriptor
+    variant. `selected`: gemm -> select_configs' pick; "shipped" is the selected config's own
+    variant (what the layer runs)."""
     c = p.shape.cfg
     refs = references(p)
     stats = routing_stats([p.routing], c.num_experts)
@@ -329,19 +321,19 @@ def profile_run(p: Problem, configs: list, selected: dict, shipped: dict[str, bo
         base_ms = row.get("ms") if row["status"] in ("ok", "mismatch") else None
 
         for cfg in run_configs(configs, selected[gemm]):
-            for switches in switch_variants(gemm, expert_gemm):
-                what = f"ours {gemm} {config_label(cfg)} {variant_label(switches)} on {p.shape.name} T={p.tokens}"
+            for variant in descriptor_variants(gemm):
+                what = f"ours {gemm} {config_label(cfg)} {variant_label(variant)} on {p.shape.name} T={p.tokens}"
                 bar.set_postfix_str(what)
                 is_selected = cfg == selected[gemm]
                 row = {**base, "gemm": gemm, "impl": "ours", "config": config_label(cfg), "selected": is_selected,
-                       "shipped": is_selected and all(shipped[k] == v for k, v in switches.items()),
-                       "variant": variant_label(switches),
-                       "weight_descriptors": switches[WEIGHT_SWITCH],
-                       "input_descriptors": switches.get(INPUT_SWITCH, ""), "note": ""}
-                with kernel_switches(expert_gemm, switches):
-                    row.update(descriptors_used(p, gemm, cfg, expert_gemm))
-                    row.update(measure_safely(what, lambda: measure(ours(p, gemm, cfg), refs[gemm], p, gemm,
-                                                                    timing, device), log, device))
+                       "shipped": is_selected and all(getattr(cfg, k) == v for k, v in variant.items()),
+                       "variant": variant_label(variant),
+                       "weight_descriptors": variant[WEIGHT_FIELD],
+                       "input_descriptors": variant.get(INPUT_FIELD, ""), "note": ""}
+                run_cfg = dataclasses.replace(cfg, **variant)
+                row.update(descriptors_used(p, gemm, run_cfg))
+                row.update(measure_safely(what, lambda: measure(ours(p, gemm, run_cfg), refs[gemm], p, gemm,
+                                                                timing, device), log, device))
                 if base_ms and "ms" in row:
                     row["grouped_mm_ms"] = base_ms
                     row["vs_grouped_mm"] = base_ms / row["ms"]
@@ -365,8 +357,8 @@ def log_row(log: RunLog, r: dict):
 # Summary table
 # ----------------------------------------------------------------------------------------------
 def summary_rows(rows: list[dict]) -> list[dict]:
-    """Per (shape, tokens, gemm): grouped_mm, ours shipped (selected config, the switches' defaults),
-    and the fastest checked config of each switch variant."""
+    """Per (shape, tokens, gemm): grouped_mm, ours shipped (the selected config as it is), and the
+    fastest checked config of each descriptor variant."""
     out = []
     keys = list(dict.fromkeys((r["shape"], r["tokens"], r["gemm"]) for r in rows))
     for key in keys:
@@ -454,17 +446,11 @@ def main(argv=None) -> int:
 
 
 def run(args, device: torch.device) -> int:
-    import comet.kernels.expert_gemm as expert_gemm
     from comet.scheduler.configs import select_configs
 
     log = RunLog("expert_gemms")
     env = environment(device)
     log(" ".join(f"{k}={v}" for k, v in env.items()))
-    shipped = {name: getattr(expert_gemm, name) for name in (WEIGHT_SWITCH, INPUT_SWITCH)
-               if hasattr(expert_gemm, name)}
-    log(f"switches as shipped: {shipped}")
-    if INPUT_SWITCH not in shipped:
-        log(f"note: comet.kernels.expert_gemm has no {INPUT_SWITCH} (yet): input-descriptor variants skipped")
     configs = [parse_config(label) for label in args.configs]
     dtype = DTYPES[args.dtype]
     runs = []
@@ -473,9 +459,9 @@ def run(args, device: torch.device) -> int:
         c = shape.cfg
         picked = select_configs(tokens * c.top_k, c.num_experts, c.hidden_size, c.ffn_size, dtype, device)
         runs.append((shape, tokens, dict(zip(GEMMS, picked))))
-    total = sum(1 + len(run_configs(configs, selected[g])) * len(switch_variants(g, expert_gemm))
+    total = sum(1 + len(run_configs(configs, selected[g])) * len(descriptor_variants(g))
                 for _, _, selected in runs for g in GEMMS)
-    log(f"{total} measurements: {len(runs)} (shape, tokens) x 2 GEMMs x (grouped_mm + configs x switch variants)")
+    log(f"{total} measurements: {len(runs)} (shape, tokens) x 2 GEMMs x (grouped_mm + configs x descriptor variants)")
 
     csv_path = args.results_dir / "expert_gemms.csv"
     bar = progress(total, "expert_gemms")
@@ -484,7 +470,7 @@ def run(args, device: torch.device) -> int:
         for shape, tokens, selected in runs:
             started = time.perf_counter()
             problem = make_problem(shape, tokens, dtype, args.input_sets, args.seed, device)
-            run_rows = profile_run(problem, configs, selected, shipped, args.timing, env, log, bar, device)
+            run_rows = profile_run(problem, configs, selected, args.timing, env, log, bar, device)
             # Appended and published run by run, so a run cut short keeps what it measured.
             append_csv(csv_path, run_rows)
             rows += run_rows

@@ -52,7 +52,9 @@ class _CompileOnlyDriver:
 def compile_only(capability: int = 90):
     """Within: every Triton kernel launch compiles for `capability` and returns without running
     (its outputs stay as they were), and the compiled kernels are appended to the yielded list.
-    The launchers' interpreter-only switch UPCAST_DOT is forced off, as on a GPU."""
+    The launchers' interpreter-only switch UPCAST_DOT (an argument, or a field of the `gemm`
+    argument, `comet.kernels.expert_gemm.GemmArgs`) is forced off, as on a GPU."""
+    import triton.language as tl
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
@@ -61,6 +63,9 @@ def compile_only(capability: int = 90):
     def compile_instead(self, *args, grid, warmup, **kwargs):
         if "UPCAST_DOT" in kwargs:
             kwargs["UPCAST_DOT"] = False
+        for name, value in kwargs.items():
+            if "UPCAST_DOT" in getattr(value, "_fields", ()):
+                kwargs[name] = value._replace(UPCAST_DOT=tl.constexpr(False))
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
         compiled.append(kernel)
         return kernel
