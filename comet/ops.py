@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
 
 import torch
 from triton.runtime.interpreter import InterpretedFunction
@@ -52,25 +51,20 @@ def _forward(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, 
     return combine.combine_slots(slots, topk_ids, num_experts, out), plan
 
 
-@torch.library.custom_op("comet::routed_experts", mutates_args=())
-def routed_experts(
-    x: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
-    gate_up_bias: Optional[torch.Tensor],
-    down_bias: Optional[torch.Tensor],
-    interleaved: bool,
-    activation: str,
-    swiglu_alpha: float,
-    swiglu_limit: float,
-    weight_on_input: bool,
-) -> torch.Tensor:
-    """The routed experts' output [T, H]. Differentiable; its backward computes the routing plan
-    and GEMM1's activation input again (training through `MoELayer` saves them instead)."""
-    return _forward(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, interleaved, activation,
-                    swiglu_alpha, swiglu_limit, weight_on_input)[0]
+# The ops' schemas: the expert tensors, then the layer's options (the same for all three ops).
+_TENSORS = ("Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor gate_up, Tensor down, Tensor? gate_up_bias, "
+            "Tensor? down_bias")
+_OPTIONS = "bool interleaved, str activation, float swiglu_alpha, float swiglu_limit, bool weight_on_input"
+
+
+@torch.library.custom_op("comet::routed_experts", mutates_args=(), schema=f"({_TENSORS}, {_OPTIONS}) -> Tensor")
+def routed_experts(*inputs) -> torch.Tensor:
+    """The routed experts' output [T, H] for (x [T, H], topk_ids [T, K], topk_weights [T, K],
+    gate_up [E, 2F, H], down [E, H, F], gate_up_bias [E, 2F] or None, down_bias [E, H] or None,
+    interleaved, activation, swiglu_alpha, swiglu_limit, weight_on_input). Differentiable; its
+    backward computes the routing plan and GEMM1's activation input again (training through
+    `MoELayer` saves them instead)."""
+    return _forward(*inputs)[0]
 
 
 @routed_experts.register_fake
@@ -78,29 +72,18 @@ def _(x, topk_ids, *args):
     return x.new_empty(topk_ids.shape[0], x.shape[1])
 
 
-@torch.library.custom_op("comet::routed_experts_train", mutates_args=())
-def routed_experts_train(
-    x: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
-    gate_up_bias: Optional[torch.Tensor],
-    down_bias: Optional[torch.Tensor],
-    interleaved: bool,
-    activation: str,
-    swiglu_alpha: float,
-    swiglu_limit: float,
-    weight_on_input: bool,
-    save_pre_act: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`routed_experts` for training: (output [T, H], pre-activation [T*K, 2F] in expert-sorted
-    order, or [0, 2F] unless `save_pre_act`, sorted rows int64 [T*K], histogram int32). The last
-    three are what its backward reads: the routing plan is computed once per step."""
+@torch.library.custom_op("comet::routed_experts_train", mutates_args=(),
+                         schema=f"({_TENSORS}, {_OPTIONS}, bool save_pre_act) -> (Tensor, Tensor, Tensor, Tensor)")
+def routed_experts_train(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`routed_experts` for training, with `save_pre_act` after its inputs: (output [T, H],
+    pre-activation [T*K, 2F] in expert-sorted order, or [0, 2F] unless `save_pre_act`, sorted rows
+    int64 [T*K], histogram int32). The last three are what its backward reads: the routing plan is
+    computed once per step."""
+    *inputs, save_pre_act = args
+    x, topk_ids, _, gate_up = inputs[:4]
     rows, two_f = topk_ids.numel(), gate_up.shape[1]
     pre_act = x.new_empty(rows if save_pre_act else 0, two_f)
-    out, plan = _forward(x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, interleaved, activation,
-                         swiglu_alpha, swiglu_limit, weight_on_input, pre_act=pre_act if save_pre_act else None)
+    out, plan = _forward(*inputs, pre_act=pre_act if save_pre_act else None)
     return out, pre_act, plan.sorted_rows, plan.hist
 
 
@@ -113,26 +96,13 @@ def _(x, topk_ids, topk_weights, gate_up, down, *args):
             topk_ids.new_empty(histogram_bins(gate_up.shape[0]), dtype=torch.int32))
 
 
-@torch.library.custom_op("comet::routed_experts_backward", mutates_args=())
-def routed_experts_backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
-    gate_up_bias: Optional[torch.Tensor],
-    down_bias: Optional[torch.Tensor],
-    pre_act: torch.Tensor,
-    sorted_rows: torch.Tensor,
-    hist: torch.Tensor,
-    interleaved: bool,
-    activation: str,
-    swiglu_alpha: float,
-    swiglu_limit: float,
-    weight_on_input: bool,
-    need_x_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op(
+    "comet::routed_experts_backward", mutates_args=(),
+    schema=f"(Tensor grad_out, {_TENSORS}, Tensor pre_act, Tensor sorted_rows, Tensor hist, {_OPTIONS}, "
+           "bool need_x_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def routed_experts_backward(grad_out, x, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, pre_act,
+                            sorted_rows, hist, interleaved, activation, swiglu_alpha, swiglu_limit, weight_on_input,
+                            need_x_grad) -> tuple[torch.Tensor, ...]:
     """Gradients of `routed_experts` for grad_out [T, H]: (x [T, H] (empty unless `need_x_grad`
     or `weight_on_input`), topk_weights [T, K], gate_up, down, gate_up_bias, down_bias (the bias
     gradients empty where there is no bias)). `pre_act` is GEMM1's saved activation input, or
@@ -203,7 +173,7 @@ def experts_backward(grad_out, x, topk_ids, topk_weights, w: ExpertWeights, plan
     return dx, d_weights, d_gate_up, d_down, d_gate_up_bias, d_down_bias
 
 
-_OPTIONS = slice(7, 12)  # interleaved, activation, swiglu_alpha, swiglu_limit, weight_on_input
+_OPTION_INPUTS = slice(7, 12)  # interleaved, activation, swiglu_alpha, swiglu_limit, weight_on_input
 
 
 def _input_grads(ctx, grads) -> tuple:
@@ -216,7 +186,7 @@ def _input_grads(ctx, grads) -> tuple:
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:7])
-    ctx.options = inputs[_OPTIONS]
+    ctx.options = inputs[_OPTION_INPUTS]
 
 
 def _backward(ctx, grad_out):
@@ -234,7 +204,7 @@ routed_experts.register_autograd(_backward, setup_context=_setup_context)
 def _train_setup_context(ctx, inputs, output):
     _, pre_act, sorted_rows, hist = output
     ctx.save_for_backward(*inputs[:7], pre_act, sorted_rows, hist)
-    ctx.options = inputs[_OPTIONS]
+    ctx.options = inputs[_OPTION_INPUTS]
     ctx.set_materialize_grads(False)
 
 
