@@ -76,6 +76,15 @@ def fit_shared_memory(cfg: GemmConfig, element_size: int, b_tiles: int) -> GemmC
     return dataclasses.replace(cfg, num_stages=stages)
 
 
+def fit_wgrad_shared_memory(cfg: GemmConfig, element_size: int) -> GemmConfig:
+    """A weight-gradient config (chosen for 16-bit operands) for operands of `element_size` bytes:
+    16-bit ones keep its stages, wider ones (fp32) get fewer, as `fit_shared_memory` cuts them.
+    The weight-gradient kernel holds fewer operand tiles than it has stages (its row-index loads
+    take some; `python -m bench.diagnostics.kernel_resources` shows its shared memory), so the
+    forward's rule would cut a 16-bit config that fits."""
+    return cfg if element_size <= 2 else fit_shared_memory(cfg, element_size, 1)
+
+
 def select_configs(num_rows: int, num_experts: int, hidden: int, ffn: int, dtype: torch.dtype,
                    device: torch.device) -> tuple[GemmConfig, GemmConfig]:
     """(GEMM1 config, GEMM2 config) for `num_rows` = tokens * top_k routed rows."""
@@ -153,4 +162,8 @@ def _backward_bucket_configs(bucket: int, num_experts: int, hidden: int, ffn: in
     if entries:
         best = min(entries, key=lambda b: abs(int(b).bit_length() - bucket.bit_length()))
         configs = configs._replace(**{name: GemmConfig(**c) for name, c in entries[best].items()})
-    return BackwardConfigs(*(fit_shared_memory(c, dtype.itemsize, 1) for c in configs))
+    size = dtype.itemsize
+    return BackwardConfigs(fit_shared_memory(configs.down_dgrad, size, 1),
+                           fit_shared_memory(configs.gate_up_dgrad, size, 1),
+                           fit_wgrad_shared_memory(configs.down_wgrad, size),
+                           fit_wgrad_shared_memory(configs.gate_up_wgrad, size))

@@ -136,6 +136,25 @@ def test_backward_configs_from_their_table_else_the_forward_and_a_heuristic(tmp_
         configs.clear_table_cache()
 
 
+def test_weight_gradient_configs_keep_their_stages_at_16_bit(tmp_path, monkeypatch):
+    # The table's 5-stage weight-gradient tiles are what was timed: the backward must run them so.
+    wgrad = dict(block_m=256, block_n=128, block_k=64, group_m=1, num_warps=8, num_stages=5, weight_descriptors=True)
+    table = {configs.shape_key(8, 256, 128, dt): {"8": {"down_wgrad": wgrad, "gate_up_wgrad": wgrad}}
+             for dt in (torch.bfloat16, torch.float32)}
+    (tmp_path / "backward_interpreter.json").write_text(json.dumps(table))
+    monkeypatch.setattr(configs, "TABLE_DIR", tmp_path)
+    configs.clear_table_cache()
+    try:
+        cpu = torch.device("cpu")
+        bf16 = configs.backward_configs(8 * 8, 8, 256, 128, torch.bfloat16, cpu)
+        assert bf16.down_wgrad == bf16.gate_up_wgrad == GemmConfig(**wgrad)
+        fp32 = configs.backward_configs(8 * 8, 8, 256, 128, torch.float32, cpu)  # 96 KiB a stage
+        assert fp32.down_wgrad.num_stages == fp32.gate_up_wgrad.num_stages == 2
+        assert fp32.down_wgrad.block_m == 256
+    finally:
+        configs.clear_table_cache()
+
+
 def test_shipped_backward_table_is_well_formed():
     table = json.loads((configs.TABLE_DIR / "backward_nvidia_h200.json").read_text())
     for buckets in table.values():
