@@ -20,7 +20,7 @@ from comet.config import MoEConfig
 from comet.kernels import combine
 from comet.kernels.expert_backward import down_dgrad, down_wgrad, dw_partial_blocks, gate_up_dgrad, gate_up_wgrad
 from comet.kernels.expert_gemm import down_gemm, gate_up_gemm
-from comet.kernels.routing import gather_sorted_rows, histogram_bins
+from comet.kernels.routing import histogram_bins
 from comet.scheduler.configs import backward_configs, select_configs
 from comet.scheduler.routing import RoutingPlan, analyze_routing
 from comet.validation import kernel_ids
@@ -158,17 +158,13 @@ def experts_backward(grad_out, x, topk_ids, topk_weights, w: ExpertWeights, plan
     d_gate_up = torch.empty(w.gate_up.shape, dtype=dtype, device=device)
     d_gate_up_bias = torch.empty(w.gate_up_bias.shape if w.gate_up_bias is not None else (0,), dtype=dtype,
                                  device=device)
-    wants_dx = need_x_grad or weight_on_input
-    slots = torch.empty(rows, hidden, dtype=dtype, device=device) if wants_dx or cfgs.presort_wgrad_input else None
-    # x in sorted order in the slot buffer, which the dgrad of GEMM1 overwrites after dW1 read it
-    x_sorted = (gather_sorted_rows(x, plan.sorted_rows, plan.hist, top_k, slots, num_experts=num_experts)
-                if cfgs.presort_wgrad_input else None)
     gate_up_wgrad(d_pre_act, x, plan.sorted_rows, row_weights, plan.hist, d_gate_up,
                   d_gate_up_bias if w.gate_up_bias is not None else None, top_k=top_k,
-                  weight_on_input=weight_on_input, cfg=cfgs.gate_up_wgrad, x_sorted=x_sorted)
+                  weight_on_input=weight_on_input, cfg=cfgs.gate_up_wgrad)
 
     dx = x.new_empty(0, hidden)
-    if wants_dx:
+    if need_x_grad or weight_on_input:
+        slots = torch.empty(rows, hidden, dtype=dtype, device=device)
         gate_up_dgrad(d_pre_act, w.gate_up, x, plan.sorted_rows, row_weights, plan.hist, slots, dw_partial,
                       top_k=top_k, weight_on_input=weight_on_input, cfg=cfgs.gate_up_dgrad)
         dx = combine.combine_slots(slots, kernel_ids(topk_ids).contiguous(), num_experts,

@@ -14,8 +14,7 @@ g_t the output gradient of token t.
   to token-slot order (the forward's combine then sums each token's K slots in a fixed order);
   with the weight on the input (Llama4) dw_r = <dh_p @ gate_up_e, x_t> is reduced here instead.
 - `expert_wgrad`: C_e = sum over the expert's rows of A_r^T B_r, each operand gathered by token or
-  read in sorted order (through a descriptor over the expert's rows; with both sorted, A's rows
-  past the expert's end masked in registers), any output strides (a
+  read in sorted order (through a descriptor over the expert's rows), any output strides (a
   transposed write costs nothing), plus the column sum of B, optionally weighted by w_r (the
   bias gradient), from the tiles of the first M block.
 """
@@ -270,8 +269,7 @@ def _wgrad_operand(ptr, desc, tokens, positions, r0, r_mask, cols, col0, col_in,
                    GATHER: tl.constexpr, DESC: tl.constexpr):
     """A [BLOCK_K rows, columns] tile of a weight-gradient operand: rows gathered by token, or
     sorted rows through a descriptor over the whole operand (rows past the expert's end are the
-    next expert's: the other operand's zeros there cancel them, the gathered operand's masked
-    loads or, with both sorted, the A tile masked in registers) or masked pointers."""
+    next expert's; the gathered operand's zeros there cancel them) or masked pointers."""
     if DESC:
         return desc.load([r0, col0])
     else:
@@ -289,7 +287,6 @@ def _expert_wgrad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, A_DESC: tl.constexpr, B_DESC: tl.constexpr,
     OUT_DESC: tl.constexpr, SCALE_A: tl.constexpr, SCALE_B: tl.constexpr,
-    MASK_A: tl.constexpr,  # both operands sorted, A through a descriptor: A's rows past the expert's end zeroed
     BIAS_OPERAND: tl.constexpr,  # 0: no bias gradient; 1: column sums of A ([E, M]); 2: of B ([E, N])
     WEIGHTED_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
@@ -357,8 +354,6 @@ def _expert_wgrad_kernel(
                            stride_ar, stride_am, GATHER_A, A_DESC)
         b = _wgrad_operand(b_ptr, b_desc, tokens, positions, r0, r_mask, offs_n, n_block * BLOCK_N, n_in,
                            stride_br, stride_bn, GATHER_B, B_DESC)
-        if MASK_A:  # B's rows there are the next expert's too
-            a = tl.where(r_mask[:, None], a, 0.0).to(a_ptr.dtype.element_ty)
         if SCALE_A or SCALE_B or WEIGHTED_BIAS:
             w = tl.load(row_weights_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)[:, None]
         if SCALE_A:
@@ -397,11 +392,11 @@ def _expert_wgrad_kernel(
             col_sum = tl.zeros_like(col_sum)
 
 
-def _sorted_descriptor(t: torch.Tensor, gathered: bool) -> bool:
-    """Whether a weight-gradient operand can go through one descriptor over all its rows: it is
-    sorted and its layout allows. (The rows a tile reads past its expert's end are cancelled by
-    the other operand's zeros: a gathered operand's masked loads, else A's mask in registers.)"""
-    return input_descriptor_mode(t, gathered, DESCRIPTOR_MIN_BLOCK_M)
+def _sorted_descriptor(t: torch.Tensor, gathered: bool, other_gathered: bool) -> bool:
+    """A weight-gradient operand goes through one descriptor over all its rows where it is
+    sorted, its layout allows, and the other operand is gathered (whose masked zeros cancel the
+    rows a tile reads past its expert's end)."""
+    return other_gathered and input_descriptor_mode(t, gathered, DESCRIPTOR_MIN_BLOCK_M)
 
 
 def _output_descriptor(out: torch.Tensor) -> bool:
@@ -419,15 +414,12 @@ def expert_wgrad(a, gather_a, b, gather_b, out, bias_grad, sorted_rows, row_weig
     for one with no rows): the weight gradient of a grouped GEMM.
 
     a [rows_a, M], b [rows_b, N]: row r of an operand is its row token (r // top_k) if gathered,
-    else its row p (expert-sorted; only the experts' positions [hist[0], hist[0] + sum of the E
-    expert bins) are read, so rows of skipped ids need not be written); either or both may be
-    sorted. `scale` ("none", "a" or "b") multiplies that operand's row by row_weights[r].
-    out [E, M, N] (any strides; written through a descriptor where N is
+    else its row p (expert-sorted). `scale` ("none", "a" or "b") multiplies that operand's row by
+    row_weights[r]. out [E, M, N] (any strides; written through a descriptor where N is
     contiguous); bias_grad None, or the column sums of `bias_of` ("a": [E, M], "b": [E, N]) over
     the expert's rows, times row_weights[r] if `weighted_bias`. Non-finite values in a sorted
     operand's rows can reach the neighbouring expert's gradient where that operand is read
-    through a descriptor (with both sorted, B's only: A's tile is masked). No host sync;
-    deterministic (each output element is one program's)."""
+    through a descriptor. No host sync; deterministic (each output element is one program's)."""
     num_experts, m, n = out.shape
     if scale not in ("none", "a", "b") or bias_of not in ("a", "b"):
         raise ValueError(f"expert_wgrad: scale must be 'none', 'a' or 'b' and bias_of 'a' or 'b', "
@@ -437,11 +429,7 @@ def expert_wgrad(a, gather_a, b, gather_b, out, bias_grad, sorted_rows, row_weig
     items = num_experts * triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     programs = persistent_programs(a.device, items)
     has_bias = bias_grad is not None
-    a_desc = cfg.weight_descriptors and _sorted_descriptor(a, gather_a)
-    b_desc = cfg.weight_descriptors and _sorted_descriptor(b, gather_b)
-    # One gathered: its masked zeros cancel the rows the sorted one's tiles read past the expert's
-    # end. Both sorted: A's tile is masked there (pointer loads mask it already).
-    mask_a = a_desc and not (gather_a or gather_b)
+    use_desc = cfg.weight_descriptors
     _expert_wgrad_kernel[(programs,)](
         a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1),
         out, out.stride(0), out.stride(1), out.stride(2),
@@ -450,9 +438,11 @@ def expert_wgrad(a, gather_a, b, gather_b, out, bias_grad, sorted_rows, row_weig
         NUM_EXPERTS=num_experts, NUM_BINS=histogram_bins(num_experts), TOP_K=top_k,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_PROGRAMS=programs,
         GATHER_A=gather_a, GATHER_B=gather_b,
-        A_DESC=a_desc, B_DESC=b_desc, OUT_DESC=cfg.weight_descriptors and _output_descriptor(out),
-        SCALE_A=scale == "a", SCALE_B=scale == "b", MASK_A=mask_a,
-        BIAS_OPERAND=(1 if bias_of == "a" else 2) if has_bias else 0, WEIGHTED_BIAS=weighted_bias,
+        A_DESC=use_desc and _sorted_descriptor(a, gather_a, gather_b),
+        B_DESC=use_desc and _sorted_descriptor(b, gather_b, gather_a),
+        OUT_DESC=use_desc and _output_descriptor(out),
+        SCALE_A=scale == "a", SCALE_B=scale == "b", BIAS_OPERAND=(1 if bias_of == "a" else 2) if has_bias else 0,
+        WEIGHTED_BIAS=weighted_bias,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", UPCAST_DOT=a.device.type != "cuda",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -468,12 +458,9 @@ def down_wgrad(grad_out, act, sorted_rows, row_weights, hist, d_down, d_down_bia
 
 
 def gate_up_wgrad(d_pre_act, x, sorted_rows, row_weights, hist, d_gate_up, d_gate_up_bias, *, top_k,
-                  weight_on_input, cfg: GemmConfig, x_sorted=None):
+                  weight_on_input, cfg: GemmConfig):
     """Weight gradient of GEMM1: d_gate_up[e] = sum over e's rows of dh_p^T x_t [E, 2F, H] (x_t
     times w_r with `weight_on_input`), d_pre_act [T*K, 2F] sorted; d_gate_up_bias [E, 2F] or None
-    gets sum dh_p. x [T, H] rows are gathered by token; or `x_sorted` [T*K, H], x in sorted order
-    at the experts' positions (`comet.kernels.routing.gather_sorted_rows`), is read instead (x is
-    then not read). No host sync."""
-    b, gather_b = (x, True) if x_sorted is None else (x_sorted, False)
-    expert_wgrad(d_pre_act, False, b, gather_b, d_gate_up, d_gate_up_bias, sorted_rows, row_weights, hist,
-                 top_k=top_k, scale="b" if weight_on_input else "none", bias_of="a", cfg=cfg)
+    gets sum dh_p. No host sync."""
+    expert_wgrad(d_pre_act, False, x, True, d_gate_up, d_gate_up_bias, sorted_rows, row_weights, hist, top_k=top_k,
+                 scale="b" if weight_on_input else "none", bias_of="a", cfg=cfg)

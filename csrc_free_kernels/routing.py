@@ -6,8 +6,7 @@ The histogram has one bin per expert plus two guard bins: bin 0 counts ids < 0 a
 by id, expert e's rows are then the contiguous range [start[e], start[e] + count[e]), so the tile map
 (which expert a tile belongs to, which rows it covers) is derived inside each kernel from the
 histogram alone: no host sync, no per-call tile arrays. (The fused expert-parallel kernels bin
-their rows by arrival instead: `comet.kernels.ep_tiles`.) `gather_sorted_rows` copies token rows
-into that sorted order.
+their rows by arrival instead: `comet.kernels.ep_tiles`.)
 """
 import torch
 import triton
@@ -117,43 +116,3 @@ def locate_tile(tile, row_start, counts, tile_start, tile_end, NUM_BINS: tl.cons
     first = _pick(row_start, expert, NUM_BINS) + (tile - _pick(tile_start, expert, NUM_BINS)) * BLOCK_M
     end = _pick(row_start, expert, NUM_BINS) + _pick(counts, expert, NUM_BINS)
     return expert, first, end
-
-
-@triton.jit
-def _gather_sorted_rows_kernel(x_ptr, stride_xt, stride_xh, sorted_rows_ptr, hist_ptr, out_ptr, stride_op, stride_oh,
-                               H, NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, TOP_K: tl.constexpr,
-                               BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    _, counts, _, _, _ = expert_segments(hist_ptr, NUM_EXPERTS, NUM_BINS, 1)
-    lo = tl.load(hist_ptr)  # the rows of ids < 0 come first, those of ids >= E after the experts'
-    hi = lo + tl.sum(counts, axis=0)
-    offs_p = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    p_mask = (offs_p >= lo) & (offs_p < hi)
-    tokens = tl.load(sorted_rows_ptr + offs_p, mask=p_mask, other=0).to(tl.int64) // TOP_K
-    src = x_ptr + tokens[:, None] * stride_xt
-    dst = out_ptr + offs_p.to(tl.int64)[:, None] * stride_op
-    h_end = tl.where(tl.sum(p_mask.to(tl.int32), axis=0) > 0, H, 0)  # a block without valid rows copies nothing
-    offs_h = tl.arange(0, BLOCK_H)
-    for h in range(0, h_end, BLOCK_H):
-        cols = h + offs_h
-        mask = p_mask[:, None] & (cols < H)[None, :]
-        tl.store(dst + cols[None, :] * stride_oh, tl.load(src + cols[None, :] * stride_xh, mask=mask), mask=mask)
-
-
-def gather_sorted_rows(x: torch.Tensor, sorted_rows: torch.Tensor, hist: torch.Tensor, top_k: int,
-                       out: torch.Tensor, *, num_experts: int) -> torch.Tensor:
-    """x [T, H] (any strides) -> out [rows, H] (any strides, rows = sorted_rows.numel() = T * top_k)
-    in expert-sorted order: out[p] = x[sorted_rows[p] // top_k] for the experts' positions p in
-    [hist[0], hist[0] + sum of the E expert bins) of the routing plan (sorted_rows int64, hist the
-    int32 histogram of `expert_histogram`); the rows of skipped ids (< 0 or >= E) are not written.
-    Returns out. The grid depends on the shapes only: no host sync, CUDA-graph capturable."""
-    rows, hidden = out.shape
-    if sorted_rows.numel() != rows or x.shape[1] != hidden:
-        raise ValueError(f"gather_sorted_rows: out [{rows}, {hidden}] needs {rows} sorted rows and x [T, {hidden}], "
-                         f"got {sorted_rows.numel()} and {list(x.shape)}")
-    block_r, block_h = 16, min(512, triton.next_power_of_2(max(hidden, 1)))
-    if rows:
-        _gather_sorted_rows_kernel[(triton.cdiv(rows, block_r),)](
-            x, x.stride(0), x.stride(1), sorted_rows, hist, out, out.stride(0), out.stride(1), hidden,
-            NUM_EXPERTS=num_experts, NUM_BINS=histogram_bins(num_experts), TOP_K=top_k, BLOCK_R=block_r,
-            BLOCK_H=block_h, num_warps=4)
-    return out

@@ -1,8 +1,6 @@
 """The routed experts' backward kernels (interpreter on CPU, compiled on GPU) against autograd
 through the reference in float64: every gradient (x, routing weights, both weights, both biases),
 every activation and layout, odd routings, determinism, and training through the layer."""
-import dataclasses
-
 import pytest
 import torch
 
@@ -162,127 +160,6 @@ def test_weight_gradient_reads_no_unwritten_rows(sorted_operand):
     assert (out[2] == 0).all() and (bias[2] == 0).all()
     assert_close(out, want, TOL[torch.float32], "weight gradient")
     assert_close(bias, want_bias, TOL[torch.float32], "bias gradient")
-
-
-def _odd_routing(kind):
-    """(T, K, E, ids): "ragged": an expert without rows and skipped ids (< 0 and >= E, whose sorted
-    rows lie before and after the experts'), "one_expert": every token on expert 3 of 5,
-    "one_token": a single token; rows per expert not a multiple of any tile."""
-    if kind == "one_expert":
-        return 23, 1, 5, torch.full((23, 1), 3, device=DEVICE)
-    if kind == "one_token":
-        return 1, 2, 4, torch.tensor([[2, 0]], device=DEVICE)
-    T, K, E = 19, 2, 4
-    ids = torch.randint(0, E, (T, K), device=DEVICE)
-    ids[ids == 2] = 1
-    ids[0::5, 0] = -1
-    ids[1::4, 1] = E
-    return T, K, E, ids
-
-
-def _experts_positions(hist, E):
-    start = int(hist[0])
-    return start, start + int(hist[1:E + 1].sum())
-
-
-@pytest.mark.parametrize("kind", ["ragged", "one_expert", "one_token"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gather_sorted_rows_writes_the_experts_positions_only(kind, dtype):
-    """x (column-major here) copied into sorted order at the experts' positions; the rows of
-    skipped ids (before and after them) are left as they were."""
-    from comet.kernels.routing import gather_sorted_rows, sorted_routing_plan
-
-    T, K, E, ids = _odd_routing(kind)
-    H = 40
-    sorted_rows, hist = sorted_routing_plan(ids.flatten(), E)
-    x = torch.randn(H, T, device=DEVICE).to(dtype).t()
-    out = torch.full((T * K, H), float("nan"), dtype=dtype, device=DEVICE)
-    assert gather_sorted_rows(x, sorted_rows, hist, K, out, num_experts=E) is out
-    lo, hi = _experts_positions(hist, E)
-    assert torch.equal(out[lo:hi], x[sorted_rows[lo:hi] // K])
-    assert out[:lo].isnan().all() and out[hi:].isnan().all()
-
-
-@pytest.mark.parametrize("descriptors", [True, False], ids=["descriptor_loads", "pointer_loads"])
-@pytest.mark.parametrize("weight_on_input", [False, True], ids=["weight_on_output", "weight_on_input"])
-@pytest.mark.parametrize("kind", ["ragged", "one_expert", "one_token"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_presorted_gate_up_wgrad_reads_no_unwritten_rows(kind, dtype, weight_on_input, descriptors):
-    """`gate_up_wgrad` with x copied into sorted order (both operands sorted: A masked past each
-    expert's end) equals the gathered x's and the reference, bias gradient included; the
-    unwritten rows of x_sorted and d_pre_act (skipped ids) are NaN and the outputs poisoned."""
-    from comet.kernels.expert_backward import gate_up_wgrad
-    from comet.kernels.expert_gemm import GemmConfig
-    from comet.kernels.routing import gather_sorted_rows, sorted_routing_plan
-
-    T, K, E, ids = _odd_routing(kind)
-    H, two_f = 24, 40  # neither a multiple of the tiles
-    sorted_rows, hist = sorted_routing_plan(ids.flatten(), E)
-    lo, hi = _experts_positions(hist, E)
-    x = torch.randn(T, H, device=DEVICE).to(dtype)
-    d_pre = torch.randn(T * K, two_f, device=DEVICE).to(dtype)
-    d_pre[:lo] = float("nan")
-    d_pre[hi:] = float("nan")
-    x_sorted = gather_sorted_rows(x, sorted_rows, hist, K, torch.full((T * K, H), float("nan"), dtype=dtype,
-                                                                    device=DEVICE), num_experts=E)
-    w = torch.rand(T * K, device=DEVICE) + 0.1
-    want = torch.zeros(E, two_f, H, dtype=torch.float64, device=DEVICE)
-    want_bias = torch.zeros(E, two_f, dtype=torch.float64, device=DEVICE)
-    flat_ids = ids.flatten()
-    for p in range(lo, hi):
-        row = int(sorted_rows[p])
-        e, xr = int(flat_ids[row]), x[row // K].double() * (w[row].double() if weight_on_input else 1.0)
-        want[e] += d_pre[p].double()[:, None] * xr[None, :]
-        want_bias[e] += d_pre[p].double()
-    cfg = (GemmConfig(16, 32, 16, group_m=1) if DEVICE == "cpu" else GemmConfig(64, 64, 32, group_m=1))
-    cfg = dataclasses.replace(cfg, weight_descriptors=descriptors)
-    got = {}
-    for path, xs in (("gathered", None), ("presorted", x_sorted)):
-        out = torch.full((E, two_f, H), float("nan"), dtype=dtype, device=DEVICE)
-        bias = torch.full((E, two_f), float("nan"), dtype=dtype, device=DEVICE)
-        gate_up_wgrad(d_pre, x, sorted_rows, w, hist, out, bias, top_k=K, weight_on_input=weight_on_input, cfg=cfg,
-                      x_sorted=xs)
-        idle = [e for e in range(E) if not (flat_ids == e).any()]
-        assert (out[idle] == 0).all() and (bias[idle] == 0).all(), path
-        assert_close(out, want, TOL[dtype], f"{path} weight gradient")
-        assert_close(bias, want_bias, TOL[dtype], f"{path} bias gradient")
-        got[path] = out, bias
-    for name, a, b in zip(("weight", "bias"), got["presorted"], got["gathered"]):
-        assert_close(a, b, TOL[dtype], f"presorted vs gathered {name} gradient")
-
-
-def _presort_wgrad_input(monkeypatch) -> list:
-    """The backward's configs with `presort_wgrad_input` from now on; returns the list of the
-    gathers' outputs it then runs."""
-    import comet.ops
-
-    configs, gather, gathered = comet.ops.backward_configs, comet.ops.gather_sorted_rows, []
-    monkeypatch.setattr(comet.ops, "backward_configs",
-                        lambda *args: configs(*args)._replace(presort_wgrad_input=True))
-    monkeypatch.setattr(comet.ops, "gather_sorted_rows",
-                        lambda *args, **kwargs: gathered.append(gather(*args, **kwargs)) or gathered[-1])
-    return gathered
-
-
-@pytest.mark.parametrize("T,E,K,dtype,variant", [
-    (1, 4, 2, torch.float32, {}),
-    (37, 4, 1, torch.float32, dict(bias=True)),
-    (29, 6, 2, torch.float32, dict(bias=True, weight_on_input=True)),
-    (23, 5, 1, torch.float32, dict(ids="one_expert")),
-    (40, 8, 2, torch.bfloat16, dict(bias=True)),
-], ids=["one_token", "odd_tokens_bias", "weight_on_input", "one_expert", "bf16"])
-@pytest.mark.parametrize("descriptors", [True, False], ids=["descriptor_loads", "pointer_loads"])
-def test_presorted_wgrad_input_through_the_backward(monkeypatch, load_paths, T, E, K, dtype, variant, descriptors):
-    """The backward with `BackwardConfigs.presort_wgrad_input`: x copied into the slot buffer in
-    sorted order before dW1, which the dgrad of GEMM1 then overwrites: every gradient as the
-    reference's."""
-    load_paths(descriptors)
-    gathered = _presort_wgrad_input(monkeypatch)
-    variant = dict(variant)
-    if variant.pop("ids", None) == "one_expert":
-        variant["ids"] = torch.full((T, K), 3, device=DEVICE)
-    check(make_case(T, E, K, dtype=dtype, **variant))
-    assert len(gathered) == 1 and gathered[0].shape == (T * K, 32)
 
 
 @pytest.mark.parametrize("descriptors", [True, False], ids=["descriptor_loads", "pointer_loads"])
