@@ -24,7 +24,7 @@ import triton.language as tl
 
 from comet.kernels.expert_gemm import (
     ACTIVATION_IDS, DESCRIPTOR_MIN_BLOCK_M, GemmConfig, _activation, descriptors_allowed, input_descriptor_mode,
-    locate_item, persistent_programs, set_descriptor_allocator, tile_mainloop, tile_rows, weight_descriptor_mode,
+    locate_item, persistent_programs, set_descriptor_allocator, tile_mainloop, tile_rows,
 )
 from comet.kernels.routing import expert_segments, histogram_bins
 
@@ -203,8 +203,7 @@ def _dgrad_args(a, a_gathered, b, out, sorted_rows, row_weights, hist, dw_partia
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         EVEN_K=k % cfg.block_k == 0, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         UPCAST_DOT=a.device.type != "cuda",  # the interpreter's dot mishandles 16-bit floats
-        B_DESC=weight_descriptor_mode(b, b, cfg.block_m) if cfg.weight_descriptors else 0,
-        A_DESC=cfg.input_descriptors and input_descriptor_mode(a, a_gathered, cfg.block_m),
+        B_DESC=cfg.weight_mode(b, b), A_DESC=cfg.input_mode(a, a_gathered),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), (triton.cdiv(sorted_rows.numel(), cfg.block_m) + num_experts) * triton.cdiv(n, cfg.block_n)
 

@@ -48,6 +48,16 @@ class GemmConfig:
     # TMA and unaligned layouts take.
     input_descriptors: bool = True
 
+    def weight_mode(self, b: torch.Tensor, b2: torch.Tensor) -> int:
+        """How a kernel of this config reads weights b, b2: `weight_descriptor_mode` at this tile
+        height where `weight_descriptors` is set, else 0 (pointer loads)."""
+        return weight_descriptor_mode(b, b2, self.block_m) if self.weight_descriptors else 0
+
+    def input_mode(self, a: torch.Tensor, gathered: bool) -> bool:
+        """Whether a kernel of this config reads A through a descriptor: `input_descriptor_mode`
+        at this tile height where `input_descriptors` is set."""
+        return self.input_descriptors and input_descriptor_mode(a, gathered, self.block_m)
+
 
 class GemmArgs(NamedTuple):
     """A `GemmProblem` as its kernels take it: the one argument `gemm` of every grouped-GEMM
@@ -492,15 +502,13 @@ class GemmProblem:
     def b_desc(self) -> int:
         """How the kernel reads the weights: `weight_descriptor_mode` where the config asks for
         descriptors (`GemmConfig.weight_descriptors`), else 0 (pointer loads)."""
-        cfg = self.cfg
-        return weight_descriptor_mode(self.b, self.b2, cfg.block_m) if cfg.weight_descriptors else 0
+        return self.cfg.weight_mode(self.b, self.b2)
 
     @property
     def a_desc(self) -> bool:
         """Whether the kernel reads A through a descriptor: `input_descriptor_mode` where the config
         asks for it (`GemmConfig.input_descriptors`)."""
-        cfg = self.cfg
-        return cfg.input_descriptors and input_descriptor_mode(self.a, self.gather_a, cfg.block_m)
+        return self.cfg.input_mode(self.a, self.gather_a)
 
     def kernel_args(self, *, a_address: bool = True) -> dict:
         """Every grouped-GEMM kernel's arguments of this GEMM, by name: `gemm` (its `GemmArgs`,
