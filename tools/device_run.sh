@@ -10,9 +10,9 @@
 #   training_8192  bench/training.py at 8192 tokens, Qwen3 and OLMoE, against Liger-Kernel (autotuned) and _grouped_mm
 #   backward_rest  the backward tests after the size and tile sweeps, the CUDA-graph training step first
 #   wgrad_tune     the weight-gradient configs only (bench/diagnostics/backward_gemms.py), every shape, --write-table
-#   training_large bench/training.py at 4096 / 8192 / 16384 tokens, DeepSeek-V3, Mixtral, GPT-OSS: ours, _grouped_mm
+#   training_large bench/training.py at 4096 / 8192 / 16384 tokens, DeepSeek-V3, Mixtral, GPT-OSS: ours, _grouped_mm, transformers
 #                  (Liger-Kernel autotunes on a shape's first call: one shape a call, with training_liger)
-#   training_tokens  bench/training.py at 4096 and 16384 tokens, Qwen3 and OLMoE: ours, Liger-Kernel, _grouped_mm
+#   training_tokens  bench/training.py at 4096 and 16384 tokens, Qwen3 and OLMoE: ours, Liger-Kernel, _grouped_mm, transformers
 #                  (Liger's autotuning keys on the shape, not the token count: the carried cache serves)
 #   training_ours_all  bench/training.py, ours only: every shape at 8192 tokens, then Mixtral and DeepSeek-V3 at 16384
 #   training_liger bench/training.py at 8192 tokens against Liger-Kernel (autotuned), shapes $COMET_TRAINING_SHAPES
@@ -107,10 +107,10 @@ for p in "$@"; do
       cp scheduler/tables/backward_*.json "$RES/training/" 2>/dev/null ;;
     training_large)
       phase training_large 560 training python3 -m bench.training --quick --tokens 4096 8192 16384 \
-        --shapes DeepSeek-V3 Mixtral-8x7B GPT-OSS-20B --impls ours grouped_mm ;;
+        --shapes DeepSeek-V3 Mixtral-8x7B GPT-OSS-20B --impls ours grouped_mm hf ;;
     training_tokens)
       phase training_tokens 400 training python3 -m bench.training --quick --tokens 4096 16384 \
-        --shapes Qwen3-30B-A3B OLMoE-1B-7B --impls ours liger grouped_mm ;;
+        --shapes Qwen3-30B-A3B OLMoE-1B-7B --impls ours liger grouped_mm hf ;;
     training_ours_all)
       phase training_ours_all 200 training python3 -m bench.training --quick --profile --tokens 8192 --impls ours
       phase training_16384 150 training python3 -m bench.training --quick --tokens 16384 \
