@@ -127,6 +127,14 @@ class BackwardConfigs(NamedTuple):
     gate_up_dgrad: GemmConfig  # rows x H tiles over 2F: GEMM2's shape
     down_wgrad: GemmConfig  # H x F tiles of dW2 over each expert's rows (block_k rows per step)
     gate_up_wgrad: GemmConfig  # 2F x H tiles of dW1
+    # dW1 reads x copied first into sorted order in zero-padded expert segments of
+    # gate_up_wgrad.block_k rows (`comet.kernels.routing.gather_padded_rows`, a buffer of its own),
+    # both operands through descriptors, instead of gathering x's rows by token.
+    presort_wgrad_input: bool = False
+
+    def map_gemms(self, fn) -> BackwardConfigs:
+        """A copy with `fn(GemmConfig) -> GemmConfig` applied to each kernel's config."""
+        return self._replace(**{name: fn(c) for name, c in self._asdict().items() if isinstance(c, GemmConfig)})
 
 
 def backward_table_name(gpu: str) -> str:
@@ -163,7 +171,7 @@ def _backward_bucket_configs(bucket: int, num_experts: int, hidden: int, ffn: in
         best = min(entries, key=lambda b: abs(int(b).bit_length() - bucket.bit_length()))
         configs = configs._replace(**{name: GemmConfig(**c) for name, c in entries[best].items()})
     size = dtype.itemsize
-    return BackwardConfigs(fit_shared_memory(configs.down_dgrad, size, 1),
-                           fit_shared_memory(configs.gate_up_dgrad, size, 1),
-                           fit_wgrad_shared_memory(configs.down_wgrad, size),
-                           fit_wgrad_shared_memory(configs.gate_up_wgrad, size))
+    return configs._replace(down_dgrad=fit_shared_memory(configs.down_dgrad, size, 1),
+                            gate_up_dgrad=fit_shared_memory(configs.gate_up_dgrad, size, 1),
+                            down_wgrad=fit_wgrad_shared_memory(configs.down_wgrad, size),
+                            gate_up_wgrad=fit_wgrad_shared_memory(configs.gate_up_wgrad, size))
