@@ -423,6 +423,25 @@ def _output_descriptor(out: torch.Tensor) -> bool:
             and descriptors_allowed(out, DESCRIPTOR_MIN_BLOCK_M))
 
 
+# Shared memory a thread block may take on sm_90 (H100, H200), in bytes.
+SHARED_MEMORY_LIMIT = 232448
+# With `padded_b` no row-index loads take pipeline stages: each of num_stages holds an A and a B
+# tile. Pointer stores of the output take a layout-conversion buffer (32 KiB at 8 warps, compiled
+# offline: `python -m bench.diagnostics.kernel_resources --kernels gate_up_wgrad_presorted`).
+PADDED_WGRAD_EPILOGUE_BYTES = 33 * 1024
+
+
+def padded_wgrad_pipeline_bytes(cfg: GemmConfig, element_size: int) -> int:
+    """Shared memory of `expert_wgrad`'s pipeline with `padded_b`: num_stages tiles of both operands."""
+    return cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k * element_size
+
+
+def _padded_output_descriptor(cfg: GemmConfig, element_size: int, out: torch.Tensor) -> bool:
+    """With `padded_b`, the output's descriptor where its staged tile fits beside the pipeline."""
+    staged = cfg.block_m * cfg.block_n * out.element_size() + 1024
+    return padded_wgrad_pipeline_bytes(cfg, element_size) + staged <= SHARED_MEMORY_LIMIT
+
+
 def expert_wgrad(a, gather_a, b, gather_b, out, bias_grad, sorted_rows, row_weights, hist, *, top_k,
                  scale="none", bias_of="b", weighted_bias=False, padded_b=False, cfg: GemmConfig):
     """out[e] = sum over expert e's rows r (sorted position p) of A_r^T B_r, for every expert (zeros
@@ -432,9 +451,11 @@ def expert_wgrad(a, gather_a, b, gather_b, out, bias_grad, sorted_rows, row_weig
     else its row p (expert-sorted). With `padded_b` (a sorted, b not gathered) b is in zero-padded
     expert segments (`comet.kernels.routing.gather_padded_rows` at block = cfg.block_k): expert
     e's i-th row at padded_start[e] + i, its segment's rows past the expert's count zeros (they
-    cancel the rows A's tiles read past its end); rows past the last segment are not read. `scale` ("none", "a" or "b") multiplies that operand's row by
-    row_weights[r]. out [E, M, N] (any strides; written through a descriptor where N is
-    contiguous); bias_grad None, or the column sums of `bias_of` ("a": [E, M], "b": [E, N]) over
+    cancel the rows A's tiles read past its end); rows past the last segment are not read; every
+    stage then holds both operands' tiles, and the output goes through its descriptor only where
+    the staged tile fits beside them (else pointer stores). `scale` ("none", "a" or "b")
+    multiplies that operand's row by row_weights[r]. out [E, M, N] (any strides; written through
+    a descriptor where N is contiguous); bias_grad None, or the column sums of `bias_of` ("a": [E, M], "b": [E, N]) over
     the expert's rows, times row_weights[r] if `weighted_bias`. Non-finite values in a sorted
     operand's rows can reach the neighbouring expert's gradient where that operand is read
     through a descriptor. No host sync; deterministic (each output element is one program's)."""
@@ -460,8 +481,10 @@ def expert_wgrad(a, gather_a, b, gather_b, out, bias_grad, sorted_rows, row_weig
         GATHER_A=gather_a, GATHER_B=gather_b,
         A_DESC=use_desc and _sorted_descriptor(a, gather_a, gather_b or padded_b),
         B_DESC=use_desc and _sorted_descriptor(b, gather_b, gather_a or padded_b),
-        OUT_DESC=use_desc and _output_descriptor(out),
-        SCALE_A=scale == "a", SCALE_B=scale == "b", PADDED_B=padded_b, BIAS_OPERAND=(1 if bias_of == "a" else 2) if has_bias else 0,
+        OUT_DESC=use_desc and _output_descriptor(out) and (
+            not padded_b or _padded_output_descriptor(cfg, a.element_size(), out)),
+        SCALE_A=scale == "a", SCALE_B=scale == "b", PADDED_B=padded_b,
+        BIAS_OPERAND=(1 if bias_of == "a" else 2) if has_bias else 0,
         WEIGHTED_BIAS=weighted_bias,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", UPCAST_DOT=a.device.type != "cuda",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

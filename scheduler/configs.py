@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from comet.kernels.expert_backward import PADDED_WGRAD_EPILOGUE_BYTES, SHARED_MEMORY_LIMIT, padded_wgrad_pipeline_bytes
 from comet.kernels.expert_gemm import GemmConfig
 
 TABLE_DIR = Path(__file__).resolve().parent / "tables"
@@ -83,6 +84,16 @@ def fit_wgrad_shared_memory(cfg: GemmConfig, element_size: int) -> GemmConfig:
     take some; `python -m bench.diagnostics.kernel_resources` shows its shared memory), so the
     forward's rule would cut a 16-bit config that fits."""
     return cfg if element_size <= 2 else fit_shared_memory(cfg, element_size, 1)
+
+
+def presorted_wgrad_config(cfg: GemmConfig, element_size: int) -> GemmConfig:
+    """dW1's config (`BackwardConfigs.gate_up_wgrad`, chosen for x gathered by token) for x read
+    presorted in zero-padded segments (`BackwardConfigs.presort_wgrad_input`): that kernel has no
+    row-index loads, so each stage holds a tile of both operands; stages are cut to fit them and
+    the output's epilogue in shared memory (`comet.kernels.expert_backward.SHARED_MEMORY_LIMIT`)."""
+    per_stage = padded_wgrad_pipeline_bytes(dataclasses.replace(cfg, num_stages=1), element_size)
+    stages = max(1, min(cfg.num_stages, (SHARED_MEMORY_LIMIT - PADDED_WGRAD_EPILOGUE_BYTES) // per_stage))
+    return dataclasses.replace(cfg, num_stages=stages)
 
 
 def select_configs(num_rows: int, num_experts: int, hidden: int, ffn: int, dtype: torch.dtype,
