@@ -20,8 +20,8 @@ from comet.config import MoEConfig
 from comet.kernels import combine
 from comet.kernels.expert_backward import down_dgrad, down_wgrad, dw_partial_blocks, gate_up_dgrad, gate_up_wgrad
 from comet.kernels.expert_gemm import down_gemm, gate_up_gemm
-from comet.kernels.routing import histogram_bins
-from comet.scheduler.configs import backward_configs, select_configs
+from comet.kernels.routing import gather_padded_rows, histogram_bins, padded_rows
+from comet.scheduler.configs import backward_configs, presorted_wgrad_config, select_configs
 from comet.scheduler.routing import RoutingPlan, analyze_routing
 from comet.validation import kernel_ids
 from comet.weights import ExpertWeights
@@ -158,9 +158,18 @@ def experts_backward(grad_out, x, topk_ids, topk_weights, w: ExpertWeights, plan
     d_gate_up = torch.empty(w.gate_up.shape, dtype=dtype, device=device)
     d_gate_up_bias = torch.empty(w.gate_up_bias.shape if w.gate_up_bias is not None else (0,), dtype=dtype,
                                  device=device)
+    x_padded, wgrad_cfg = None, cfgs.gate_up_wgrad
+    if cfgs.presort_wgrad_input:  # x (times w_r with the weight on the input) in zero-padded expert segments
+        wgrad_cfg = presorted_wgrad_config(wgrad_cfg, dtype.itemsize)
+        block = wgrad_cfg.block_k
+        x_padded = gather_padded_rows(
+            x, plan.sorted_rows, plan.hist, top_k,
+            torch.empty(padded_rows(rows, num_experts, block), hidden, dtype=dtype, device=device),
+            num_experts=num_experts, block=block, row_weights=row_weights if weight_on_input else None)
     gate_up_wgrad(d_pre_act, x, plan.sorted_rows, row_weights, plan.hist, d_gate_up,
                   d_gate_up_bias if w.gate_up_bias is not None else None, top_k=top_k,
-                  weight_on_input=weight_on_input, cfg=cfgs.gate_up_wgrad)
+                  weight_on_input=weight_on_input, cfg=wgrad_cfg, x_padded=x_padded)
+    del x_padded
 
     dx = x.new_empty(0, hidden)
     if need_x_grad or weight_on_input:

@@ -16,7 +16,9 @@ g_t the output gradient of token t.
 - `expert_wgrad`: C_e = sum over the expert's rows of A_r^T B_r, each operand gathered by token or
   read in sorted order (through a descriptor over the expert's rows), any output strides (a
   transposed write costs nothing), plus the column sum of B, optionally weighted by w_r (the
-  bias gradient), from the tiles of the first M block.
+  bias gradient), from the tiles of the first M block. B may instead be sorted in zero-padded
+  expert segments (`comet.kernels.routing.gather_padded_rows`): both operands then go through
+  descriptors, B's padding zeros cancelling the rows A's tiles read past the expert's end.
 """
 import torch
 import triton
@@ -26,7 +28,7 @@ from comet.kernels.expert_gemm import (
     ACTIVATION_IDS, DESCRIPTOR_MIN_BLOCK_M, GemmConfig, _activation, descriptors_allowed, input_descriptor_mode,
     locate_item, persistent_programs, set_descriptor_allocator, tile_mainloop, tile_rows,
 )
-from comet.kernels.routing import expert_segments, histogram_bins
+from comet.kernels.routing import expert_segments, histogram_bins, padded_segment_start
 
 
 @triton.jit
@@ -267,8 +269,9 @@ def gate_up_dgrad(d_pre_act, gate_up, x, sorted_rows, row_weights, hist, slots, 
 def _wgrad_operand(ptr, desc, tokens, positions, r0, r_mask, cols, col0, col_in, stride_r, stride_c,
                    GATHER: tl.constexpr, DESC: tl.constexpr):
     """A [BLOCK_K rows, columns] tile of a weight-gradient operand: rows gathered by token, or
-    sorted rows through a descriptor over the whole operand (rows past the expert's end are the
-    next expert's; the gathered operand's zeros there cancel them) or masked pointers."""
+    sorted rows (`positions`, from r0; in a zero-padded B, its padded rows) through a descriptor
+    over the whole operand (rows past the expert's end are the next expert's, or a padded B's
+    zeros; the other operand's zeros there cancel them) or masked pointers."""
     if DESC:
         return desc.load([r0, col0])
     else:
@@ -286,6 +289,7 @@ def _expert_wgrad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, A_DESC: tl.constexpr, B_DESC: tl.constexpr,
     OUT_DESC: tl.constexpr, SCALE_A: tl.constexpr, SCALE_B: tl.constexpr,
+    PADDED_B: tl.constexpr,  # B sorted in zero-padded segments of BLOCK_K rows (`gather_padded_rows`)
     BIAS_OPERAND: tl.constexpr,  # 0: no bias gradient; 1: column sums of A ([E, M]); 2: of B ([E, N])
     WEIGHTED_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
@@ -293,7 +297,8 @@ def _expert_wgrad_kernel(
     # order: the pipeline runs on across tiles instead of draining at each tile's few k-steps.
     # The tile's indices are updated at the top of an iteration only, from loop-carried scalars,
     # so the loads of later iterations can be issued before this one's epilogue.
-    row_start, counts, _, _, _ = expert_segments(hist_ptr, NUM_EXPERTS, NUM_BINS, 1)
+    # (tile_start, num_k_tiles: a zero-padded B's segments, in BLOCK_K-row tiles, as its gather's)
+    row_start, counts, tile_start, _, num_k_tiles = expert_segments(hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK_K)
     idx = tl.arange(0, NUM_BINS)
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -313,9 +318,12 @@ def _expert_wgrad_kernel(
     if A_DESC:
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[sorted_end, M], strides=[stride_ar, 1],
                                            block_shape=[BLOCK_K, BLOCK_M])
+    # A zero-padded B's descriptor ends with the last segment: an expert without rows reads its
+    # one step there, all zeros (out of bounds).
+    padded_end = num_k_tiles * BLOCK_K
     if B_DESC:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[sorted_end, N], strides=[stride_br, 1],
-                                           block_shape=[BLOCK_K, BLOCK_N])
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[padded_end if PADDED_B else sorted_end, N],
+                                           strides=[stride_br, 1], block_shape=[BLOCK_K, BLOCK_N])
     if OUT_DESC:
         out_desc = tl.make_tensor_descriptor(out_ptr, shape=[NUM_EXPERTS, M, N], strides=[stride_oe, stride_om, 1],
                                              block_shape=[1, BLOCK_M, BLOCK_N])
@@ -328,6 +336,7 @@ def _expert_wgrad_kernel(
     n_block = 0
     start = 0
     end = 0
+    b_start = 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     col_sum = tl.zeros((BLOCK_M if BIAS_OPERAND == 1 else BLOCK_N,), dtype=tl.float32)
     for _ in range(0, total_steps):
@@ -340,6 +349,9 @@ def _expert_wgrad_kernel(
             start = tl.sum(tl.where(idx == expert, row_start, 0), axis=0)
             end = start + tl.sum(tl.where(idx == expert, counts, 0), axis=0)
             tile_steps = tl.maximum(tl.cdiv(end - start, BLOCK_K), 1)
+            if PADDED_B:
+                b_start = tl.where(end > start, padded_segment_start(expert, tile_start, NUM_BINS, BLOCK_K),
+                                   padded_end)
         offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
         m_in = offs_m < M
@@ -349,9 +361,12 @@ def _expert_wgrad_kernel(
         r_mask = positions < end
         rows = tl.load(sorted_rows_ptr + positions, mask=r_mask, other=0).to(tl.int64)
         tokens = rows // TOP_K
+        r0_b = r0
+        if PADDED_B:
+            r0_b = b_start + step * BLOCK_K
         a = _wgrad_operand(a_ptr, a_desc, tokens, positions, r0, r_mask, offs_m, m_block * BLOCK_M, m_in,
                            stride_ar, stride_am, GATHER_A, A_DESC)
-        b = _wgrad_operand(b_ptr, b_desc, tokens, positions, r0, r_mask, offs_n, n_block * BLOCK_N, n_in,
+        b = _wgrad_operand(b_ptr, b_desc, tokens, r0_b + offs_r, r0_b, r_mask, offs_n, n_block * BLOCK_N, n_in,
                            stride_br, stride_bn, GATHER_B, B_DESC)
         if SCALE_A or SCALE_B or WEIGHTED_BIAS:
             w = tl.load(row_weights_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)[:, None]
@@ -391,11 +406,11 @@ def _expert_wgrad_kernel(
             col_sum = tl.zeros_like(col_sum)
 
 
-def _sorted_descriptor(t: torch.Tensor, gathered: bool, other_gathered: bool) -> bool:
+def _sorted_descriptor(t: torch.Tensor, gathered: bool, other_cancels: bool) -> bool:
     """A weight-gradient operand goes through one descriptor over all its rows where it is
-    sorted, its layout allows, and the other operand is gathered (whose masked zeros cancel the
-    rows a tile reads past its expert's end)."""
-    return other_gathered and input_descriptor_mode(t, gathered, DESCRIPTOR_MIN_BLOCK_M)
+    sorted, its layout allows, and the other operand's zeros cancel the rows a tile reads past
+    its expert's end (a gathered operand's masked loads, or a zero-padded B's padding)."""
+    return other_cancels and input_descriptor_mode(t, gathered, DESCRIPTOR_MIN_BLOCK_M)
 
 
 def _output_descriptor(out: torch.Tensor) -> bool:
@@ -407,15 +422,39 @@ def _output_descriptor(out: torch.Tensor) -> bool:
             and descriptors_allowed(out, DESCRIPTOR_MIN_BLOCK_M))
 
 
+# Shared memory a thread block may take on sm_90 (H100, H200), in bytes.
+SHARED_MEMORY_LIMIT = 232448
+# With `padded_b` no row-index loads take pipeline stages: each of num_stages holds an A and a B
+# tile. Pointer stores of the output take a layout-conversion buffer (32 KiB at 8 warps, compiled
+# offline: `python -m bench.diagnostics.kernel_resources --kernels gate_up_wgrad_presorted`).
+PADDED_WGRAD_EPILOGUE_BYTES = 33 * 1024
+
+
+def padded_wgrad_pipeline_bytes(cfg: GemmConfig, element_size: int) -> int:
+    """Shared memory of `expert_wgrad`'s pipeline with `padded_b`: num_stages tiles of both operands."""
+    return cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k * element_size
+
+
+def _padded_output_descriptor(cfg: GemmConfig, element_size: int, out: torch.Tensor) -> bool:
+    """With `padded_b`, the output's descriptor where its staged tile fits beside the pipeline."""
+    staged = cfg.block_m * cfg.block_n * out.element_size() + 1024
+    return padded_wgrad_pipeline_bytes(cfg, element_size) + staged <= SHARED_MEMORY_LIMIT
+
+
 def expert_wgrad(a, gather_a, b, gather_b, out, bias_grad, sorted_rows, row_weights, hist, *, top_k,
-                 scale="none", bias_of="b", weighted_bias=False, cfg: GemmConfig):
+                 scale="none", bias_of="b", weighted_bias=False, padded_b=False, cfg: GemmConfig):
     """out[e] = sum over expert e's rows r (sorted position p) of A_r^T B_r, for every expert (zeros
     for one with no rows): the weight gradient of a grouped GEMM.
 
     a [rows_a, M], b [rows_b, N]: row r of an operand is its row token (r // top_k) if gathered,
-    else its row p (expert-sorted). `scale` ("none", "a" or "b") multiplies that operand's row by
-    row_weights[r]. out [E, M, N] (any strides; written through a descriptor where N is
-    contiguous); bias_grad None, or the column sums of `bias_of` ("a": [E, M], "b": [E, N]) over
+    else its row p (expert-sorted). With `padded_b` (a sorted, b not gathered) b is in zero-padded
+    expert segments (`comet.kernels.routing.gather_padded_rows` at block = cfg.block_k): expert
+    e's i-th row at padded_start[e] + i, its segment's rows past the expert's count zeros (they
+    cancel the rows A's tiles read past its end); rows past the last segment are not read; every
+    stage then holds both operands' tiles, and the output goes through its descriptor only where
+    the staged tile fits beside them (else pointer stores). `scale` ("none", "a" or "b")
+    multiplies that operand's row by row_weights[r]. out [E, M, N] (any strides; written through
+    a descriptor where N is contiguous); bias_grad None, or the column sums of `bias_of` ("a": [E, M], "b": [E, N]) over
     the expert's rows, times row_weights[r] if `weighted_bias`. Non-finite values in a sorted
     operand's rows can reach the neighbouring expert's gradient where that operand is read
     through a descriptor. No host sync; deterministic (each output element is one program's)."""
@@ -429,6 +468,8 @@ def expert_wgrad(a, gather_a, b, gather_b, out, bias_grad, sorted_rows, row_weig
     programs = persistent_programs(a.device, items)
     has_bias = bias_grad is not None
     use_desc = cfg.weight_descriptors
+    if padded_b and (gather_a or gather_b):
+        raise ValueError("expert_wgrad: padded_b needs a and b sorted (gather_a = gather_b = False)")
     _expert_wgrad_kernel[(programs,)](
         a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1),
         out, out.stride(0), out.stride(1), out.stride(2),
@@ -437,10 +478,12 @@ def expert_wgrad(a, gather_a, b, gather_b, out, bias_grad, sorted_rows, row_weig
         NUM_EXPERTS=num_experts, NUM_BINS=histogram_bins(num_experts), TOP_K=top_k,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_PROGRAMS=programs,
         GATHER_A=gather_a, GATHER_B=gather_b,
-        A_DESC=use_desc and _sorted_descriptor(a, gather_a, gather_b),
-        B_DESC=use_desc and _sorted_descriptor(b, gather_b, gather_a),
-        OUT_DESC=use_desc and _output_descriptor(out),
-        SCALE_A=scale == "a", SCALE_B=scale == "b", BIAS_OPERAND=(1 if bias_of == "a" else 2) if has_bias else 0,
+        A_DESC=use_desc and _sorted_descriptor(a, gather_a, gather_b or padded_b),
+        B_DESC=use_desc and _sorted_descriptor(b, gather_b, gather_a or padded_b),
+        OUT_DESC=use_desc and _output_descriptor(out) and (
+            not padded_b or _padded_output_descriptor(cfg, a.element_size(), out)),
+        SCALE_A=scale == "a", SCALE_B=scale == "b", PADDED_B=padded_b,
+        BIAS_OPERAND=(1 if bias_of == "a" else 2) if has_bias else 0,
         WEIGHTED_BIAS=weighted_bias,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", UPCAST_DOT=a.device.type != "cuda",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -457,9 +500,16 @@ def down_wgrad(grad_out, act, sorted_rows, row_weights, hist, d_down, d_down_bia
 
 
 def gate_up_wgrad(d_pre_act, x, sorted_rows, row_weights, hist, d_gate_up, d_gate_up_bias, *, top_k,
-                  weight_on_input, cfg: GemmConfig):
+                  weight_on_input, cfg: GemmConfig, x_padded=None):
     """Weight gradient of GEMM1: d_gate_up[e] = sum over e's rows of dh_p^T x_t [E, 2F, H] (x_t
     times w_r with `weight_on_input`), d_pre_act [T*K, 2F] sorted; d_gate_up_bias [E, 2F] or None
-    gets sum dh_p. No host sync."""
-    expert_wgrad(d_pre_act, False, x, True, d_gate_up, d_gate_up_bias, sorted_rows, row_weights, hist, top_k=top_k,
-                 scale="b" if weight_on_input else "none", bias_of="a", cfg=cfg)
+    gets sum dh_p. x [T, H] rows are gathered by token; or `x_padded` is read instead (x is then
+    not read): `gather_padded_rows(x, sorted_rows, hist, top_k, out, num_experts=E,
+    block=cfg.block_k, row_weights=row_weights if weight_on_input else None)`, x in sorted order
+    in zero-padded expert segments, the weight already applied. No host sync."""
+    if x_padded is None:
+        expert_wgrad(d_pre_act, False, x, True, d_gate_up, d_gate_up_bias, sorted_rows, row_weights, hist,
+                     top_k=top_k, scale="b" if weight_on_input else "none", bias_of="a", cfg=cfg)
+    else:
+        expert_wgrad(d_pre_act, False, x_padded, False, d_gate_up, d_gate_up_bias, sorted_rows, row_weights, hist,
+                     top_k=top_k, bias_of="a", padded_b=True, cfg=cfg)

@@ -6,7 +6,8 @@ The histogram has one bin per expert plus two guard bins: bin 0 counts ids < 0 a
 by id, expert e's rows are then the contiguous range [start[e], start[e] + count[e]), so the tile map
 (which expert a tile belongs to, which rows it covers) is derived inside each kernel from the
 histogram alone: no host sync, no per-call tile arrays. (The fused expert-parallel kernels bin
-their rows by arrival instead: `comet.kernels.ep_tiles`.)
+their rows by arrival instead: `comet.kernels.ep_tiles`.) `gather_padded_rows` copies token rows
+into that order with each expert's segment padded with zero rows to a multiple of a block.
 """
 import torch
 import triton
@@ -116,3 +117,76 @@ def locate_tile(tile, row_start, counts, tile_start, tile_end, NUM_BINS: tl.cons
     first = _pick(row_start, expert, NUM_BINS) + (tile - _pick(tile_start, expert, NUM_BINS)) * BLOCK_M
     end = _pick(row_start, expert, NUM_BINS) + _pick(counts, expert, NUM_BINS)
     return expert, first, end
+
+
+def padded_rows(num_rows: int, num_experts: int, block: int) -> int:
+    """Rows a buffer of `num_rows` routed rows in zero-padded expert segments of `block` rows needs
+    at most (each of E segments pads fewer than `block` rows; rows of skipped ids take none)."""
+    return num_rows + num_experts * (block - 1)
+
+
+@triton.jit
+def padded_segment_start(expert, tile_start, NUM_BINS: tl.constexpr, BLOCK: tl.constexpr):
+    """First row of `expert`'s zero-padded segment, from `expert_segments(..., BLOCK)`'s tile
+    starts: the segments of the experts before it, each cdiv(count, BLOCK) * BLOCK rows."""
+    return _pick(tile_start, expert, NUM_BINS) * BLOCK
+
+
+@triton.jit
+def _gather_padded_rows_kernel(x_ptr, stride_xt, stride_xh, sorted_rows_ptr, row_weights_ptr, hist_ptr, out_ptr,
+                               stride_op, stride_oh, H, NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr,
+                               TOP_K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+                               BLOCK_H: tl.constexpr, WEIGHTED: tl.constexpr):
+    # Segments are whole BLOCK-row tiles and BLOCK_R divides BLOCK: a program's rows lie in one
+    # tile of one expert; the tile's rows past the expert's count are the padding (zeros).
+    row_start, counts, tile_start, tile_end, num_tiles = expert_segments(hist_ptr, NUM_EXPERTS, NUM_BINS, BLOCK)
+    q0 = tl.program_id(0) * BLOCK_R
+    tile = q0 // BLOCK
+    if tile < num_tiles:
+        expert, first, end = locate_tile(tile, row_start, counts, tile_start, tile_end, NUM_BINS, BLOCK)
+        positions = first + (q0 - tile * BLOCK) + tl.arange(0, BLOCK_R)
+        data = positions < end
+        rows = tl.load(sorted_rows_ptr + positions, mask=data, other=0).to(tl.int64)
+        src = x_ptr + (rows // TOP_K)[:, None] * stride_xt
+        dst = out_ptr + (q0 + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None] * stride_op
+        if WEIGHTED:
+            w = tl.load(row_weights_ptr + rows, mask=data, other=0.0).to(tl.float32)
+        offs_h = tl.arange(0, BLOCK_H)
+        for h in range(0, H, BLOCK_H):
+            cols = h + offs_h
+            col_in = (cols < H)[None, :]
+            v = tl.load(src + cols[None, :] * stride_xh, mask=data[:, None] & col_in, other=0.0)
+            if WEIGHTED:
+                v = (v.to(tl.float32) * w[:, None]).to(out_ptr.dtype.element_ty)
+            tl.store(dst + cols[None, :] * stride_oh, v.to(out_ptr.dtype.element_ty), mask=col_in)
+
+
+def gather_padded_rows(x: torch.Tensor, sorted_rows: torch.Tensor, hist: torch.Tensor, top_k: int,
+                       out: torch.Tensor, *, num_experts: int, block: int,
+                       row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, H] (any strides) -> out [>= padded_rows(T * top_k, E, block), H] (any strides) in
+    expert-sorted order with zero-padded segments: expert e's i-th row (sorted position
+    start[e] + i of the routing plan: sorted_rows int64 [T * top_k], hist the int32 histogram of
+    `expert_histogram`) goes to row padded_start[e] + i, where padded_start[e] is the sum over
+    the experts before e of cdiv(count, block) * block (in-kernel: `expert_segments(..., block)`
+    and `padded_segment_start`); rows count[e] .. cdiv(count[e], block) * block of each segment
+    are written as zeros. `row_weights` fp32 [T * top_k] or None: each row times its routing
+    weight (rounded to out's dtype after the product in fp32). Rows of skipped ids take no rows;
+    out's rows past the last segment are not written. Returns out. The grid depends on the shapes
+    only: no host sync, CUDA-graph capturable."""
+    rows = sorted_rows.numel()
+    hidden = x.shape[1]
+    need = padded_rows(rows, num_experts, block)
+    if out.shape[0] < need or out.shape[1] != hidden:
+        raise ValueError(f"gather_padded_rows: out needs >= {need} rows of {hidden} (x [T, {hidden}]), "
+                         f"got {list(out.shape)}")
+    if block < 1 or block & (block - 1):
+        raise ValueError(f"gather_padded_rows: block must be a power of two, got {block}")
+    block_r, block_h = min(16, block), min(512, triton.next_power_of_2(max(hidden, 1)))
+    if rows:
+        _gather_padded_rows_kernel[(triton.cdiv(need, block_r),)](
+            x, x.stride(0), x.stride(1), sorted_rows, row_weights if row_weights is not None else x, hist, out,
+            out.stride(0), out.stride(1), hidden, NUM_EXPERTS=num_experts, NUM_BINS=histogram_bins(num_experts),
+            TOP_K=top_k, BLOCK=block, BLOCK_R=block_r, BLOCK_H=block_h, WEIGHTED=row_weights is not None,
+            num_warps=4)
+    return out

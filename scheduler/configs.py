@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from comet.kernels.expert_backward import PADDED_WGRAD_EPILOGUE_BYTES, SHARED_MEMORY_LIMIT, padded_wgrad_pipeline_bytes
 from comet.kernels.expert_gemm import GemmConfig
 
 TABLE_DIR = Path(__file__).resolve().parent / "tables"
@@ -85,6 +86,16 @@ def fit_wgrad_shared_memory(cfg: GemmConfig, element_size: int) -> GemmConfig:
     return cfg if element_size <= 2 else fit_shared_memory(cfg, element_size, 1)
 
 
+def presorted_wgrad_config(cfg: GemmConfig, element_size: int) -> GemmConfig:
+    """dW1's config (`BackwardConfigs.gate_up_wgrad`, chosen for x gathered by token) for x read
+    presorted in zero-padded segments (`BackwardConfigs.presort_wgrad_input`): that kernel has no
+    row-index loads, so each stage holds a tile of both operands; stages are cut to fit them and
+    the output's epilogue in shared memory (`comet.kernels.expert_backward.SHARED_MEMORY_LIMIT`)."""
+    per_stage = padded_wgrad_pipeline_bytes(dataclasses.replace(cfg, num_stages=1), element_size)
+    stages = max(1, min(cfg.num_stages, (SHARED_MEMORY_LIMIT - PADDED_WGRAD_EPILOGUE_BYTES) // per_stage))
+    return dataclasses.replace(cfg, num_stages=stages)
+
+
 def select_configs(num_rows: int, num_experts: int, hidden: int, ffn: int, dtype: torch.dtype,
                    device: torch.device) -> tuple[GemmConfig, GemmConfig]:
     """(GEMM1 config, GEMM2 config) for `num_rows` = tokens * top_k routed rows."""
@@ -127,6 +138,14 @@ class BackwardConfigs(NamedTuple):
     gate_up_dgrad: GemmConfig  # rows x H tiles over 2F: GEMM2's shape
     down_wgrad: GemmConfig  # H x F tiles of dW2 over each expert's rows (block_k rows per step)
     gate_up_wgrad: GemmConfig  # 2F x H tiles of dW1
+    # dW1 reads x copied first into sorted order in zero-padded expert segments of
+    # gate_up_wgrad.block_k rows (`comet.kernels.routing.gather_padded_rows`, a buffer of its own),
+    # both operands through descriptors, instead of gathering x's rows by token.
+    presort_wgrad_input: bool = False
+
+    def map_gemms(self, fn) -> BackwardConfigs:
+        """A copy with `fn(GemmConfig) -> GemmConfig` applied to each kernel's config."""
+        return self._replace(**{name: fn(c) for name, c in self._asdict().items() if isinstance(c, GemmConfig)})
 
 
 def backward_table_name(gpu: str) -> str:
@@ -163,7 +182,7 @@ def _backward_bucket_configs(bucket: int, num_experts: int, hidden: int, ffn: in
         best = min(entries, key=lambda b: abs(int(b).bit_length() - bucket.bit_length()))
         configs = configs._replace(**{name: GemmConfig(**c) for name, c in entries[best].items()})
     size = dtype.itemsize
-    return BackwardConfigs(fit_shared_memory(configs.down_dgrad, size, 1),
-                           fit_shared_memory(configs.gate_up_dgrad, size, 1),
-                           fit_wgrad_shared_memory(configs.down_wgrad, size),
-                           fit_wgrad_shared_memory(configs.gate_up_wgrad, size))
+    return configs._replace(down_dgrad=fit_shared_memory(configs.down_dgrad, size, 1),
+                            gate_up_dgrad=fit_shared_memory(configs.gate_up_dgrad, size, 1),
+                            down_wgrad=fit_wgrad_shared_memory(configs.down_wgrad, size),
+                            gate_up_wgrad=fit_wgrad_shared_memory(configs.gate_up_wgrad, size))

@@ -65,8 +65,7 @@ def load_paths(monkeypatch):
             return dataclasses.replace(cfg, weight_descriptors=False, input_descriptors=False)
 
         def backward_pointers(*args):
-            cfgs = backward(*args)  # a NamedTuple of GemmConfig
-            return type(cfgs)(*map(pointers, cfgs))
+            return backward(*args).map_gemms(pointers)
 
         monkeypatch.setattr(comet.ops, "select_configs", lambda *args: tuple(map(pointers, select(*args))))
         monkeypatch.setattr(comet.ops, "backward_configs", backward_pointers)

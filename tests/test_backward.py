@@ -1,6 +1,8 @@
 """The routed experts' backward kernels (interpreter on CPU, compiled on GPU) against autograd
 through the reference in float64: every gradient (x, routing weights, both weights, both biases),
 every activation and layout, odd routings, determinism, and training through the layer."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -160,6 +162,168 @@ def test_weight_gradient_reads_no_unwritten_rows(sorted_operand):
     assert (out[2] == 0).all() and (bias[2] == 0).all()
     assert_close(out, want, TOL[torch.float32], "weight gradient")
     assert_close(bias, want_bias, TOL[torch.float32], "bias gradient")
+
+
+def _odd_routing(kind):
+    """(T, K, E, ids): "ragged": the middle expert without rows and skipped ids (< 0 and >= E, whose
+    sorted rows lie before and after the experts'), "last_idle": the last expert without rows,
+    "one_expert": every token on expert 3 of 5, "one_token": a single token; rows per expert not a
+    multiple of any tile."""
+    if kind == "one_expert":
+        return 23, 1, 5, torch.full((23, 1), 3, device=DEVICE)
+    if kind == "one_token":
+        return 1, 2, 4, torch.tensor([[2, 0]], device=DEVICE)
+    T, K, E = 19, 2, 4
+    ids = torch.randint(0, E, (T, K), device=DEVICE)
+    idle = 2 if kind == "ragged" else E - 1
+    ids[ids == idle] = 1
+    if kind == "ragged":
+        ids[0::5, 0] = -1
+        ids[1::4, 1] = E
+    return T, K, E, ids
+
+
+def _padded_layout(sorted_rows, hist, E, block):
+    """[(expert, first sorted position, count, first padded row, padded rows)] of each expert."""
+    layout, position, padded = [], int(hist[0]), 0
+    for e in range(E):
+        count = int(hist[1 + e])
+        layout.append((e, position, count, padded, -(-count // block) * block))
+        position, padded = position + count, padded + layout[-1][-1]
+    return layout
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("kind", ["ragged", "last_idle", "one_expert", "one_token"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gather_padded_rows_zero_pads_each_expert(kind, dtype, weighted):
+    """x (column-major here) copied into sorted order in zero-padded expert segments of `block`
+    rows (times the routing weights, rounded once); the rows past the last segment are left as
+    they were (NaN)."""
+    from comet.kernels.routing import gather_padded_rows, padded_rows, sorted_routing_plan
+
+    T, K, E, ids = _odd_routing(kind)
+    H, block = 40, 16
+    sorted_rows, hist = sorted_routing_plan(ids.flatten(), E)
+    x = torch.randn(H, T, device=DEVICE).to(dtype).t()
+    w = torch.rand(T * K, device=DEVICE) + 0.1
+    out = torch.full((padded_rows(T * K, E, block), H), float("nan"), dtype=dtype, device=DEVICE)
+    assert gather_padded_rows(x, sorted_rows, hist, K, out, num_experts=E, block=block,
+                              row_weights=w if weighted else None) is out
+    end = 0
+    for e, position, count, first, size in _padded_layout(sorted_rows, hist, E, block):
+        rows = sorted_rows[position:position + count]
+        want = x[rows // K]
+        if weighted:  # one rounding to dtype (the interpreter's may round another way than torch's)
+            want = (want.float() * w[rows][:, None]).to(dtype)
+            torch.testing.assert_close(out[first:first + count], want, rtol=2 ** -7, atol=0, msg=str(e))
+        else:
+            assert torch.equal(out[first:first + count], want), e
+        assert (out[first + count:first + size] == 0).all(), e
+        end = first + size
+    assert out[end:].isnan().all()
+    with pytest.raises(ValueError):
+        gather_padded_rows(x, sorted_rows, hist, K, out[:-1], num_experts=E, block=block)
+
+
+@pytest.mark.parametrize("descriptors", [True, False], ids=["descriptor_loads", "pointer_loads"])
+@pytest.mark.parametrize("weight_on_input", [False, True], ids=["weight_on_output", "weight_on_input"])
+@pytest.mark.parametrize("kind", ["ragged", "last_idle", "one_expert", "one_token"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_padded_gate_up_wgrad_reads_no_unwritten_rows(kind, dtype, weight_on_input, descriptors):
+    """`gate_up_wgrad` with x copied into zero-padded expert segments (both operands sorted, B's
+    padding cancelling A's rows past each expert's end) equals the gathered x's and the
+    reference, bias gradient included. NaN: the unwritten rows of d_pre_act (skipped ids), the
+    padded buffer's rows past what the gather writes, the outputs before the call."""
+    from comet.kernels.expert_backward import gate_up_wgrad
+    from comet.kernels.expert_gemm import GemmConfig
+    from comet.kernels.routing import gather_padded_rows, padded_rows, sorted_routing_plan
+
+    T, K, E, ids = _odd_routing(kind)
+    H, two_f = 24, 40  # neither a multiple of the tiles
+    sorted_rows, hist = sorted_routing_plan(ids.flatten(), E)
+    flat_ids = ids.flatten()
+    sorted_ids = flat_ids[sorted_rows]
+    x = torch.randn(T, H, device=DEVICE).to(dtype)
+    d_pre = torch.randn(T * K, two_f, device=DEVICE).to(dtype)
+    d_pre[(sorted_ids < 0) | (sorted_ids >= E)] = float("nan")
+    w = torch.rand(T * K, device=DEVICE) + 0.1
+    want = torch.zeros(E, two_f, H, dtype=torch.float64, device=DEVICE)
+    want_bias = torch.zeros(E, two_f, dtype=torch.float64, device=DEVICE)
+    for p, row in enumerate(sorted_rows.tolist()):
+        e = int(sorted_ids[p])
+        if 0 <= e < E:
+            xr = x[row // K].double() * (w[row].double() if weight_on_input else 1.0)
+            want[e] += d_pre[p].double()[:, None] * xr[None, :]
+            want_bias[e] += d_pre[p].double()
+    cfg = GemmConfig(16, 32, 16, group_m=1) if DEVICE == "cpu" else GemmConfig(64, 64, 32, group_m=1)
+    cfg = dataclasses.replace(cfg, weight_descriptors=descriptors)
+    x_padded = torch.full((padded_rows(T * K, E, cfg.block_k), H), float("nan"), dtype=dtype, device=DEVICE)
+    gather_padded_rows(x, sorted_rows, hist, K, x_padded, num_experts=E, block=cfg.block_k,
+                       row_weights=w if weight_on_input else None)
+    idle = [e for e in range(E) if not (flat_ids == e).any()]
+    got = {}
+    for path, xp in (("gathered", None), ("padded", x_padded)):
+        out = torch.full((E, two_f, H), float("nan"), dtype=dtype, device=DEVICE)
+        bias = torch.full((E, two_f), float("nan"), dtype=dtype, device=DEVICE)
+        gate_up_wgrad(d_pre, x, sorted_rows, w, hist, out, bias, top_k=K, weight_on_input=weight_on_input, cfg=cfg,
+                      x_padded=xp)
+        assert (out[idle] == 0).all() and (bias[idle] == 0).all(), path
+        assert_close(out, want, TOL[dtype], f"{path} weight gradient")
+        assert_close(bias, want_bias, TOL[dtype], f"{path} bias gradient")
+        got[path] = out, bias
+    for name, a, b in zip(("weight", "bias"), got["padded"], got["gathered"]):
+        assert torch.equal(a, b), f"padded vs gathered {name} gradient"
+
+
+def _presort_wgrad_input(monkeypatch) -> list:
+    """The backward's configs with `presort_wgrad_input` from now on; returns the list of the
+    padded gathers' outputs it then runs."""
+    import comet.ops
+
+    configs, gather, gathered = comet.ops.backward_configs, comet.ops.gather_padded_rows, []
+    monkeypatch.setattr(comet.ops, "backward_configs",
+                        lambda *args: configs(*args)._replace(presort_wgrad_input=True))
+    monkeypatch.setattr(comet.ops, "gather_padded_rows",
+                        lambda *args, **kwargs: gathered.append(gather(*args, **kwargs)) or gathered[-1])
+    return gathered
+
+
+@pytest.mark.parametrize("T,E,K,dtype,variant", [
+    (1, 4, 2, torch.float32, {}),
+    (37, 4, 1, torch.float32, dict(bias=True)),
+    (29, 6, 2, torch.float32, dict(bias=True, weight_on_input=True)),
+    (23, 5, 1, torch.float32, dict(ids="one_expert")),
+    (40, 8, 2, torch.bfloat16, dict(bias=True)),
+], ids=["one_token", "odd_tokens_bias", "weight_on_input", "one_expert", "bf16"])
+@pytest.mark.parametrize("descriptors", [True, False], ids=["descriptor_loads", "pointer_loads"])
+def test_presorted_wgrad_input_through_the_backward(monkeypatch, load_paths, T, E, K, dtype, variant, descriptors):
+    """The backward with `BackwardConfigs.presort_wgrad_input`: x copied into zero-padded expert
+    segments (a buffer of padded_rows(T*K, E, block_k) rows) before dW1: every gradient as the
+    reference's."""
+    from comet.kernels.routing import padded_rows
+
+    load_paths(descriptors)
+    gathered = _presort_wgrad_input(monkeypatch)
+    variant = dict(variant)
+    if variant.pop("ids", None) == "one_expert":
+        variant["ids"] = torch.full((T, K), 3, device=DEVICE)
+    check(make_case(T, E, K, dtype=dtype, **variant))
+    import comet.ops
+
+    block = comet.ops.backward_configs(T * K, E, 32, 24, dtype, torch.device(DEVICE)).gate_up_wgrad.block_k
+    assert len(gathered) == 1 and gathered[0].shape == (padded_rows(T * K, E, block), 32)
+
+
+def test_backward_configs_map_gemms_keeps_the_option():
+    import comet.ops
+    from comet.kernels.expert_gemm import GemmConfig
+
+    cfgs = comet.ops.backward_configs(64, 8, 32, 24, torch.float32, torch.device(DEVICE))
+    assert cfgs.presort_wgrad_input is False
+    mapped = cfgs._replace(presort_wgrad_input=True).map_gemms(lambda c: dataclasses.replace(c, num_stages=1))
+    assert mapped.presort_wgrad_input is True
+    assert all(isinstance(c, GemmConfig) and c.num_stages == 1 for c in mapped[:4])
 
 
 @pytest.mark.parametrize("descriptors", [True, False], ids=["descriptor_loads", "pointer_loads"])

@@ -162,3 +162,16 @@ def test_shipped_backward_table_is_well_formed():
             assert set(kernels) <= set(configs.BackwardConfigs._fields)
             for fields in kernels.values():
                 GemmConfig(**fields)
+
+
+def test_presorted_wgrad_config_fits_every_stage_with_both_operands():
+    # dW1 reading x presorted holds a tile of both operands per stage (no row-index loads).
+    from comet.kernels.expert_backward import SHARED_MEMORY_LIMIT, padded_wgrad_pipeline_bytes
+
+    tuned = GemmConfig(256, 128, 64, group_m=1, num_warps=8, num_stages=5)
+    assert configs.presorted_wgrad_config(tuned, 2).num_stages == 4  # 192 KiB + the epilogue's 33
+    assert configs.presorted_wgrad_config(tuned, 4).num_stages == 2
+    narrow = GemmConfig(256, 128, 32, group_m=1, num_warps=8, num_stages=6)
+    assert configs.presorted_wgrad_config(narrow, 2) == narrow
+    for size in (2, 4):
+        assert padded_wgrad_pipeline_bytes(configs.presorted_wgrad_config(tuned, size), size) < SHARED_MEMORY_LIMIT

@@ -5,12 +5,17 @@ stack (spilled registers: anything above 0 slows a kernel down) and shared memor
 
 Kernels, with one shape's sizes, layout and expert count (its published config): the forward's
 GEMM1 (saving the pre-activation, as in training) and GEMM2, and the backward's down_dgrad,
-gate_up_dgrad and the weight gradients of both GEMMs (`bench.diagnostics.offline_compile`). Configs: the candidates `bench.diagnostics.expert_gemms` and
+gate_up_dgrad and the weight gradients of both GEMMs, dW1 reading x presorted in zero-padded
+segments (`gate_up_wgrad_presorted`, `BackwardConfigs.presort_wgrad_input`) and the copy that
+writes them (`gather_padded_rows`: only its block_k matters) (`bench.diagnostics.offline_compile`).
+Configs: the candidates `bench.diagnostics.expert_gemms` and
 `bench.diagnostics.backward_gemms` time, or those named. Nothing runs: Triton compiles each kernel
 with a CUDA target, and `cuobjdump` (shipped with Triton) reads the cubin's resource usage.
 
     python -m bench.diagnostics.kernel_resources --shapes Qwen3-30B-A3B
     python -m bench.diagnostics.kernel_resources --shapes GPT-OSS-20B --kernels down_dgrad --configs 128x128x64-g8w8s3
+    python -m bench.diagnostics.kernel_resources --kernels gate_up_wgrad gate_up_wgrad_presorted \
+        --configs 256x128x64-g1w8s5 256x128x64-g1w8s4
 """
 from __future__ import annotations
 
@@ -20,20 +25,23 @@ import os
 import sys
 
 from bench.common import progress
-from bench.diagnostics.backward_gemms import DGRAD_CONFIGS, WGRAD_CONFIGS
+from bench.diagnostics.backward_gemms import DGRAD_CONFIGS, DW1_PRESORT_CONFIGS, WGRAD_CONFIGS
 from bench.diagnostics.expert_gemms import DEFAULT_CONFIGS as FORWARD_CONFIGS, config_label, parse_config
 from bench.diagnostics.offline_compile import compile_only, kernel_calls, resources
 from bench.shapes import MODELS
 
-KERNELS = ("gate_up_gemm", "down_gemm", "down_dgrad", "gate_up_dgrad", "down_wgrad", "gate_up_wgrad")
+KERNELS = ("gate_up_gemm", "down_gemm", "down_dgrad", "gate_up_dgrad", "down_wgrad", "gate_up_wgrad",
+           "gate_up_wgrad_presorted", "gather_padded_rows")
+DEFAULT_KERNELS = KERNELS[:6]
 CANDIDATES = {"gate_up_gemm": FORWARD_CONFIGS, "down_gemm": FORWARD_CONFIGS, "down_dgrad": DGRAD_CONFIGS,
-              "gate_up_dgrad": DGRAD_CONFIGS, "down_wgrad": WGRAD_CONFIGS, "gate_up_wgrad": WGRAD_CONFIGS}
+              "gate_up_dgrad": DGRAD_CONFIGS, "down_wgrad": WGRAD_CONFIGS, "gate_up_wgrad": WGRAD_CONFIGS,
+              "gate_up_wgrad_presorted": DW1_PRESORT_CONFIGS, "gather_padded_rows": DW1_PRESORT_CONFIGS[:1]}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=["Qwen3-30B-A3B"], choices=sorted(MODELS))
-    p.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
+    p.add_argument("--kernels", nargs="+", default=list(DEFAULT_KERNELS), choices=KERNELS)
     p.add_argument("--configs", nargs="*", help="BLOCK_MxBLOCK_NxBLOCK_K-g<G>w<warps>s<stages> labels "
                    "(default: each kernel's candidates)")
     p.add_argument("--pointer-loads", action="store_true", help="weights through pointers, not descriptors")
@@ -42,6 +50,8 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("kernel_resources: unset TRITON_INTERPRET; this compiles the kernels", file=sys.stderr)
         return 2
+    from comet.kernels.expert_backward import SHARED_MEMORY_LIMIT
+
     jobs = [(s, kern, lbl) for s in args.shapes for kern in args.kernels for lbl in (args.configs or CANDIDATES[kern])]
     rows, bar = [], progress(len(jobs), "kernel_resources")
     calls = {}
@@ -60,14 +70,17 @@ def main(argv=None) -> int:
             rows.append(row)
             bar.update(1)
     bar.close()
-    print(f"{'shape':<15} {'kernel':<14} {'config':<20} {'regs':>5} {'stack B':>8} {'smem KB':>8}")
+    width = max(14, *(len(r["kernel"]) for r in rows)) if rows else 14
+    print(f"{'shape':<15} {'kernel':<{width}} {'config':<20} {'regs':>5} {'stack B':>8} {'smem KB':>8}")
     for r in rows:
         if r["registers"] is None:
-            print(f"{r['shape']:<15} {r['kernel']:<14} {r['config']:<20} {r['error']}")
+            print(f"{r['shape']:<15} {r['kernel']:<{width}} {r['config']:<20} {r['error']}")
         else:
             flag = "  spills" if r["stack_bytes"] else ""
-            print(f"{r['shape']:<15} {r['kernel']:<14} {r['config']:<20} {r['registers']:>5} {r['stack_bytes']:>8} "
-                  f"{r['shared_kb']:>8}{flag}")
+            if args.capability == 90 and r["shared_bytes"] > SHARED_MEMORY_LIMIT:
+                flag += f"  over the {SHARED_MEMORY_LIMIT:,}-byte limit ({r['shared_bytes']:,})"
+            print(f"{r['shape']:<15} {r['kernel']:<{width}} {r['config']:<20} {r['registers']:>5} "
+                  f"{r['stack_bytes']:>8} {r['shared_kb']:>8}{flag}")
     return 0
 
 

@@ -5,7 +5,8 @@ compile its candidate kernels in parallel processes before it times them.
 - `compile_only()`: within it, every Triton launch compiles for a CUDA compute capability and
   returns without running.
 - `kernel_calls(shape)`: a launch of each kernel (forward GEMM1 / GEMM2, the four backward
-  kernels) with the shape's sizes, layout and dtypes, on small CPU tensors.
+  kernels, dW1 reading x presorted in zero-padded segments and the copy that writes them) with
+  the shape's sizes, layout and dtypes, on small CPU tensors.
 - `resources(kernel)`: registers, spill stack and shared memory of a compiled kernel.
 - `precompile(jobs, capability)`: compiles (shape, kernel, config) jobs in worker processes into
   Triton's on-disk cache.
@@ -83,7 +84,7 @@ def compile_only(capability: int = 90):
 
 
 def resources(kernel) -> dict:
-    """{registers, stack_bytes, shared_kb} of a compiled kernel, from its cubin."""
+    """{registers, stack_bytes, shared_kb, shared_bytes} of a compiled kernel, from its cubin."""
     import triton
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,7 +97,7 @@ def resources(kernel) -> dict:
     if match is None:
         raise RuntimeError(f"cuobjdump printed no resource usage:\n{listing}")
     return {"registers": int(match[1]), "stack_bytes": int(match[2]),
-            "shared_kb": round(kernel.metadata.shared / 1024, 1)}
+            "shared_kb": round(kernel.metadata.shared / 1024, 1), "shared_bytes": kernel.metadata.shared}
 
 
 def kernel_calls(shape_name: str, rows_per_expert: int = 64, experts: int | None = None) -> dict:
@@ -106,7 +107,7 @@ def kernel_calls(shape_name: str, rows_per_expert: int = 64, experts: int | None
     shape's)."""
     from comet.kernels.expert_backward import down_dgrad, down_wgrad, dw_partial_blocks, gate_up_dgrad, gate_up_wgrad
     from comet.kernels.expert_gemm import down_gemm, gate_up_gemm
-    from comet.kernels.routing import histogram_bins
+    from comet.kernels.routing import gather_padded_rows, histogram_bins, padded_rows
 
     cfg = model_shape(shape_name).cfg
     h, f, k, dt = cfg.hidden_size, cfg.ffn_size, cfg.top_k, torch.bfloat16
@@ -131,6 +132,9 @@ def kernel_calls(shape_name: str, rows_per_expert: int = 64, experts: int | None
     d_gate_up, d_down = torch.empty(e, 2 * f, h, dtype=dt), torch.empty(e, h, f, dtype=dt)
     opts = dict(activation=cfg.activation, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
     woi = cfg.weight_on_input
+
+    def x_padded(c):  # the buffer `BackwardConfigs.presort_wgrad_input` reads (16-byte aligned rows)
+        return torch.empty(padded_rows(rows, e, c.block_k), h, dtype=dt)
     return {
         "gate_up_gemm": lambda c: gate_up_gemm(x, gate_up, gate_up_bias, interleaved, sorted_rows, row_weights, hist,
                                                act, top_k=k, weight_on_input=woi, cfg=c, pre_act=pre_act, **opts),
@@ -146,6 +150,13 @@ def kernel_calls(shape_name: str, rows_per_expert: int = 64, experts: int | None
                                            weight_on_input=woi, cfg=c),
         "gate_up_wgrad": lambda c: gate_up_wgrad(d_pre_act, x, sorted_rows, row_weights, hist, d_gate_up,
                                                  gate_up_bias, top_k=k, weight_on_input=woi, cfg=c),
+        # dW1 with x presorted (`BackwardConfigs.presort_wgrad_input`): the wgrad kernel alone
+        "gate_up_wgrad_presorted": lambda c: gate_up_wgrad(d_pre_act, x, sorted_rows, row_weights, hist, d_gate_up,
+                                                           gate_up_bias, top_k=k, weight_on_input=woi, cfg=c,
+                                                           x_padded=x_padded(c)),
+        # ... and the copy before it (segments of the config's block_k rows)
+        "gather_padded_rows": lambda c: gather_padded_rows(x, sorted_rows, hist, k, x_padded(c), num_experts=e,
+                                                           block=c.block_k, row_weights=row_weights if woi else None),
     }
 
 
