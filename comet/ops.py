@@ -21,7 +21,7 @@ from comet.kernels import combine
 from comet.kernels.expert_backward import down_dgrad, down_wgrad, dw_partial_blocks, gate_up_dgrad, gate_up_wgrad
 from comet.kernels.expert_gemm import down_gemm, gate_up_gemm
 from comet.kernels.routing import gather_padded_rows, histogram_bins, padded_rows
-from comet.scheduler.configs import backward_configs, presorted_wgrad_config, select_configs
+from comet.scheduler.configs import backward_configs, select_configs
 from comet.scheduler.routing import RoutingPlan, analyze_routing
 from comet.validation import kernel_ids
 from comet.weights import ExpertWeights
@@ -159,8 +159,8 @@ def experts_backward(grad_out, x, topk_ids, topk_weights, w: ExpertWeights, plan
     d_gate_up_bias = torch.empty(w.gate_up_bias.shape if w.gate_up_bias is not None else (0,), dtype=dtype,
                                  device=device)
     x_padded, wgrad_cfg = None, cfgs.gate_up_wgrad
-    if cfgs.presort_wgrad_input:  # x (times w_r with the weight on the input) in zero-padded expert segments
-        wgrad_cfg = presorted_wgrad_config(wgrad_cfg, dtype.itemsize)
+    if cfgs.gate_up_wgrad_presorted is not None:  # x (times w_r with the weight on the input) in padded segments
+        wgrad_cfg = cfgs.gate_up_wgrad_presorted
         block = wgrad_cfg.block_k
         x_padded = gather_padded_rows(
             x, plan.sorted_rows, plan.hist, top_k,

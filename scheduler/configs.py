@@ -87,8 +87,8 @@ def fit_wgrad_shared_memory(cfg: GemmConfig, element_size: int) -> GemmConfig:
 
 
 def presorted_wgrad_config(cfg: GemmConfig, element_size: int) -> GemmConfig:
-    """dW1's config (`BackwardConfigs.gate_up_wgrad`, chosen for x gathered by token) for x read
-    presorted in zero-padded segments (`BackwardConfigs.presort_wgrad_input`): that kernel has no
+    """dW1's config for x read presorted in zero-padded segments
+    (`BackwardConfigs.gate_up_wgrad_presorted`) at operands of `element_size` bytes: that kernel has no
     row-index loads, so each stage holds a tile of both operands; stages are cut to fit them and
     the output's epilogue in shared memory (`comet.kernels.expert_backward.SHARED_MEMORY_LIMIT`)."""
     per_stage = padded_wgrad_pipeline_bytes(dataclasses.replace(cfg, num_stages=1), element_size)
@@ -137,11 +137,12 @@ class BackwardConfigs(NamedTuple):
     down_dgrad: GemmConfig  # rows x F tiles over H: GEMM1's shape, with the activation's backward
     gate_up_dgrad: GemmConfig  # rows x H tiles over 2F: GEMM2's shape
     down_wgrad: GemmConfig  # H x F tiles of dW2 over each expert's rows (block_k rows per step)
-    gate_up_wgrad: GemmConfig  # 2F x H tiles of dW1
-    # dW1 reads x copied first into sorted order in zero-padded expert segments of
-    # gate_up_wgrad.block_k rows (`comet.kernels.routing.gather_padded_rows`, a buffer of its own),
-    # both operands through descriptors, instead of gathering x's rows by token.
-    presort_wgrad_input: bool = False
+    gate_up_wgrad: GemmConfig  # 2F x H tiles of dW1, x's rows gathered by token
+    # dW1 with x copied first into sorted order, in zero-padded expert segments of its block_k rows
+    # (`comet.kernels.routing.gather_padded_rows`, a buffer of its own), both operands through
+    # descriptors; None: dW1 gathers x's rows by token at `gate_up_wgrad`. The table says which
+    # (`bench/diagnostics/backward_gemms.py --dw1-presort --write-table`).
+    gate_up_wgrad_presorted: GemmConfig | None = None
 
     def map_gemms(self, fn) -> BackwardConfigs:
         """A copy with `fn(GemmConfig) -> GemmConfig` applied to each kernel's config."""
@@ -154,14 +155,16 @@ def backward_table_name(gpu: str) -> str:
     return f"backward_{gpu}"
 
 
-def heuristic_wgrad_configs(device: torch.device) -> tuple[GemmConfig, GemmConfig]:
-    """(down_wgrad, gate_up_wgrad): 128 rows of the gathered operand's columns by 256 of the sorted
-    one's per tile (down_wgrad gathers its A, gate_up_wgrad its B), 5 stages (3 data tiles in
-    flight; measured: docs/performance.md)."""
+def heuristic_wgrad_configs(device: torch.device) -> tuple[GemmConfig, GemmConfig, GemmConfig | None]:
+    """(down_wgrad, gate_up_wgrad, gate_up_wgrad_presorted): 128 rows of the gathered operand's
+    columns by 256 of the sorted one's per tile (down_wgrad gathers its A, gate_up_wgrad its B),
+    5 stages (3 data tiles in flight); dW1 over presorted x at 128 x 256 x 64, 3 stages (as many in
+    flight: no row-index loads). Measured: docs/performance.md. On CPU dW1 gathers."""
     if device.type != "cuda":
-        return GemmConfig(16, 32, 16, group_m=1), GemmConfig(32, 16, 16, group_m=1)
+        return GemmConfig(16, 32, 16, group_m=1), GemmConfig(32, 16, 16, group_m=1), None
     return (GemmConfig(128, 256, 64, group_m=1, num_warps=8, num_stages=5),
-            GemmConfig(256, 128, 64, group_m=1, num_warps=8, num_stages=5))
+            GemmConfig(256, 128, 64, group_m=1, num_warps=8, num_stages=5),
+            GemmConfig(128, 256, 64, group_m=1, num_warps=8, num_stages=3))
 
 
 def backward_configs(num_rows: int, num_experts: int, hidden: int, ffn: int, dtype: torch.dtype,
@@ -180,9 +183,11 @@ def _backward_bucket_configs(bucket: int, num_experts: int, hidden: int, ffn: in
     entries = shape_entries(load_table(backward_table_name(gpu_key(device))), num_experts, hidden, ffn, dtype)
     if entries:
         best = min(entries, key=lambda b: abs(int(b).bit_length() - bucket.bit_length()))
-        configs = configs._replace(**{name: GemmConfig(**c) for name, c in entries[best].items()})
+        configs = configs._replace(**{name: c and GemmConfig(**c) for name, c in entries[best].items()})
     size = dtype.itemsize
+    presorted = configs.gate_up_wgrad_presorted
     return configs._replace(down_dgrad=fit_shared_memory(configs.down_dgrad, size, 1),
                             gate_up_dgrad=fit_shared_memory(configs.gate_up_dgrad, size, 1),
                             down_wgrad=fit_wgrad_shared_memory(configs.down_wgrad, size),
-                            gate_up_wgrad=fit_wgrad_shared_memory(configs.gate_up_wgrad, size))
+                            gate_up_wgrad=fit_wgrad_shared_memory(configs.gate_up_wgrad, size),
+                            gate_up_wgrad_presorted=presorted and presorted_wgrad_config(presorted, size))

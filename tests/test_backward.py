@@ -276,14 +276,14 @@ def test_padded_gate_up_wgrad_reads_no_unwritten_rows(kind, dtype, weight_on_inp
         assert torch.equal(a, b), f"padded vs gathered {name} gradient"
 
 
-def _presort_wgrad_input(monkeypatch) -> list:
-    """The backward's configs with `presort_wgrad_input` from now on; returns the list of the
-    padded gathers' outputs it then runs."""
+def _presorted_dw1(monkeypatch) -> list:
+    """The backward's configs with dW1 over presorted x (`gate_up_wgrad_presorted`, at the gathered
+    path's config) from now on; returns the list of the padded gathers' outputs it then runs."""
     import comet.ops
 
     configs, gather, gathered = comet.ops.backward_configs, comet.ops.gather_padded_rows, []
     monkeypatch.setattr(comet.ops, "backward_configs",
-                        lambda *args: configs(*args)._replace(presort_wgrad_input=True))
+                        lambda *args: (lambda c: c._replace(gate_up_wgrad_presorted=c.gate_up_wgrad))(configs(*args)))
     monkeypatch.setattr(comet.ops, "gather_padded_rows",
                         lambda *args, **kwargs: gathered.append(gather(*args, **kwargs)) or gathered[-1])
     return gathered
@@ -298,13 +298,13 @@ def _presort_wgrad_input(monkeypatch) -> list:
 ], ids=["one_token", "odd_tokens_bias", "weight_on_input", "one_expert", "bf16"])
 @pytest.mark.parametrize("descriptors", [True, False], ids=["descriptor_loads", "pointer_loads"])
 def test_presorted_wgrad_input_through_the_backward(monkeypatch, load_paths, T, E, K, dtype, variant, descriptors):
-    """The backward with `BackwardConfigs.presort_wgrad_input`: x copied into zero-padded expert
+    """The backward with `BackwardConfigs.gate_up_wgrad_presorted`: x copied into zero-padded expert
     segments (a buffer of padded_rows(T*K, E, block_k) rows) before dW1: every gradient as the
     reference's."""
     from comet.kernels.routing import padded_rows
 
     load_paths(descriptors)
-    gathered = _presort_wgrad_input(monkeypatch)
+    gathered = _presorted_dw1(monkeypatch)
     variant = dict(variant)
     if variant.pop("ids", None) == "one_expert":
         variant["ids"] = torch.full((T, K), 3, device=DEVICE)
@@ -315,15 +315,19 @@ def test_presorted_wgrad_input_through_the_backward(monkeypatch, load_paths, T, 
     assert len(gathered) == 1 and gathered[0].shape == (padded_rows(T * K, E, block), 32)
 
 
-def test_backward_configs_map_gemms_keeps_the_option():
+def test_backward_configs_map_gemms_maps_every_config_and_keeps_none():
     import comet.ops
     from comet.kernels.expert_gemm import GemmConfig
 
     cfgs = comet.ops.backward_configs(64, 8, 32, 24, torch.float32, torch.device(DEVICE))
-    assert cfgs.presort_wgrad_input is False
-    mapped = cfgs._replace(presort_wgrad_input=True).map_gemms(lambda c: dataclasses.replace(c, num_stages=1))
-    assert mapped.presort_wgrad_input is True
-    assert all(isinstance(c, GemmConfig) and c.num_stages == 1 for c in mapped[:4])
+    if DEVICE == "cpu":
+        assert cfgs.gate_up_wgrad_presorted is None  # the interpreter's heuristic gathers
+    for presorted in (None, cfgs.gate_up_wgrad):
+        mapped = cfgs._replace(gate_up_wgrad_presorted=presorted).map_gemms(
+            lambda c: dataclasses.replace(c, num_stages=1))
+        assert all(isinstance(c, GemmConfig) and c.num_stages == 1 for c in mapped[:4])
+        assert (mapped.gate_up_wgrad_presorted is None) == (presorted is None)
+        assert presorted is None or mapped.gate_up_wgrad_presorted.num_stages == 1
 
 
 @pytest.mark.parametrize("descriptors", [True, False], ids=["descriptor_loads", "pointer_loads"])

@@ -9,11 +9,12 @@ scheduler/tables/backward_<gpu>.json, which `comet.scheduler.configs.backward_co
 
 `--dw1-presort` times only the weight gradient of GEMM1, x gathered by token (the default) against
 x first copied into zero-padded expert segments (`gather_padded_rows`) and read presorted
-(`BackwardConfigs.presort_wgrad_input`): per config the gathered wgrad, the copy, the presorted
+(`BackwardConfigs.gate_up_wgrad_presorted`): per config the gathered wgrad, the copy, the presorted
 wgrad, their sum, copy + wgrad timed together, the speedups and the presorted output's error
 against the gathered one's; first the selected config (its presorted run at
 `presorted_wgrad_config`'s stages), then `--dw1-configs` (each for both paths). A table and
-bench/results/backward_dw1_presort.csv. `--smoke` runs on CPU (Triton interpreter), tiny shapes.
+bench/results/backward_dw1_presort.csv; `--write-table` stores the choice: the fastest presorted
+config (copy included) where it beats every gathered run, else null (dW1 gathers). `--smoke` runs on CPU (Triton interpreter), tiny shapes.
 
     python -m bench.diagnostics.backward_gemms --shapes Qwen3-30B-A3B --tokens 8192
     python -m bench.diagnostics.backward_gemms --shapes Qwen3-30B-A3B OLMoE-1B-7B --write-table
@@ -30,6 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -39,6 +41,9 @@ from bench.common import (
 )
 from bench.diagnostics.expert_gemms import config_label, parse_config
 from bench.shapes import model_shape
+
+if TYPE_CHECKING:  # the kernels are imported lazily (--smoke interprets them)
+    from comet.kernels.expert_gemm import GemmConfig
 
 # The weight gradients' row-index load takes pipeline stages: num_stages 4 keeps 2 data tiles in
 # flight, 5 and 6 keep 3, 8 keeps 4. The gathered operand's columns want the tile's 128 side
@@ -122,10 +127,14 @@ def problems(shape_name: str, tokens: int, device):
                  "gate_up_wgrad": (gate_up_wgrad_call, gemm1_flops, "wgrad")}, data
 
 
-def dw1_presort(shape_name: str, tokens: int, device, configs: list, timing: Timing, env: dict) -> list[dict]:
+def dw1_presort(shape_name: str, tokens: int, device, configs: list, timing: Timing,
+                env: dict) -> tuple[list[dict], GemmConfig | None]:
     """Rows timing dW1 with x gathered by token against x copied into zero-padded expert segments
-    first, one per config: the selected `backward_configs(...).gate_up_wgrad` (gathered at it,
-    presorted at `presorted_wgrad_config` of it), then each of `configs` (both paths at it).
+    first, one per config: the selected configs (`backward_configs(...)`: gathered at its
+    gate_up_wgrad, presorted at its gate_up_wgrad_presorted, else at `presorted_wgrad_config` of
+    gate_up_wgrad), then each of `configs` (both paths at it). With the rows, the choice for
+    `BackwardConfigs.gate_up_wgrad_presorted`: the presorted config fastest with its copy (timed
+    together) if it beats every gathered run, else None.
     us_gathered, us_copy (`gather_padded_rows` at the config's block_k), us_presorted (the wgrad
     reading its output), us_sum (the two), us_together (copy + wgrad timed as one call);
     speedup = us_gathered of the same row / us_sum, speedup_vs_selected = the selected row's
@@ -162,7 +171,9 @@ def dw1_presort(shape_name: str, tokens: int, device, configs: list, timing: Tim
         return config_label(c) + ("-desc" if c.weight_descriptors else "-ptr")
 
     rows, reference, selected_us = [], None, None
-    runs = [("selected", selected.gate_up_wgrad, presorted_wgrad_config(selected.gate_up_wgrad, d.x.dtype.itemsize))]
+    runs = [("selected", selected.gate_up_wgrad,
+             selected.gate_up_wgrad_presorted or presorted_wgrad_config(selected.gate_up_wgrad, d.x.dtype.itemsize))]
+    gathered_best, presorted_best = None, None  # (us, config)
     runs += [("candidate", c, c) for c in configs]
     for which, gathered_cfg, presorted_cfg in runs:
         row = {**env, "shape": shape_name, "tokens": tokens, "kernel": "gate_up_wgrad", "which": which,
@@ -176,6 +187,8 @@ def dw1_presort(shape_name: str, tokens: int, device, configs: list, timing: Tim
             row["tflops_gathered"] = d.gemm1_flops / (row["us_gathered"] * 1e-6) / 1e12
             if which == "selected":
                 selected_us = row["us_gathered"]
+            gathered_best = min(gathered_best or (row["us_gathered"], gathered_cfg), (row["us_gathered"], gathered_cfg),
+                                key=lambda t: t[0])
         except Exception as exc:  # a config that does not compile or fit: report it, go on
             notes.append(f"gathered: {type(exc).__name__}: {exc}"[:200])
         try:
@@ -197,8 +210,12 @@ def dw1_presort(shape_name: str, tokens: int, device, configs: list, timing: Tim
         row["status"] = ("error" if notes else "ok") if err is None or err < 2e-2 else "mismatch"
         if notes:
             row["note"] = "; ".join(notes)
+        elif row["status"] == "ok" and (presorted_best is None or row["us_together"] < presorted_best[0]):
+            presorted_best = (row["us_together"], presorted_cfg)
         rows.append(row)
-    return rows
+    if presorted_best and (gathered_best is None or presorted_best[0] < gathered_best[0]):
+        return rows, presorted_best[1]
+    return rows, None
 
 
 def print_dw1_table(rows: list[dict]):
@@ -215,14 +232,15 @@ def print_dw1_table(rows: list[dict]):
 
 
 def write_table(best: dict, device):
-    """Merge `best` ({(shape_key, bucket): {kernel: GemmConfig}}) into this GPU's backward table."""
+    """Merge `best` ({(shape_key, bucket): {BackwardConfigs field: GemmConfig or None}}) into this
+    GPU's backward table."""
     from comet.scheduler.configs import TABLE_DIR, backward_table_name, clear_table_cache, gpu_key, load_table
 
     name = backward_table_name(gpu_key(device))
     table = {key: dict(value) for key, value in load_table(name).items()}
     for (key, bucket), kernels in best.items():  # kernels not swept keep their entries
         table.setdefault(key, {}).setdefault(str(bucket), {}).update(
-            {k: dataclasses.asdict(c) for k, c in kernels.items()})
+            {k: c and dataclasses.asdict(c) for k, c in kernels.items()})
     path = TABLE_DIR / f"{name}.json"
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     clear_table_cache()
@@ -297,12 +315,19 @@ def run(args, device) -> int:
             print(f"backward_gemms: precompiling failed ({type(exc).__name__}: {exc}); compiling as configs run",
                   file=sys.stderr)
     if args.dw1_presort:
-        rows = []
+        rows, best = [], {}
         for shape_name in args.shapes:
+            moe = model_shape(shape_name).cfg
             for tokens in args.tokens:
-                rows += dw1_presort(shape_name, tokens, device, configs["dw1"], args.timing, env)
+                shape_rows, choice = dw1_presort(shape_name, tokens, device, configs["dw1"], args.timing, env)
+                rows += shape_rows
+                key = (shape_key(moe.num_experts, moe.hidden_size, moe.ffn_size, torch.bfloat16),
+                       rows_bucket(tokens * moe.top_k, moe.num_experts))
+                best[key] = {"gate_up_wgrad_presorted": choice}
         append_csv(args.results_dir / "backward_dw1_presort.csv", rows)
         print_dw1_table(rows)
+        if args.write_table:
+            write_table(best, device)
         return 0
     bar = progress(len(args.shapes) * len(args.tokens) * 2 * (len(configs["wgrad"]) + len(configs["dgrad"])),
                    "backward_gemms")

@@ -6,7 +6,7 @@ stack (spilled registers: anything above 0 slows a kernel down) and shared memor
 Kernels, with one shape's sizes, layout and expert count (its published config): the forward's
 GEMM1 (saving the pre-activation, as in training) and GEMM2, and the backward's down_dgrad,
 gate_up_dgrad and the weight gradients of both GEMMs, dW1 reading x presorted in zero-padded
-segments (`gate_up_wgrad_presorted`, `BackwardConfigs.presort_wgrad_input`) and the copy that
+segments (`gate_up_wgrad_presorted`, as `BackwardConfigs.gate_up_wgrad_presorted` runs it) and the copy that
 writes them (`gather_padded_rows`: only its block_k matters) (`bench.diagnostics.offline_compile`).
 Configs: the candidates `bench.diagnostics.expert_gemms` and
 `bench.diagnostics.backward_gemms` time, or those named. Nothing runs: Triton compiles each kernel

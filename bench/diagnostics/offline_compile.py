@@ -133,7 +133,7 @@ def kernel_calls(shape_name: str, rows_per_expert: int = 64, experts: int | None
     opts = dict(activation=cfg.activation, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
     woi = cfg.weight_on_input
 
-    def x_padded(c):  # the buffer `BackwardConfigs.presort_wgrad_input` reads (16-byte aligned rows)
+    def x_padded(c):  # the buffer `BackwardConfigs.gate_up_wgrad_presorted` reads (16-byte aligned rows)
         return torch.empty(padded_rows(rows, e, c.block_k), h, dtype=dt)
     return {
         "gate_up_gemm": lambda c: gate_up_gemm(x, gate_up, gate_up_bias, interleaved, sorted_rows, row_weights, hist,
@@ -150,7 +150,7 @@ def kernel_calls(shape_name: str, rows_per_expert: int = 64, experts: int | None
                                            weight_on_input=woi, cfg=c),
         "gate_up_wgrad": lambda c: gate_up_wgrad(d_pre_act, x, sorted_rows, row_weights, hist, d_gate_up,
                                                  gate_up_bias, top_k=k, weight_on_input=woi, cfg=c),
-        # dW1 with x presorted (`BackwardConfigs.presort_wgrad_input`): the wgrad kernel alone
+        # dW1 with x presorted (`BackwardConfigs.gate_up_wgrad_presorted`): the wgrad kernel alone
         "gate_up_wgrad_presorted": lambda c: gate_up_wgrad(d_pre_act, x, sorted_rows, row_weights, hist, d_gate_up,
                                                            gate_up_bias, top_k=k, weight_on_input=woi, cfg=c,
                                                            x_padded=x_padded(c)),
