@@ -19,6 +19,8 @@
 #                  (default OLMoE-1B-7B DeepSeek-V3)
 #   training_16384 bench/training.py at 16384 tokens, Mixtral and DeepSeek-V3, ours only (the TFLOP/s targets)
 #   backward_tune_dsv3  the backward sweep for DeepSeek-V3 at 8192 tokens only
+#   dw1_tune       dW1 gathered vs presorted x (bench/diagnostics/backward_gemms.py --dw1-presort --write-table),
+#                  shapes $COMET_DW1_SHAPES (default every shape), 8192 tokens
 #   backward_tune bench/diagnostics/backward_gemms.py --write-table: the backward kernels' configs, every shape
 #   training bench/training.py: forward + backward against Liger-Kernel (wheel in .whl/), _grouped_mm, transformers
 #   training_ours  bench/training.py at 8192 tokens, Qwen3 and OLMoE: ours, ours_recompute, _grouped_mm
@@ -115,6 +117,11 @@ for p in "$@"; do
       phase training_ours_all 200 training python3 -m bench.training --quick --profile --tokens 8192 --impls ours
       phase training_16384 150 training python3 -m bench.training --quick --tokens 16384 \
         --shapes Mixtral-8x7B DeepSeek-V3 --impls ours ;;
+    dw1_tune)
+      phase dw1_tune 200 training python3 -m bench.diagnostics.backward_gemms --dw1-presort --write-table \
+        --descriptors on --shapes ${COMET_DW1_SHAPES:-Qwen3-30B-A3B OLMoE-1B-7B Mixtral-8x7B DeepSeek-V3 GPT-OSS-20B} \
+        --tokens 8192 --dw1-configs 128x256x64-g1w8s3 256x128x64-g1w8s3 256x128x32-g1w8s6
+      cp scheduler/tables/backward_*.json bench/results/backward_dw1_presort.csv "$RES/training/" 2>/dev/null ;;
     backward_tune)
       phase backward_gemms 330 training python3 -m bench.diagnostics.backward_gemms --write-table \
         --shapes Qwen3-30B-A3B OLMoE-1B-7B Mixtral-8x7B DeepSeek-V3 GPT-OSS-20B --tokens 8192
