@@ -141,7 +141,8 @@ class BackwardConfigs(NamedTuple):
     # dW1 with x copied first into sorted order, in zero-padded expert segments of its block_k rows
     # (`comet.kernels.routing.gather_padded_rows`, a buffer of its own), both operands through
     # descriptors; None: dW1 gathers x's rows by token at `gate_up_wgrad`. The table says which
-    # (`bench/diagnostics/backward_gemms.py --dw1-presort --write-table`).
+    # (`bench/diagnostics/backward_gemms.py --dw1-presort --write-table`); `backward_configs`
+    # gives None where its tiles do not divide [2F, H].
     gate_up_wgrad_presorted: GemmConfig | None = None
 
     def map_gemms(self, fn) -> BackwardConfigs:
@@ -186,6 +187,9 @@ def _backward_bucket_configs(bucket: int, num_experts: int, hidden: int, ffn: in
         configs = configs._replace(**{name: c and GemmConfig(**c) for name, c in entries[best].items()})
     size = dtype.itemsize
     presorted = configs.gate_up_wgrad_presorted
+    if presorted is not None and (hidden % presorted.block_n or 2 * ffn % presorted.block_m):
+        # Partial dW1 tiles over presorted x were wrong on an H200 (docs/performance.md): gather.
+        presorted = None
     return configs._replace(down_dgrad=fit_shared_memory(configs.down_dgrad, size, 1),
                             gate_up_dgrad=fit_shared_memory(configs.gate_up_dgrad, size, 1),
                             down_wgrad=fit_wgrad_shared_memory(configs.down_wgrad, size),

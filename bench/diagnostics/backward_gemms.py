@@ -59,6 +59,7 @@ DGRAD_CONFIGS = ("128x128x64-g8w8s3", "128x128x64-g8w8s4", "128x256x64-g8w8s3", 
 # gathered path runs it).
 DW1_PRESORT_CONFIGS = ("256x128x64-g1w8s3", "256x128x64-g1w8s4", "256x128x32-g1w8s6", "256x128x32-g1w8s8",
                        "128x256x64-g1w8s3", "256x128x64-g1w8s5")
+DW1_AGREEMENT = 1e-3  # relative error of presorted dW1 against the gathered one's that still counts as equal
 # --smoke: the interpreter's sizes (a 64-row tile takes the descriptor paths' shapes there too)
 SMOKE_SHAPES, SMOKE_TOKENS = ("tiny-mixtral",), (24,)
 SMOKE_WGRAD_CONFIGS, SMOKE_DGRAD_CONFIGS = ("32x16x16-g1w4s1",), ("16x32x32-g2w4s1",)
@@ -207,7 +208,9 @@ def dw1_presort(shape_name: str, tokens: int, device, configs: list, timing: Tim
         except Exception as exc:
             notes.append(f"presorted: {type(exc).__name__}: {exc}"[:200])
         err = row.get("rel_err")
-        row["status"] = ("error" if notes else "ok") if err is None or err < 2e-2 else "mismatch"
+        # The presorted kernel sums the same products in the same order as the gathered one:
+        # anything past rounding is a wrong result, not noise.
+        row["status"] = ("error" if notes else "ok") if err is None or err < DW1_AGREEMENT else "mismatch"
         if notes:
             row["note"] = "; ".join(notes)
         elif row["status"] == "ok" and (presorted_best is None or row["us_together"] < presorted_best[0]):
