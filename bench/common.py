@@ -347,7 +347,7 @@ def append_csv(path: Path, rows: list[dict]):
 def plot_panels(df: pd.DataFrame, path: Path, *, panel: str, x: str, y: str, series: str,
                 ylabel: str, title: str, log_x: bool = True):
     """One panel per value of `panel`, `y` against `x` (a log2 axis unless not `log_x`), one line
-    per value of `series`."""
+    per value of `series`, in the same colour on every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -360,11 +360,13 @@ def plot_panels(df: pd.DataFrame, path: Path, *, panel: str, x: str, y: str, ser
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {v: cycle[i % len(cycle)] for i, v in enumerate(dict.fromkeys(df[series]))}  # one colour a series
     for ax, name in zip(axes.flat, panels):
         part = df[df[panel] == name]
         for label, line in part.groupby(series, sort=False):
             line = line.sort_values(x)
-            ax.plot(line[x], line[y], marker="o", label=str(label))
+            ax.plot(line[x], line[y], marker="o", label=str(label), color=colors[label])
         if log_x:
             ax.set_xscale("log", base=2)
             ticks = sorted(part[x].unique())
