@@ -123,6 +123,24 @@ def test_strided_and_transposed_inputs():
     check((cfg, x_col, ids, weights, w_t))
 
 
+def _wgrad_reference(sorted_op, gathered_op, sorted_rows, sorted_ids, top_k, num_experts, *,
+                     gathered_weights=None, bias_weights=None):
+    """fp64 oracle of a weight gradient: out[e] = sum over expert e's sorted positions p (row r) of
+    sorted_op[p]^T gathered_op[r // top_k] (times gathered_weights[r]), bias[e] = sum of
+    sorted_op[p] (times bias_weights[r]); skipped ids (outside 0..E-1) count nowhere."""
+    out = torch.zeros(num_experts, sorted_op.shape[1], gathered_op.shape[1], dtype=torch.float64,
+                      device=sorted_op.device)
+    bias = torch.zeros(num_experts, sorted_op.shape[1], dtype=torch.float64, device=sorted_op.device)
+    for p, row in enumerate(sorted_rows.tolist()):
+        e = int(sorted_ids[p])
+        if 0 <= e < num_experts:
+            g = gathered_op[row // top_k].double()
+            g = g if gathered_weights is None else g * gathered_weights[row].double()
+            out[e] += sorted_op[p].double()[:, None] * g[None, :]
+            bias[e] += sorted_op[p].double() * (1.0 if bias_weights is None else bias_weights[row].double())
+    return out, bias
+
+
 @pytest.mark.parametrize("sorted_operand", ["a", "b"])
 def test_weight_gradient_reads_no_unwritten_rows(sorted_operand):
     """`expert_wgrad` straight: ragged experts (one without rows), skipped ids whose sorted rows were
@@ -142,13 +160,7 @@ def test_weight_gradient_reads_no_unwritten_rows(sorted_operand):
     s[(sorted_ids < 0) | (sorted_ids >= E)] = float("nan")
     g = torch.randn(T, cols_gathered, device=DEVICE)
     w = torch.rand(T * K, device=DEVICE) + 0.1
-    want = torch.zeros(E, cols_sorted, cols_gathered, dtype=torch.float64, device=DEVICE)
-    want_bias = torch.zeros(E, cols_sorted, dtype=torch.float64, device=DEVICE)
-    for p, row in enumerate(sorted_rows.tolist()):
-        e = int(sorted_ids[p])
-        if 0 <= e < E:
-            want[e] += s[p].double()[:, None] * g[row // K].double()[None, :]
-            want_bias[e] += w[row].double() * s[p].double()
+    want, want_bias = _wgrad_reference(s, g, sorted_rows, sorted_ids, K, E, bias_weights=w)
     cfg = GemmConfig(16, 32, 16, group_m=1) if DEVICE == "cpu" else GemmConfig(64, 64, 32, group_m=1)
     if sorted_operand == "a":
         out = torch.full((E, cols_sorted, cols_gathered), float("nan"), device=DEVICE)
@@ -248,14 +260,8 @@ def test_padded_gate_up_wgrad_reads_no_unwritten_rows(kind, dtype, weight_on_inp
     d_pre = torch.randn(T * K, two_f, device=DEVICE).to(dtype)
     d_pre[(sorted_ids < 0) | (sorted_ids >= E)] = float("nan")
     w = torch.rand(T * K, device=DEVICE) + 0.1
-    want = torch.zeros(E, two_f, H, dtype=torch.float64, device=DEVICE)
-    want_bias = torch.zeros(E, two_f, dtype=torch.float64, device=DEVICE)
-    for p, row in enumerate(sorted_rows.tolist()):
-        e = int(sorted_ids[p])
-        if 0 <= e < E:
-            xr = x[row // K].double() * (w[row].double() if weight_on_input else 1.0)
-            want[e] += d_pre[p].double()[:, None] * xr[None, :]
-            want_bias[e] += d_pre[p].double()
+    want, want_bias = _wgrad_reference(d_pre, x, sorted_rows, sorted_ids, K, E,
+                                       gathered_weights=w if weight_on_input else None)
     cfg = GemmConfig(16, 32, 16, group_m=1) if DEVICE == "cpu" else GemmConfig(64, 64, 32, group_m=1)
     cfg = dataclasses.replace(cfg, weight_descriptors=descriptors)
     x_padded = torch.full((padded_rows(T * K, E, cfg.block_k), H), float("nan"), dtype=dtype, device=DEVICE)
