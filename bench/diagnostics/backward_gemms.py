@@ -14,7 +14,8 @@ wgrad, their sum, copy + wgrad timed together, the speedups and the presorted ou
 against the gathered one's; first the selected config (its presorted run at
 `presorted_wgrad_config`'s stages), then `--dw1-configs` (each for both paths). A table and
 bench/results/backward_dw1_presort.csv; `--write-table` stores the choice: the fastest presorted
-config (copy included) where it beats every gathered run, else null (dW1 gathers). `--smoke` runs on CPU (Triton interpreter), tiny shapes.
+config (copy included) where it beats every gathered run, else null (dW1 gathers). `--smoke`
+runs on CPU (Triton interpreter), tiny shapes.
 
     python -m bench.diagnostics.backward_gemms --shapes Qwen3-30B-A3B --tokens 8192
     python -m bench.diagnostics.backward_gemms --shapes Qwen3-30B-A3B OLMoE-1B-7B --write-table
@@ -65,6 +66,7 @@ SMOKE_SHAPES, SMOKE_TOKENS = ("tiny-mixtral",), (24,)
 SMOKE_WGRAD_CONFIGS, SMOKE_DGRAD_CONFIGS = ("32x16x16-g1w4s1",), ("16x32x32-g2w4s1",)
 SMOKE_DW1_CONFIGS = ("16x32x16-g1w4s1", "64x64x16-g1w4s1")
 SWEEP_TIMING = Timing(3, 10, 200, 0.2)
+
 
 def problems(shape_name: str, tokens: int, device):
     """(shape config, {BackwardConfigs field: (call of a GemmConfig, FLOPs, "dgrad" or "wgrad")},
@@ -174,7 +176,7 @@ def dw1_presort(shape_name: str, tokens: int, device, configs: list, timing: Tim
     rows, reference, selected_us = [], None, None
     runs = [("selected", selected.gate_up_wgrad,
              selected.gate_up_wgrad_presorted or presorted_wgrad_config(selected.gate_up_wgrad, d.x.dtype.itemsize))]
-    gathered_best, presorted_best = None, None  # (us, config)
+    gathered_best, presorted_best = None, None  # the fastest gathered us; (us, config) of the presorted runs
     runs += [("candidate", c, c) for c in configs]
     for which, gathered_cfg, presorted_cfg in runs:
         row = {**env, "shape": shape_name, "tokens": tokens, "kernel": "gate_up_wgrad", "which": which,
@@ -188,8 +190,8 @@ def dw1_presort(shape_name: str, tokens: int, device, configs: list, timing: Tim
             row["tflops_gathered"] = d.gemm1_flops / (row["us_gathered"] * 1e-6) / 1e12
             if which == "selected":
                 selected_us = row["us_gathered"]
-            gathered_best = min(gathered_best or (row["us_gathered"], gathered_cfg), (row["us_gathered"], gathered_cfg),
-                                key=lambda t: t[0])
+            if gathered_best is None or row["us_gathered"] < gathered_best:
+                gathered_best = row["us_gathered"]
         except Exception as exc:  # a config that does not compile or fit: report it, go on
             notes.append(f"gathered: {type(exc).__name__}: {exc}"[:200])
         try:
@@ -216,7 +218,7 @@ def dw1_presort(shape_name: str, tokens: int, device, configs: list, timing: Tim
         elif row["status"] == "ok" and (presorted_best is None or row["us_together"] < presorted_best[0]):
             presorted_best = (row["us_together"], presorted_cfg)
         rows.append(row)
-    if presorted_best and (gathered_best is None or presorted_best[0] < gathered_best[0]):
+    if presorted_best and (gathered_best is None or presorted_best[0] < gathered_best):
         return rows, presorted_best[1]
     return rows, None
 
