@@ -435,6 +435,12 @@ def padded_wgrad_pipeline_bytes(cfg: GemmConfig, element_size: int) -> int:
     return cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k * element_size
 
 
+def padded_wgrad_tiles_divide(cfg: GemmConfig, m: int, n: int) -> bool:
+    """Whether `padded_b`'s tiles divide the output [E, m, n]. On a GPU `expert_wgrad` runs
+    `padded_b` only then: partial tiles gave wrong sums on an H200 (docs/performance.md)."""
+    return m % cfg.block_m == 0 and n % cfg.block_n == 0
+
+
 def _padded_output_descriptor(cfg: GemmConfig, element_size: int, out: torch.Tensor) -> bool:
     """With `padded_b`, the output's descriptor where its staged tile fits beside the pipeline."""
     staged = cfg.block_m * cfg.block_n * out.element_size() + 1024
@@ -470,6 +476,9 @@ def expert_wgrad(a, gather_a, b, gather_b, out, bias_grad, sorted_rows, row_weig
     use_desc = cfg.weight_descriptors
     if padded_b and (gather_a or gather_b):
         raise ValueError("expert_wgrad: padded_b needs a and b sorted (gather_a = gather_b = False)")
+    if padded_b and a.is_cuda and not padded_wgrad_tiles_divide(cfg, m, n):
+        raise ValueError(f"expert_wgrad: padded_b on a GPU needs cfg's tiles to divide out [E, {m}, {n}], got "
+                         f"{cfg.block_m} x {cfg.block_n} (partial tiles: pass b gathered instead)")
     _expert_wgrad_kernel[(programs,)](
         a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1),
         out, out.stride(0), out.stride(1), out.stride(2),

@@ -252,7 +252,7 @@ def test_padded_gate_up_wgrad_reads_no_unwritten_rows(kind, dtype, weight_on_inp
     from comet.kernels.routing import gather_padded_rows, padded_rows, sorted_routing_plan
 
     T, K, E, ids = _odd_routing(kind)
-    H, two_f = 24, 40  # neither a multiple of the tiles
+    H, two_f = (24, 40) if DEVICE == "cpu" else (128, 64)  # on CPU neither a multiple of the tiles
     sorted_rows, hist = sorted_routing_plan(ids.flatten(), E)
     flat_ids = ids.flatten()
     sorted_ids = flat_ids[sorted_rows]
@@ -287,9 +287,17 @@ def _presorted_dw1(monkeypatch) -> list:
     path's config) from now on; returns the list of the padded gathers' outputs it then runs."""
     import comet.ops
 
+    from comet.kernels.expert_gemm import GemmConfig
+
+    # the gathered path's tiles on CPU (partial ones there); on a GPU tiles that divide [2F, H]
     configs, gather, gathered = comet.ops.backward_configs, comet.ops.gather_padded_rows, []
-    monkeypatch.setattr(comet.ops, "backward_configs",
-                        lambda *args: (lambda c: c._replace(gate_up_wgrad_presorted=c.gate_up_wgrad))(configs(*args)))
+    on_gpu = GemmConfig(16, 16, 16, group_m=1)
+
+    def presorted(*args):
+        cfgs = configs(*args)
+        return cfgs._replace(gate_up_wgrad_presorted=cfgs.gate_up_wgrad if DEVICE == "cpu" else on_gpu)
+
+    monkeypatch.setattr(comet.ops, "backward_configs", presorted)
     monkeypatch.setattr(comet.ops, "gather_padded_rows",
                         lambda *args, **kwargs: gathered.append(gather(*args, **kwargs)) or gathered[-1])
     return gathered
@@ -317,8 +325,26 @@ def test_presorted_wgrad_input_through_the_backward(monkeypatch, load_paths, T, 
     check(make_case(T, E, K, dtype=dtype, **variant))
     import comet.ops
 
-    block = comet.ops.backward_configs(T * K, E, 32, 24, dtype, torch.device(DEVICE)).gate_up_wgrad.block_k
+    block = comet.ops.backward_configs(T * K, E, 32, 24, dtype, torch.device(DEVICE)).gate_up_wgrad_presorted.block_k
     assert len(gathered) == 1 and gathered[0].shape == (padded_rows(T * K, E, block), 32)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="the interpreter runs partial tiles; a GPU refuses them")
+def test_padded_wgrad_refuses_partial_tiles_on_a_gpu():
+    from comet.kernels.expert_backward import gate_up_wgrad
+    from comet.kernels.expert_gemm import GemmConfig
+    from comet.kernels.routing import gather_padded_rows, padded_rows, sorted_routing_plan
+
+    T, K, E, H, two_f = 16, 2, 4, 96, 64
+    cfg = GemmConfig(64, 64, 32, group_m=1)  # 96 is not a multiple of block_n
+    sorted_rows, hist = sorted_routing_plan(torch.randint(0, E, (T * K,), device=DEVICE), E)
+    x = torch.randn(T, H, device=DEVICE)
+    x_padded = gather_padded_rows(x, sorted_rows, hist, K, torch.empty(padded_rows(T * K, E, 32), H, device=DEVICE),
+                                  num_experts=E, block=32)
+    with pytest.raises(ValueError, match="padded_b on a GPU needs cfg's tiles to divide"):
+        gate_up_wgrad(torch.randn(T * K, two_f, device=DEVICE), x, sorted_rows, torch.ones(T * K, device=DEVICE),
+                      hist, torch.empty(E, two_f, H, device=DEVICE), None, top_k=K, weight_on_input=False, cfg=cfg,
+                      x_padded=x_padded)
 
 
 def test_backward_configs_map_gemms_maps_every_config_and_keeps_none():
