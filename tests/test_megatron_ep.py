@@ -79,4 +79,4 @@ def test_expert_parallel_layer_matches_megatron(dispatcher):
     # Equal token counts: the allgather dispatcher gathers equal shares (comet.ep takes any).
     for errors in launch(_megatron_ep_rank, 2, seed, [4, 4], dispatcher, backend="gloo"):
         assert len(errors) == 4 + 2 * (E // 2) + 1
-        assert max(errors) <= 1e-5, errors
+        assert max(errors) <= 1e-5, (f"seed {seed}", errors)  # the seed reproduces a failure
