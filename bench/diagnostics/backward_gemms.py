@@ -130,6 +130,11 @@ def problems(shape_name: str, tokens: int, device):
                  "gate_up_wgrad": (gate_up_wgrad_call, gemm1_flops, "wgrad")}, data
 
 
+def label(c) -> str:
+    """A config's label with its load path: "128x256x64-g1w8s3-desc" (descriptors) or "...-ptr"."""
+    return config_label(c) + ("-desc" if c.weight_descriptors else "-ptr")
+
+
 def dw1_presort(shape_name: str, tokens: int, device, configs: list, timing: Timing,
                 env: dict) -> tuple[list[dict], GemmConfig | None]:
     """Rows timing dW1 with x gathered by token against x copied into zero-padded expert segments
@@ -169,9 +174,6 @@ def dw1_presort(shape_name: str, tokens: int, device, configs: list, timing: Tim
         return statistics.median(time_calls(lambda i: call(), 1, device, warmup=timing.warmup,
                                             min_reps=timing.min_reps, max_reps=timing.max_reps,
                                             budget_s=timing.budget_s)) * 1e3
-
-    def label(c):
-        return config_label(c) + ("-desc" if c.weight_descriptors else "-ptr")
 
     rows, reference, selected_us = [], None, None
     runs = [("selected", selected.gate_up_wgrad,
@@ -230,8 +232,8 @@ def print_dw1_table(rows: list[dict]):
         def col(key, width, fmt=".1f"):
             v = r.get(key)
             return f"{'-' if v is None else format(v, fmt):>{width}}"
-        label = r["config"] + (f" (selected, presorted s{r['presorted_stages']})" if r["which"] == "selected" else "")
-        print(f"{r['shape']:<15}{r['tokens']:>7}  {label:<44}{col('us_gathered', 9)}{col('us_copy', 8)}"
+        shown = r["config"] + (f" (selected, presorted s{r['presorted_stages']})" if r["which"] == "selected" else "")
+        print(f"{r['shape']:<15}{r['tokens']:>7}  {shown:<44}{col('us_gathered', 9)}{col('us_copy', 8)}"
               f"{col('us_presorted', 9)}{col('us_sum', 9)}{col('us_together', 9)}{col('speedup', 8, '.2f')}"
               f"{col('speedup_vs_selected', 7, '.2f')}{col('rel_err', 9, '.1e')}  {r['status']} {r.get('note', '')}")
 
@@ -346,7 +348,7 @@ def run(args, device) -> int:
                 first, fastest = None, None
                 for c in configs[kind]:
                     row = {**env, "shape": shape_name, "tokens": tokens, "kernel": kernel,
-                           "config": config_label(c) + ("-desc" if c.weight_descriptors else "-ptr")}
+                           "config": label(c)}
                     try:
                         out = call(c).clone()
                         first = out if first is None else first
