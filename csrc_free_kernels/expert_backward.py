@@ -280,6 +280,10 @@ def _wgrad_operand(ptr, desc, tokens, positions, r0, r_mask, cols, col0, col_in,
                        other=0.0)
 
 
+# Width of the dot that sums a bias gradient's columns with a padded B (the narrowest MMA N).
+BIAS_DOT_N = tl.constexpr(16)
+
+
 @triton.jit
 def _expert_wgrad_kernel(
     a_ptr, stride_ar, stride_am, b_ptr, stride_br, stride_bn,
@@ -339,6 +343,7 @@ def _expert_wgrad_kernel(
     b_start = 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     col_sum = tl.zeros((BLOCK_M if BIAS_OPERAND == 1 else BLOCK_N,), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_M if BIAS_OPERAND == 1 else BLOCK_N, BIAS_DOT_N), dtype=tl.float32)
     for _ in range(0, total_steps):
         step = tl.where(step == tile_steps - 1, 0, step + 1)
         if step == 0:  # the next tile
@@ -374,20 +379,31 @@ def _expert_wgrad_kernel(
             a = (a.to(tl.float32) * w).to(a_ptr.dtype.element_ty)
         if SCALE_B:
             b = (b.to(tl.float32) * w).to(b_ptr.dtype.element_ty)
-        if BIAS_OPERAND == 1:  # masked: a descriptor tile's rows past the expert's end are the next expert's
+        # Bias: column sums over the expert's rows, masked (a descriptor tile's rows past the
+        # expert's end are the next expert's), in registers from the tiles of the first block.
+        if BIAS_OPERAND == 1 and not PADDED_B:
             if n_block == 0:
                 summed = tl.where(r_mask[:, None], a.to(tl.float32), 0.0)
                 col_sum += tl.sum(summed * w if WEIGHTED_BIAS else summed, axis=0)
-        if BIAS_OPERAND == 2:
+        if BIAS_OPERAND == 2 and not PADDED_B:
             if m_block == 0:
                 summed = tl.where(r_mask[:, None], b.to(tl.float32), 0.0)
                 col_sum += tl.sum(summed * w if WEIGHTED_BIAS else summed, axis=0)
         if UPCAST_DOT:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
+        if BIAS_OPERAND != 0 and PADDED_B:
+            # With a padded B, on every tile, as a dot with the row mask in column 0: register
+            # sums of a tile in this loop gave wrong weight gradients on an H200 (Triton 3.6;
+            # docs/performance.md), the tensor cores' sum of the same tile does not.
+            mask_column = (r_mask[:, None] & (tl.arange(0, BIAS_DOT_N) == 0)[None, :]).to(a.dtype)
+            summed_op = a if BIAS_OPERAND == 1 else b
+            bias_acc = tl.dot(tl.trans(summed_op), mask_column, bias_acc, input_precision=DOT_PRECISION)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PRECISION)
         if step == tile_steps - 1:  # the tile's epilogue
             e64 = expert.to(tl.int64)
+            if BIAS_OPERAND != 0 and PADDED_B:
+                col_sum = tl.sum(bias_acc, axis=1)  # column 0: the others are zeros
             if OUT_DESC:
                 out_desc.store([expert, m_block * BLOCK_M, n_block * BLOCK_N],
                                tl.reshape(acc.to(out_ptr.dtype.element_ty), (1, BLOCK_M, BLOCK_N)))
@@ -404,6 +420,8 @@ def _expert_wgrad_kernel(
                              col_sum.to(bias_grad_ptr.dtype.element_ty), mask=n_in)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             col_sum = tl.zeros_like(col_sum)
+            if BIAS_OPERAND != 0 and PADDED_B:
+                bias_acc = tl.zeros_like(bias_acc)
 
 
 def _sorted_descriptor(t: torch.Tensor, gathered: bool, other_cancels: bool) -> bool:
@@ -433,12 +451,6 @@ PADDED_WGRAD_EPILOGUE_BYTES = 33 * 1024
 def padded_wgrad_pipeline_bytes(cfg: GemmConfig, element_size: int) -> int:
     """Shared memory of `expert_wgrad`'s pipeline with `padded_b`: num_stages tiles of both operands."""
     return cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k * element_size
-
-
-def padded_wgrad_tiles_divide(cfg: GemmConfig, m: int, n: int) -> bool:
-    """Whether `padded_b`'s tiles divide the output [E, m, n]. On a GPU `expert_wgrad` runs
-    `padded_b` only then: partial tiles gave wrong sums on an H200 (docs/performance.md)."""
-    return m % cfg.block_m == 0 and n % cfg.block_n == 0
 
 
 def _padded_output_descriptor(cfg: GemmConfig, element_size: int, out: torch.Tensor) -> bool:
@@ -476,9 +488,8 @@ def expert_wgrad(a, gather_a, b, gather_b, out, bias_grad, sorted_rows, row_weig
     use_desc = cfg.weight_descriptors
     if padded_b and (gather_a or gather_b):
         raise ValueError("expert_wgrad: padded_b needs a and b sorted (gather_a = gather_b = False)")
-    if padded_b and a.is_cuda and not padded_wgrad_tiles_divide(cfg, m, n):
-        raise ValueError(f"expert_wgrad: padded_b on a GPU needs cfg's tiles to divide out [E, {m}, {n}], got "
-                         f"{cfg.block_m} x {cfg.block_n} (partial tiles: pass b gathered instead)")
+    if padded_b and weighted_bias:
+        raise ValueError("expert_wgrad: padded_b takes no weighted_bias (its bias sums run in the operands' dtype)")
     _expert_wgrad_kernel[(programs,)](
         a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1),
         out, out.stride(0), out.stride(1), out.stride(2),

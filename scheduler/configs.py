@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from comet.kernels.expert_backward import (
-    PADDED_WGRAD_EPILOGUE_BYTES, SHARED_MEMORY_LIMIT, padded_wgrad_pipeline_bytes, padded_wgrad_tiles_divide,
+    PADDED_WGRAD_EPILOGUE_BYTES, SHARED_MEMORY_LIMIT, padded_wgrad_pipeline_bytes,
 )
 from comet.kernels.expert_gemm import GemmConfig
 
@@ -189,8 +189,6 @@ def _backward_bucket_configs(bucket: int, num_experts: int, hidden: int, ffn: in
         configs = configs._replace(**{name: c and GemmConfig(**c) for name, c in entries[best].items()})
     size = dtype.itemsize
     presorted = configs.gate_up_wgrad_presorted
-    if presorted is not None and not padded_wgrad_tiles_divide(presorted, 2 * ffn, hidden):
-        presorted = None  # partial tiles: dW1 gathers
     return configs._replace(down_dgrad=fit_shared_memory(configs.down_dgrad, size, 1),
                             gate_up_dgrad=fit_shared_memory(configs.gate_up_dgrad, size, 1),
                             down_wgrad=fit_wgrad_shared_memory(configs.down_wgrad, size),

@@ -6,7 +6,6 @@ how many output tiles are wrong (relative error > 1e-2 within the tile), and whi
 and experts they are in. Variants: sizes ([2F, H] dividing the tiles or not), tile configs, the
 output through its descriptor or pointer stores, B (the padded x) through its descriptor or
 pointer loads, with a bias gradient or without, and the gathered path (no padding) beside them.
-The refusal of partial tiles on a GPU (`padded_wgrad_tiles_divide`) is lifted for the probe.
 
     python -m bench.experiments.padded_wgrad_probe [--tokens 2048] [--experts 32] [--top-k 4]
     python -m bench.experiments.padded_wgrad_probe --smoke   # small sizes (CPU: the interpreter)
@@ -36,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--sizes", nargs="+", default=[f"{m}x{n}" for m, n in SIZES], help="2FxH of the output")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS))
     p.add_argument("--smoke", action="store_true", help="small sizes and one config (runs on CPU too)")
     return p.parse_args(argv)
 
@@ -73,14 +74,14 @@ def run(args) -> list[dict]:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16
-    sizes, configs = (SMOKE_SIZES, SMOKE_CONFIGS) if args.smoke else (SIZES, CONFIGS)
+    sizes, configs = ((SMOKE_SIZES, SMOKE_CONFIGS) if args.smoke else
+                      ([tuple(map(int, s.split("x"))) for s in args.sizes], args.configs))
     tokens, E, K = (24, 4, 2) if args.smoke else (args.tokens, args.experts, args.top_k)
     gen = torch.Generator(device).manual_seed(0)
     ids = torch.stack([torch.randperm(E, device=device, generator=gen)[:K] for _ in range(tokens)])
     ids[:, 0][: tokens // 8] = 0  # one expert with more rows than the others
     sorted_rows, hist = sorted_routing_plan(ids.flatten(), E)
     weights = torch.rand(tokens * K, device=device, generator=gen) + 0.1
-    eb.padded_wgrad_tiles_divide = lambda *a: True  # the probe runs the partial tiles a GPU refuses
     output_descriptor, sorted_descriptor = eb._padded_output_descriptor, eb._sorted_descriptor
     rows = []
     for (two_f, hidden), name in itertools.product(sizes, configs):
