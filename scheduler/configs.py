@@ -143,8 +143,7 @@ class BackwardConfigs(NamedTuple):
     # dW1 with x copied first into sorted order, in zero-padded expert segments of its block_k rows
     # (`comet.kernels.routing.gather_padded_rows`, a buffer of its own), both operands through
     # descriptors; None: dW1 gathers x's rows by token at `gate_up_wgrad`. The table says which
-    # (`bench/diagnostics/backward_gemms.py --dw1-presort --write-table`); `backward_configs`
-    # gives None where its tiles do not divide [2F, H].
+    # (`bench/diagnostics/backward_gemms.py --dw1-presort --write-table`).
     gate_up_wgrad_presorted: GemmConfig | None = None
 
     def map_gemms(self, fn) -> BackwardConfigs:
