@@ -39,3 +39,32 @@ def test_smoke_defaults_and_no_table_from_the_interpreter():
     assert backward_gemms.parse_args([]).dw1_configs == list(backward_gemms.DW1_PRESORT_CONFIGS)
     with pytest.raises(SystemExit):
         backward_gemms.parse_args(["--smoke", "--write-table"])
+
+
+@pytest.mark.timeout(120)
+def test_padded_wgrad_probe_checks_every_variant_and_reports_a_wrong_tile(tmp_path, monkeypatch, capsys):
+    """bench/experiments/padded_wgrad_probe.py's --smoke: every variant right and written with its
+    environment; a gradient wrong in one tile of one expert is found there (exit status 1)."""
+    import comet.kernels.expert_backward as eb
+    from bench.experiments import padded_wgrad_probe
+
+    args = ["--smoke", "--results-dir", str(tmp_path)]
+    assert padded_wgrad_probe.main(args) == 0, capsys.readouterr().out
+    df = pd.read_csv(tmp_path / "padded_wgrad_probe.csv")
+    assert len(df) == 20 and not df["wrong"].any()
+    assert set(df["path"]) == {"padded", "gathered"} and set(df["b_desc"]) == {"on", "off"}
+    for column in ("gpu", "torch", "triton", "commit"):
+        assert df[column].notna().all(), column
+
+    wgrad = eb.gate_up_wgrad
+
+    def one_wrong_tile(*args, **kwargs):
+        wgrad(*args, **kwargs)
+        args[5][1, 16:32, :16] += 1.0  # expert 1, M block 1, N block 0 of 16 x 16 tiles
+
+    monkeypatch.setattr(eb, "gate_up_wgrad", one_wrong_tile)
+    assert padded_wgrad_probe.main(args) == 1
+    df = pd.read_csv(tmp_path / "padded_wgrad_probe.csv").iloc[20:]
+    assert df["wrong"].all() and set(df["bad_experts"]) == {"1"}
+    assert set(df["m_blocks"]) == {"1"} and set(df["n_blocks"]) == {"0"}
+    assert set(df["bad_tiles"].str.split("/").str[0]) == {"1"}

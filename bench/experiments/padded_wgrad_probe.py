@@ -1,26 +1,30 @@
-"""Where does dW1 over presorted x (`expert_wgrad` with `padded_b`) go wrong when its tiles do not
-divide the output? Each variant runs `gate_up_wgrad` on x copied into zero-padded expert segments
-and is compared with an fp32 oracle (one matmul per expert over its rows, the same bf16 inputs),
-tile by tile: the table lists the relative error of the whole gradient and of the bias gradient,
-how many output tiles are wrong (relative error > 1e-2 within the tile), and which M / N blocks
-and experts they are in. Variants: sizes ([2F, H] dividing the tiles or not), tile configs, the
-output through its descriptor or pointer stores, B (the padded x) through its descriptor or
-pointer loads, with a bias gradient or without, and the gathered path (no padding) beside them.
+"""Where does dW1 over presorted x (`expert_wgrad` with `padded_b`) go wrong on a GPU? Each variant
+runs `gate_up_wgrad` on x copied into zero-padded expert segments and is compared with an fp32
+oracle (one matmul per expert over its rows, the same bf16 inputs), tile by tile: the table lists
+the relative error of the whole gradient and of the bias gradient, how many output tiles are
+wrong (relative error > 1e-2 within the tile), and which M / N blocks and experts they are in; a
+variant is wrong if a tile is, or the bias gradient (1e-2), or the padded copy of x, and the exit
+status is then 1. Variants: sizes ([2F, H] dividing the tiles or not), tile configs, the output
+through its descriptor or pointer stores, B (the padded x) through its descriptor or pointer
+loads, with a bias gradient or without, and the gathered path (no padding) beside them.
 
     python -m bench.experiments.padded_wgrad_probe [--tokens 2048] [--experts 32] [--top-k 4]
     python -m bench.experiments.padded_wgrad_probe --smoke   # small sizes (CPU: the interpreter)
 
-Writes the table to $OUT/padded_wgrad_probe.txt when OUT is set.
+Appends the rows (GPU, torch, Triton, commit in each) to --results-dir/padded_wgrad_probe.csv
+(bench/results; copied to $OUT when set) and prints the table.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
-import os
 import sys
 from pathlib import Path
 
 import torch
+
+from bench.common import RESULTS_DIR, append_csv, environment
 
 # (2F, H): GPT-OSS-20B's, one that divides every tile here, and each partial on one side only
 SIZES = ((5760, 2880), (6144, 3072), (5760, 3072), (6144, 2880))
@@ -38,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--sizes", nargs="+", default=[f"{m}x{n}" for m, n in SIZES], help="2FxH of the output")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS))
     p.add_argument("--smoke", action="store_true", help="small sizes and one config (runs on CPU too)")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     return p.parse_args(argv)
 
 
@@ -82,7 +87,7 @@ def run(args) -> list[dict]:
     ids[:, 0][: tokens // 8] = 0  # one expert with more rows than the others
     sorted_rows, hist = sorted_routing_plan(ids.flatten(), E)
     weights = torch.rand(tokens * K, device=device, generator=gen) + 0.1
-    output_descriptor, sorted_descriptor = eb._padded_output_descriptor, eb._sorted_descriptor
+    env = environment(torch.device(device))
     rows = []
     for (two_f, hidden), name in itertools.product(sizes, configs):
         cfg = parse_config(name)
@@ -97,28 +102,41 @@ def run(args) -> list[dict]:
                                                                 (True, False)):
             if path == "gathered" and not (b_desc and out_desc):
                 continue  # the reference path: its B gathered (pointer loads), its output as the table says
-            eb._padded_output_descriptor = (lambda *a: output_descriptor(*a)) if out_desc else (lambda *a: False)
-            eb._sorted_descriptor = (sorted_descriptor if b_desc else
-                                     lambda t, g, o: False if t is x_padded else sorted_descriptor(t, g, o))
             out = torch.full((E, two_f, hidden), float("nan"), dtype=dtype, device=device)
             bias_out = torch.full((E, two_f), float("nan"), dtype=dtype, device=device) if bias else None
-            gate_up_wgrad(d_pre, x, sorted_rows, weights, hist, out, bias_out, top_k=K, weight_on_input=False,
-                          cfg=cfg, x_padded=x_padded if path == "padded" else None)
+            with _load_paths(eb, out_desc, b_desc, x_padded):
+                gate_up_wgrad(d_pre, x, sorted_rows, weights, hist, out, bias_out, top_k=K, weight_on_input=False,
+                              cfg=cfg, x_padded=x_padded if path == "padded" else None)
             tiles = _tile_errors(out, want, cfg.block_m, cfg.block_n)
             bad = (tiles > BAD_TILE) | tiles.isnan()
             where = bad.nonzero().tolist()
+            bias_err = _rel(bias_out, want_bias) if bias else 0.0
             rows.append(dict(
-                two_f=two_f, hidden=hidden, config=name, path=path,
+                **env, tokens=tokens, num_experts=E, top_k=K, two_f=two_f, hidden=hidden, config=name, path=path,
                 out_desc="on" if out_desc else "off", b_desc="on" if b_desc else "off", bias="yes" if bias else "no",
                 gather_ok=gather_ok, rel_err=f"{_rel(out, want):.2e}",
-                bias_err=f"{_rel(bias_out, want_bias):.2e}" if bias else "-",
+                bias_err=f"{bias_err:.2e}" if bias else "-",
                 bad_tiles=f"{int(bad.sum())}/{bad.numel()}",
                 m_blocks=_span(sorted({w[1] for w in where}), tiles.shape[1]),
                 n_blocks=_span(sorted({w[2] for w in where}), tiles.shape[2]),
-                experts=_span(sorted({w[0] for w in where}), E)))
-            print(_format([rows[-1]], header=len(rows) == 1), flush=True)
-    eb._padded_output_descriptor, eb._sorted_descriptor = output_descriptor, sorted_descriptor
+                bad_experts=_span(sorted({w[0] for w in where}), E),
+                wrong=bool(where) or not gather_ok or not bias_err <= BAD_TILE))
     return rows
+
+
+@contextlib.contextmanager
+def _load_paths(eb, out_desc: bool, b_desc: bool, x_padded):
+    """`comet.kernels.expert_backward` with a padded B's output and (x_padded's) B loads through
+    descriptors where the layout allows (True) or as pointers (False), for the calls inside."""
+    output_descriptor, sorted_descriptor = eb._padded_output_descriptor, eb._sorted_descriptor
+    if not out_desc:
+        eb._padded_output_descriptor = lambda *args: False
+    if not b_desc:
+        eb._sorted_descriptor = lambda t, *args: t is not x_padded and sorted_descriptor(t, *args)
+    try:
+        yield
+    finally:
+        eb._padded_output_descriptor, eb._sorted_descriptor = output_descriptor, sorted_descriptor
 
 
 def _gather_matches(x, x_padded, sorted_rows, hist, top_k, num_experts, block) -> bool:
@@ -145,22 +163,25 @@ def _span(values, total) -> str:
     return ",".join(map(str, values[:6])) + (f",..({len(values)})" if len(values) > 6 else "")
 
 
-def _format(rows, header=True) -> str:
-    keys = list(rows[0])
-    widths = [max(len(k), 10) for k in keys]
-    lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths))] if header else []
-    lines += ["  ".join(str(r[k]).ljust(w) for k, w in zip(keys, widths)) for r in rows]
+TABLE_COLUMNS = ("two_f", "hidden", "config", "path", "out_desc", "b_desc", "bias", "gather_ok", "rel_err",
+                 "bias_err", "bad_tiles", "m_blocks", "n_blocks", "bad_experts")
+
+
+def _format(rows) -> str:
+    widths = [max(len(k), *(len(str(r[k])) for r in rows)) for k in TABLE_COLUMNS]
+    lines = ["  ".join(k.ljust(w) for k, w in zip(TABLE_COLUMNS, widths))]
+    lines += ["  ".join(str(r[k]).ljust(w) for k, w in zip(TABLE_COLUMNS, widths)) for r in rows]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     rows = run(args)
-    table = _format(rows)
-    print("\n" + table)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "padded_wgrad_probe.txt").write_text(table + "\n")
-    return 0
+    append_csv(args.results_dir / "padded_wgrad_probe.csv", rows)
+    print(_format(rows))
+    wrong = [r for r in rows if r["wrong"]]
+    print(f"{len(wrong)} of {len(rows)} variants wrong")
+    return 1 if wrong else 0
 
 
 if __name__ == "__main__":
