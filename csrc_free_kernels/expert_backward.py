@@ -15,10 +15,11 @@ g_t the output gradient of token t.
   with the weight on the input (Llama4) dw_r = <dh_p @ gate_up_e, x_t> is reduced here instead.
 - `expert_wgrad`: C_e = sum over the expert's rows of A_r^T B_r, each operand gathered by token or
   read in sorted order (through a descriptor over the expert's rows), any output strides (a
-  transposed write costs nothing), plus the column sum of B, optionally weighted by w_r (the
-  bias gradient), from the tiles of the first M block. B may instead be sorted in zero-padded
+  transposed write costs nothing), plus the column sum of A or B, optionally weighted by w_r (the
+  bias gradient), from the tiles of the first N / M block. B may instead be sorted in zero-padded
   expert segments (`comet.kernels.routing.gather_padded_rows`): both operands then go through
-  descriptors, B's padding zeros cancelling the rows A's tiles read past the expert's end.
+  descriptors, B's padding zeros cancelling the rows A's tiles read past the expert's end, and the
+  column sums are a dot with the row mask on every tile.
 """
 import torch
 import triton
@@ -472,8 +473,9 @@ def expert_wgrad(a, gather_a, b, gather_b, out, bias_grad, sorted_rows, row_weig
     stage then holds both operands' tiles, and the output goes through its descriptor only where
     the staged tile fits beside them (else pointer stores). `scale` ("none", "a" or "b")
     multiplies that operand's row by row_weights[r]. out [E, M, N] (any strides; written through
-    a descriptor where N is contiguous); bias_grad None, or the column sums of `bias_of` ("a": [E, M], "b": [E, N]) over
-    the expert's rows, times row_weights[r] if `weighted_bias`. Non-finite values in a sorted
+    a descriptor where N is contiguous); bias_grad None, or the column sums of `bias_of` ("a":
+    [E, M], "b": [E, N]) over the expert's rows, times row_weights[r] if `weighted_bias` (not
+    with `padded_b`: its sums run through the tensor cores, in the operands' dtype). Non-finite values in a sorted
     operand's rows can reach the neighbouring expert's gradient where that operand is read
     through a descriptor. No host sync; deterministic (each output element is one program's)."""
     num_experts, m, n = out.shape

@@ -246,8 +246,9 @@ def test_gather_padded_rows_zero_pads_each_expert(kind, dtype, weighted):
 def test_padded_gate_up_wgrad_reads_no_unwritten_rows(kind, dtype, weight_on_input, descriptors):
     """`gate_up_wgrad` with x copied into zero-padded expert segments (both operands sorted, B's
     padding cancelling A's rows past each expert's end): its weight gradient equal to the gathered
-    x's, it and the bias gradient within tolerance of the reference. NaN: the unwritten rows of d_pre_act (skipped ids), the
-    padded buffer's rows past what the gather writes, the outputs before the call."""
+    x's, it and the bias gradient within tolerance of the reference. NaN: the unwritten rows of
+    d_pre_act (skipped ids), the padded buffer's rows past what the gather writes, the outputs
+    before the call."""
     from comet.kernels.expert_backward import gate_up_wgrad
     from comet.kernels.expert_gemm import GemmConfig
     from comet.kernels.routing import gather_padded_rows, padded_rows, sorted_routing_plan
