@@ -21,6 +21,7 @@
 #   backward_tune_dsv3  the backward sweep for DeepSeek-V3 at 8192 tokens only
 #   dw1_tune       dW1 gathered vs presorted x (bench/diagnostics/backward_gemms.py --dw1-presort --write-table),
 #                  shapes $COMET_DW1_SHAPES (default every shape), 8192 tokens
+#   wgrad_probe    bench/experiments/padded_wgrad_probe.py: dW1 over presorted x per load path, size and tile, vs an fp32 oracle
 #   backward_tune bench/diagnostics/backward_gemms.py --write-table: the backward kernels' configs, every shape
 #   training bench/training.py: forward + backward against Liger-Kernel (wheel in .whl/), _grouped_mm, transformers
 #   training_ours  bench/training.py at 8192 tokens, Qwen3 and OLMoE: ours, ours_recompute, _grouped_mm
@@ -122,6 +123,9 @@ for p in "$@"; do
         --descriptors on --shapes ${COMET_DW1_SHAPES:-Qwen3-30B-A3B OLMoE-1B-7B Mixtral-8x7B DeepSeek-V3 GPT-OSS-20B} \
         --tokens 8192 --dw1-configs 128x256x64-g1w8s3 256x128x64-g1w8s3 256x128x32-g1w8s6
       cp scheduler/tables/backward_*.json bench/results/backward_dw1_presort.csv "$RES/training/" 2>/dev/null ;;
+    wgrad_probe)
+      phase wgrad_probe 200 training python3 -m bench.experiments.padded_wgrad_probe
+      cp bench/results/padded_wgrad_probe.csv "$RES/training/" 2>/dev/null ;;
     backward_tune)
       phase backward_gemms 330 training python3 -m bench.diagnostics.backward_gemms --write-table \
         --shapes Qwen3-30B-A3B OLMoE-1B-7B Mixtral-8x7B DeepSeek-V3 GPT-OSS-20B --tokens 8192
